@@ -1,0 +1,3 @@
+from lepton_mesh.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,125 @@
+"""The sidecar's configuration model: frozen, validated value objects.
+
+This module only declares the shape and the invariants of a running sidecar's
+config. Turning YAML (or, later, a snapshot pushed by the control daemon) into
+these objects is `lepton_mesh.policy.sidecar_loader`'s job; nothing here reads
+files. Every object is immutable, so a whole `SidecarConfig` can be swapped in
+one assignment while in-flight requests keep the one they started with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Literal
+
+Protocol = Literal["http", "tcp"]
+
+
+def _empty() -> Mapping[str, str]:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A host and port. `host` is an IP literal or a DNS name, never empty."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One instance of a service, as the caller's sidecar reaches it.
+
+    `labels` carry `version`, `zone`, `region` and anything a subset selects on.
+    `healthy` is what the registry reports; outlier detection is tracked apart.
+    """
+
+    address: Address
+    weight: int = 1
+    labels: Mapping[str, str] = field(default_factory=_empty)
+    healthy: bool = True
+
+    @property
+    def zone(self) -> str | None:
+        return self.labels.get("zone")
+
+    @property
+    def region(self) -> str | None:
+        return self.labels.get("region")
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    """A service this sidecar may call.
+
+    For `protocol == "tcp"`, `listen` is the local address the sidecar opens
+    for the app; bytes are piped to one of `endpoints` (L4). HTTP services are
+    reached through the outbound listener and need no `listen`.
+    """
+
+    name: str
+    protocol: Protocol = "http"
+    endpoints: tuple[Endpoint, ...] = ()
+    listen: Address | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Listeners:
+    outbound: Address = Address("127.0.0.1", 15001)
+    inbound: Address = Address("0.0.0.0", 15006)
+    admin: Address = Address("127.0.0.1", 15000)
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """All in seconds. 0 disables `request` (a long inference call may want that)."""
+
+    connect: float = 1.0
+    request: float = 60.0
+    header_read: float = 10.0
+    idle: float = 300.0
+    drain: float = 20.0
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """`max_body_bytes == 0` means no limit on request bodies."""
+
+    max_header_bytes: int = 64 * 1024
+    max_body_bytes: int = 0
+    max_connections: int = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    """Upstream keep-alive pools, one per endpoint address."""
+
+    max_per_endpoint: int = 1024
+    idle_timeout: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLogConfig:
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarConfig:
+    """Everything one sidecar needs to run. `source` names where it came from."""
+
+    service: str
+    app: Address
+    namespace: str = "default"
+    listeners: Listeners = field(default_factory=Listeners)
+    services: Mapping[str, ServiceConfig] = field(default_factory=lambda: MappingProxyType({}))
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    limits: Limits = field(default_factory=Limits)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
+    source: str = "<memory>"

@@ -1,0 +1,55 @@
+"""Errors the sidecar originates, each knowing its HTTP status and reason code.
+
+The reason code is the short, stable word a user greps for (like Envoy's
+response flags): it goes in the `x-lepton-reason` header, the JSON body, the
+access log and the `response_flags` metric label. Never a traceback, never a
+bare 503.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+
+class Reason:
+    """Reason codes. Stable strings: dashboards and alerts key on them."""
+
+    NO_ROUTE = "no_route"
+    BAD_REQUEST = "bad_request"
+    HEADERS_TOO_LARGE = "headers_too_large"
+    BODY_TOO_LARGE = "body_too_large"
+    HEADER_TIMEOUT = "header_timeout"
+    UNSUPPORTED = "unsupported"
+    UPSTREAM_CONNECT_FAILED = "upstream_connect_failed"
+    UPSTREAM_RESET = "upstream_reset"
+    UPSTREAM_TIMEOUT = "upstream_timeout"
+    UPSTREAM_PROTOCOL_ERROR = "upstream_protocol_error"
+    NO_HEALTHY_ENDPOINT = "no_healthy_endpoint"
+    OVERFLOW = "overflow"
+    DRAINING = "draining"
+    DOWNSTREAM_RESET = "downstream_reset"
+
+
+class ProxyError(Exception):
+    """An error answered to the client with `status` and `reason`.
+
+    `close` says the connection must be closed after the answer (the byte
+    stream can no longer be trusted, e.g. after a framing error).
+    """
+
+    __slots__ = ("close", "detail", "reason", "status")
+
+    def __init__(self, status: int, reason: str, detail: str, *, close: bool = False) -> None:
+        super().__init__(f"{status} {reason}: {detail}")
+        self.status = status
+        self.reason = reason
+        self.detail = detail
+        self.close = close
+
+
+def bad_request(detail: str) -> ProxyError:
+    return ProxyError(400, Reason.BAD_REQUEST, detail, close=True)
+
+
+def error_body(err: ProxyError, request_id: str) -> bytes:
+    return orjson.dumps({"error": err.detail, "reason": err.reason, "request_id": request_id})
