@@ -1,0 +1,72 @@
+"""Typed errors for config and policy files.
+
+A `ConfigError` carries every problem found in a file, not just the first:
+fixing a config one error per run is how people learn to hate a tool. Each
+problem names the file, the 1-based line (when known), the field path and a
+message, so `str(err)` reads like compiler output:
+
+    sidecar.yaml:12: services.intent.endpoints[1].address: port must be ...
+
+The CLI prints `str(err)` to stderr and exits with `err.exit_code`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+# A field path as the loader walks it: mapping keys and sequence indexes.
+# Keys are usually strings, but YAML allows other scalars; those are shown
+# with repr so that `1` and `'1'` are not confused.
+Path = tuple[object, ...]
+
+
+def format_path(path: Path) -> str:
+    """`("services", "intent", "endpoints", 1, "address")` -> `services.intent.endpoints[1].address`."""
+    out: list[str] = []
+    for part in path:
+        if isinstance(part, int) and not isinstance(part, bool):
+            out.append(f"[{part}]")
+        elif isinstance(part, str):
+            out.append(f".{part}" if out else part)
+        else:
+            out.append(f".{part!r}" if out else repr(part))
+    return "".join(out)
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with a file. `path` is "" for the file as a whole."""
+
+    file: str
+    line: int | None
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    """A config or policy file is invalid. Never raised with zero problems."""
+
+    exit_code = 2
+    reason = "invalid_config"
+
+    def __init__(self, problems: Iterable[Problem]) -> None:
+        self.problems: tuple[Problem, ...] = tuple(problems)
+        if not self.problems:
+            raise ValueError("ConfigError needs at least one problem")
+        super().__init__(str(self))
+
+    @classmethod
+    def single(cls, file: str, line: int | None, path: str, message: str) -> ConfigError:
+        return cls([Problem(file, line, path, message)])
+
+    def __str__(self) -> str:
+        return "\n".join(str(p) for p in self.problems)
+
+    def __reduce__(self) -> tuple[type[ConfigError], tuple[tuple[Problem, ...]]]:
+        # Exception pickling replays `args` (the message); rebuild from problems instead.
+        return (type(self), (self.problems,))
