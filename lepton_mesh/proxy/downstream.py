@@ -1,0 +1,408 @@
+"""The client side of an HTTP listener: one Protocol per accepted connection.
+
+A thin wrapper around httptools' request parser, in the uvicorn style:
+`data_received` feeds the parser, parser callbacks mutate per-request state,
+nothing awaits. Each request head becomes an `Exchange`.
+
+Pipelining: requests are answered strictly in order. While an exchange is in
+flight, any further request the parser produces is queued (head, body and
+completion) in `backlog` and reading is paused (reason PIPELINE), so the
+queue holds at most what one read returned. When the exchange finishes, the
+next queued request starts.
+
+Timers: one `Deadline` per connection. Idle between requests (`idle`), then
+`header_read` from the first byte of a request until its head is parsed
+(slowloris -> 408), and none while an exchange runs: a long response is
+governed by the exchange's own request timeout, never by an idle timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import TYPE_CHECKING
+
+import httptools
+
+from lepton_mesh.proxy.errors import ProxyError, Reason, bad_request, error_body
+from lepton_mesh.proxy.exchange import Exchange
+from lepton_mesh.proxy.flow import BUFFERED, PEER_BACKPRESSURE, PIPELINE, ReadGate
+from lepton_mesh.proxy.http1 import Headers, error_response, new_request_id, prepare_request_head
+from lepton_mesh.proxy.timers import Deadline
+
+if TYPE_CHECKING:
+    from lepton_mesh.proxy.listeners import HttpListener
+
+
+class Incoming:
+    """A request as parsed so far, before or while it has an exchange."""
+
+    __slots__ = (
+        "body",
+        "complete",
+        "exchange",
+        "headers",
+        "headers_done",
+        "method",
+        "trailers",
+        "upgrade",
+        "url",
+        "version",
+        "keep_alive",
+    )
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: Headers = []
+        self.headers_done = False
+        self.trailers: Headers | None = None
+        self.body: list[bytes] = []  # only while queued behind another request
+        self.complete = False
+        self.exchange: Exchange | None = None
+        self.method = b""
+        self.version = "1.1"
+        self.keep_alive = True
+        self.upgrade = False
+
+
+class DownstreamProtocol(asyncio.Protocol):
+    __slots__ = (
+        # wiring
+        "listener",
+        "loop",
+        "parser",
+        # per connection
+        "_deferred_error",
+        "_head_bytes",
+        "_stashed",
+        "backlog",
+        "client_ip",
+        "client_ip_str",
+        "closing",
+        "current",
+        "deadline",
+        "gate",
+        "transport",
+        "tunneled",
+        "write_paused",
+        # per request being parsed
+        "req",
+    )
+
+    def __init__(self, listener: HttpListener) -> None:
+        self.listener = listener
+        self.loop = listener.loop
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.gate = ReadGate()
+        self.deadline = Deadline(self.loop, self._on_deadline)
+        self.current: Exchange | None = None
+        self.backlog: deque[Incoming] = deque()
+        self.req: Incoming | None = None
+        self.write_paused = False
+        self.closing = False
+        self.tunneled = False
+        self.client_ip = b""
+        self.client_ip_str = ""
+        self._head_bytes = 0
+        self._stashed: ProxyError | None = None  # raised inside a parser callback
+        self._deferred_error: ProxyError | None = None  # to answer after the in-flight exchange
+
+    # -- asyncio callbacks -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.gate.attach(transport)
+        peer = transport.get_extra_info("peername")
+        self.client_ip_str = peer[0] if peer else "unknown"
+        self.client_ip = self.client_ip_str.encode("latin-1")
+        listener = self.listener
+        listener.connections.add(self)
+        cfg = listener.sidecar.snapshot.cfg
+        if len(listener.connections) > cfg.limits.max_connections:
+            self._reject(
+                ProxyError(
+                    503,
+                    Reason.OVERFLOW,
+                    f"listener {listener.name} is at its connection limit",
+                    close=True,
+                )
+            )
+            return
+        self.deadline.arm(cfg.timeouts.header_read)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.listener.forget(self)
+        self.deadline.cancel()
+        self.backlog.clear()
+        ex = self.current
+        if ex is not None:
+            self.current = None
+            ex.downstream_lost()
+
+    def eof_received(self) -> bool:
+        # The client will send no more requests. Finish the one in flight
+        # (some clients half-close after sending it), then close.
+        self.closing = True
+        return self.current is not None
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        ex = self.current
+        if ex is not None and ex.conn is not None:
+            ex.conn.gate.pause(PEER_BACKPRESSURE)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        ex = self.current
+        if ex is not None and ex.conn is not None:
+            ex.conn.gate.resume(PEER_BACKPRESSURE)
+
+    def data_received(self, data: bytes) -> None:
+        req = self.req
+        if req is None or not req.headers_done:
+            self._head_bytes += len(data)
+        elif req.upgrade:
+            # Bytes after an upgrade request, before the upstream agreed: held (reading is paused).
+            if req.exchange is not None:
+                req.exchange.set_early_tunnel_bytes(data)
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._upgrade_requested(data[exc.args[0] :])
+            return
+        except httptools.HttpParserError as exc:
+            self._parse_failed(exc)
+            return
+        req = self.req
+        if req is not None and not req.headers_done:
+            limit = self.listener.sidecar.snapshot.cfg.limits.max_header_bytes
+            if self._head_bytes > limit:
+                self._reject(
+                    ProxyError(
+                        431,
+                        Reason.HEADERS_TOO_LARGE,
+                        f"request head exceeds {limit} bytes",
+                        close=True,
+                    )
+                )
+
+    # -- httptools callbacks ----------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.req = Incoming()
+        if self.current is None:
+            self.deadline.arm(self.listener.sidecar.snapshot.cfg.timeouts.header_read)
+
+    def on_url(self, url: bytes) -> None:
+        req = self.req
+        req.url = url if not req.url else req.url + url  # type: ignore[union-attr]
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        req = self.req
+        assert req is not None
+        if req.headers_done:
+            if req.trailers is None:
+                req.trailers = []
+            req.trailers.append((name, value))
+        else:
+            req.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        req = self.req
+        assert req is not None
+        req.headers_done = True
+        self._head_bytes = 0
+        parser = self.parser
+        req.method = parser.get_method()
+        req.version = parser.get_http_version()
+        req.keep_alive = parser.should_keep_alive()
+        req.upgrade = parser.should_upgrade()
+        if req.method == b"CONNECT":
+            self._stash(
+                ProxyError(
+                    501,
+                    Reason.UNSUPPORTED,
+                    "CONNECT tunnels are not supported; send plain HTTP to the mesh",
+                    close=True,
+                )
+            )
+        if self.current is None and not self.backlog:
+            err = self._start(req)
+            if err is not None:
+                self._stash(err)  # inside a parser callback: stop parsing this connection
+        else:
+            self.backlog.append(req)
+            self.gate.pause(PIPELINE)
+
+    def on_body(self, body: bytes) -> None:
+        req = self.req
+        ex = req.exchange  # type: ignore[union-attr]
+        if ex is not None:
+            ex.request_body(body)
+        else:
+            req.body.append(body)  # type: ignore[union-attr]
+
+    def on_message_complete(self) -> None:
+        req = self.req
+        assert req is not None
+        req.complete = True
+        if not req.upgrade:
+            self.req = None
+        ex = req.exchange
+        if ex is not None:
+            ex.request_complete(req.trailers)
+
+    # -- requests ------------------------------------------------------------
+
+    def _start(self, req: Incoming) -> ProxyError | None:
+        """Turn a parsed head into a running exchange; a refused head is returned, not raised."""
+        self.deadline.disarm()
+        listener = self.listener
+        snap = listener.sidecar.snapshot
+        try:
+            head, facts = prepare_request_head(
+                req.method,
+                req.url,
+                req.version,
+                req.headers,
+                client_ip=self.client_ip,
+                upgrade=req.upgrade,
+            )
+        except ProxyError as err:
+            return err
+        path = (
+            req.url
+            if req.url[:1] == b"/"
+            else head[len(req.method) + 1 : head.index(b" HTTP/1.1\r\n")]
+        )
+        ex = Exchange(
+            self,
+            snap,
+            req.method,
+            path,
+            head,
+            facts,
+            req.version,
+            req.keep_alive and not self.closing,
+        )
+        self.current = ex
+        req.exchange = ex
+        if req.body:  # queued behind a previous request: replay what was held
+            for chunk in req.body:
+                ex.request_body(chunk)
+            req.body = []
+        if req.complete:
+            ex.request_complete(req.trailers)
+        ex.begin()
+        return None
+
+    def exchange_done(self, ex: Exchange, abort: bool) -> None:
+        if ex is not self.current:
+            return
+        self.current = None
+        transport = self.transport
+        assert transport is not None
+        if abort:
+            transport.abort()
+            return
+        if not ex.down_keep_alive or self.closing:
+            self.closing = True
+            transport.close()
+            return
+        if self._deferred_error is not None:
+            self._reject(self._deferred_error)
+            return
+        if self.backlog:
+            nxt = self.backlog.popleft()
+            if not self.backlog:
+                self.gate.resume(PIPELINE)
+            err = self._start(nxt)
+            if err is not None:
+                self._reject(err)
+            return
+        self.gate.resume(PIPELINE)
+        cfg = self.listener.sidecar.snapshot.cfg
+        reading_next = self.req is not None and self.req.exchange is None
+        self.deadline.arm(cfg.timeouts.header_read if reading_next else cfg.timeouts.idle)
+
+    def detach_for_tunnel(self) -> None:
+        """The connection becomes a byte tunnel: this protocol lets go of it."""
+        self.tunneled = True
+        self.current = None
+        self.listener.forget(self)
+        self.deadline.cancel()
+        self.gate.resume(PEER_BACKPRESSURE | PIPELINE | BUFFERED)
+
+    def start_drain(self) -> None:
+        """Drain: idle connections close now; busy ones after their response."""
+        self.closing = True
+        if self.current is None and not self.backlog:
+            self.transport.close()  # type: ignore[union-attr]
+
+    # -- errors --------------------------------------------------------------
+
+    def _stash(self, err: ProxyError) -> None:
+        """Record an error found inside a parser callback and stop the parser."""
+        self._stashed = err
+        raise err
+
+    def _parse_failed(self, exc: httptools.HttpParserError) -> None:
+        err = self._stashed
+        if err is None:
+            detail = str(exc) or type(exc).__name__
+            err = bad_request(f"malformed request: {detail}")
+        self._reject(err)
+
+    def _upgrade_requested(self, rest: bytes) -> None:
+        if self._stashed is not None:  # e.g. CONNECT, refused in on_headers_complete
+            self._reject(self._stashed)
+            return
+        req = self.req
+        if req is None or req.exchange is None:
+            # The upgrade request is queued behind another one; hold its bytes too.
+            if req is not None and rest:
+                req.body.append(rest)
+            self.gate.pause(PIPELINE)
+            return
+        self.gate.pause(BUFFERED)
+        if rest:
+            req.exchange.set_early_tunnel_bytes(rest)
+
+    def _reject(self, err: ProxyError) -> None:
+        """Answer a request the proxy refuses before it became an exchange, then close."""
+        if self.current is not None:
+            # Responses go out in order: answer after the one in flight.
+            self._deferred_error = err
+            self.gate.pause(PIPELINE)
+            return
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        self.deadline.cancel()
+        rid = new_request_id()
+        body = error_body(err, rid.decode("latin-1"))
+        transport.write(error_response(err, rid, body, keep_alive=False))
+        transport.close()
+        self.closing = True
+        req = self.req
+        self.listener.record_reject(
+            err, req.method if req else b"", req.url if req else b"", self.client_ip_str, rid
+        )
+
+    def _on_deadline(self) -> None:
+        if self.current is not None or self.transport is None:
+            return
+        if self.req is not None or self.backlog:
+            timeout = self.listener.sidecar.snapshot.cfg.timeouts.header_read
+            self._reject(
+                ProxyError(
+                    408,
+                    Reason.HEADER_TIMEOUT,
+                    f"request head not received within {timeout:g}s",
+                    close=True,
+                )
+            )
+        else:
+            self.transport.close()  # idle keep-alive connection

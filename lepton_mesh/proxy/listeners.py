@@ -1,0 +1,138 @@
+"""HTTP listeners: what differs between outbound and inbound, and their bookkeeping.
+
+Outbound (app -> mesh): the destination is the service the request names by
+its authority; metrics report `reporter="source"`. Inbound (mesh -> app): the
+destination is always the local app; `reporter="destination"`. Everything
+else (parsing, exchanges, pools) is shared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+from lepton_mesh.proxy.downstream import DownstreamProtocol
+from lepton_mesh.proxy.errors import ProxyError
+
+if TYPE_CHECKING:
+    from lepton_mesh.proxy.exchange import Exchange
+    from lepton_mesh.proxy.http1 import RequestFacts
+    from lepton_mesh.proxy.sidecar import Sidecar
+    from lepton_mesh.proxy.snapshot import Destination, Snapshot
+
+# Until mTLS identities exist, an inbound request's caller is not known.
+UNKNOWN_WORKLOAD = "unknown"
+
+
+class HttpListener:
+    __slots__ = (
+        "connections",
+        "draining",
+        "loop",
+        "name",
+        "outbound",
+        "pools",
+        "reporter",
+        "server",
+        "sidecar",
+        "tunnels",
+    )
+
+    def __init__(self, name: str, sidecar: Sidecar, *, outbound: bool) -> None:
+        self.name = name
+        self.sidecar = sidecar
+        self.outbound = outbound
+        self.reporter = "source" if outbound else "destination"
+        self.loop = sidecar.loop
+        self.pools = sidecar.pools
+        self.connections: set[DownstreamProtocol] = set()
+        self.tunnels = 0
+        self.draining = False
+        self.server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int) -> asyncio.Server:
+        self.server = await self.loop.create_server(
+            lambda: DownstreamProtocol(self), host, port, backlog=2048, reuse_address=True
+        )
+        return self.server
+
+    def route(self, snap: Snapshot, facts: RequestFacts) -> Destination:
+        return snap.lookup(facts.authority) if self.outbound else snap.local
+
+    # -- accounting ----------------------------------------------------------
+
+    def record(self, ex: Exchange) -> None:
+        """One finished exchange: a metric sample and an access-log line."""
+        now = self.loop.time()
+        cfg = ex.snap.cfg
+        if self.outbound:
+            source, destination = (
+                cfg.service,
+                (ex.dest.name if ex.dest is not None else UNKNOWN_WORKLOAD),
+            )
+        else:
+            source, destination = UNKNOWN_WORKLOAD, cfg.service
+        sidecar = self.sidecar
+        sidecar.metrics.observe_request(
+            self.reporter,
+            source,
+            destination,
+            ex.status,
+            ex.reason,
+            now - ex.start,
+            ex.req_bytes,
+            ex.resp_bytes,
+        )
+        log = sidecar.access_log
+        if log.enabled:
+            log.log(ex.log_record(now))
+
+    def record_reject(
+        self, err: ProxyError, method: bytes, url: bytes, client: str, request_id: bytes
+    ) -> None:
+        """A request refused before it became an exchange (malformed, too large, too slow)."""
+        cfg = self.sidecar.snapshot.cfg
+        source, destination = (
+            (cfg.service, UNKNOWN_WORKLOAD) if self.outbound else (UNKNOWN_WORKLOAD, cfg.service)
+        )
+        self.sidecar.metrics.observe_request(
+            self.reporter, source, destination, err.status, err.reason, 0.0, 0, 0
+        )
+        log = self.sidecar.access_log
+        if log.enabled:
+            log.log(
+                {
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z",
+                    "reporter": self.reporter,
+                    "method": method.decode("latin-1"),
+                    "path": url[:200].decode("latin-1"),
+                    "status": err.status,
+                    "reason": err.reason,
+                    "detail": err.detail,
+                    "request_id": request_id.decode("latin-1"),
+                    "downstream": client,
+                }
+            )
+
+    def forget(self, conn: DownstreamProtocol) -> None:
+        self.connections.discard(conn)
+        if self.draining and not self.connections:
+            self.sidecar.check_drained()
+
+    # -- drain ---------------------------------------------------------------
+
+    def start_drain(self) -> None:
+        self.draining = True
+        if self.server is not None:
+            self.server.close()  # stop accepting; accepted connections go on
+        for conn in list(self.connections):
+            conn.start_drain()
+
+    def busy(self) -> int:
+        return len(self.connections) + self.tunnels
+
+    def abort_all(self) -> None:
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()

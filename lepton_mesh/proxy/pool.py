@@ -1,0 +1,182 @@
+"""Keep-alive connection pools, one per upstream endpoint address.
+
+Invariants:
+- A connection is in `idle` only while nothing is bound to it and it has
+  seen no byte and no EOF since it was released; `UpstreamConnection` drops
+  itself (`forget`) the moment either happens, so a dead connection is never
+  handed out, and never twice.
+- `size` counts every connection the pool owns: idle, busy and being opened.
+  It never exceeds `max_size`; a request that would exceed it is refused at
+  once with 503 `overflow` (no unbounded queue).
+- Idle connections are reused LIFO (the warmest first) and closed after
+  `idle_timeout` by one timer per pool, armed only while some are idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+from collections import deque
+
+from lepton_mesh.policy.sidecar_config import Address, PoolConfig
+from lepton_mesh.proxy.errors import ProxyError, Reason
+from lepton_mesh.proxy.upstream import UpstreamConnection
+
+
+class EndpointPool:
+    __slots__ = (
+        "_loop",
+        "_sweep",
+        "address",
+        "busy",
+        "connecting",
+        "idle",
+        "idle_timeout",
+        "max_size",
+        "service",
+    )
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, address: Address, service: str, cfg: PoolConfig
+    ) -> None:
+        self._loop = loop
+        self.address = address
+        self.service = service
+        self.max_size = cfg.max_per_endpoint
+        self.idle_timeout = cfg.idle_timeout
+        self.idle: deque[UpstreamConnection] = deque()
+        self.busy: set[UpstreamConnection] = set()
+        self.connecting = 0
+        self._sweep: asyncio.TimerHandle | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.idle) + len(self.busy) + self.connecting
+
+    def take_idle(self) -> UpstreamConnection | None:
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                self.busy.add(conn)
+                return conn
+        return None
+
+    async def open(self, timeout: float) -> UpstreamConnection:
+        """A new connection, counted as busy. Raises ProxyError (overflow, connect failure)."""
+        if self.size >= self.max_size:
+            raise ProxyError(
+                503,
+                Reason.OVERFLOW,
+                f"connection pool for {self.address} is full ({self.max_size} connections)",
+            )
+        self.connecting += 1
+        try:
+            async with asyncio.timeout(timeout):
+                _, conn = await self._loop.create_connection(
+                    lambda: UpstreamConnection(self), self.address.host, self.address.port
+                )
+        except TimeoutError:
+            raise ProxyError(
+                503,
+                Reason.UPSTREAM_CONNECT_FAILED,
+                f"connect to {self.address} timed out after {timeout:g}s",
+            ) from None
+        except OSError as exc:
+            raise ProxyError(
+                503,
+                Reason.UPSTREAM_CONNECT_FAILED,
+                f"connect to {self.address} failed: {_os_reason(exc)}",
+            ) from None
+        finally:
+            self.connecting -= 1
+        self.busy.add(conn)
+        return conn
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """Return a connection whose exchange completed cleanly."""
+        self.busy.discard(conn)
+        if conn.closed:
+            return
+        conn.unbind()
+        conn.idle_since = self._loop.time()
+        self.idle.append(conn)
+        if self._sweep is None:
+            self._sweep = self._loop.call_later(self.idle_timeout, self._close_expired)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        """The connection closed or broke: it is no longer ours to hand out."""
+        if conn in self.busy:
+            self.busy.discard(conn)
+            return
+        with contextlib.suppress(ValueError):
+            self.idle.remove(conn)
+
+    def detach(self, conn: UpstreamConnection) -> None:
+        """The connection became a tunnel (after 101): it leaves the pool for good."""
+        self.busy.discard(conn)
+
+    def close(self) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        for conn in list(self.idle) + list(self.busy):
+            conn.close()
+
+    def _close_expired(self) -> None:
+        self._sweep = None
+        cutoff = self._loop.time() - self.idle_timeout
+        idle = self.idle
+        while idle and idle[0].idle_since <= cutoff:
+            idle.popleft().close()
+        if idle:
+            self._sweep = self._loop.call_at(
+                idle[0].idle_since + self.idle_timeout, self._close_expired
+            )
+
+
+def _os_reason(exc: OSError) -> str:
+    if exc.errno == errno.ECONNREFUSED or isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    return exc.strerror or str(exc)
+
+
+class Pools:
+    """All endpoint pools of a sidecar, keyed by address; outlive config swaps."""
+
+    __slots__ = ("_loop", "by_address", "cfg")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, cfg: PoolConfig) -> None:
+        self._loop = loop
+        self.cfg = cfg
+        self.by_address: dict[Address, EndpointPool] = {}
+
+    def get(self, address: Address, service: str) -> EndpointPool:
+        pool = self.by_address.get(address)
+        if pool is None:
+            pool = self.by_address[address] = EndpointPool(self._loop, address, service, self.cfg)
+        return pool
+
+    def reconfigure(self, cfg: PoolConfig, live: set[Address]) -> None:
+        """Apply new pool limits; close idle connections to endpoints no longer configured."""
+        self.cfg = cfg
+        for address, pool in list(self.by_address.items()):
+            pool.max_size = cfg.max_per_endpoint
+            pool.idle_timeout = cfg.idle_timeout
+            if address not in live:
+                for conn in list(pool.idle):
+                    conn.close()
+                if not pool.busy and not pool.connecting:
+                    del self.by_address[address]
+
+    def stats(self) -> list[tuple[str, str, int, int, int]]:
+        return [
+            (p.service, str(a), len(p.busy), len(p.idle), p.connecting)
+            for a, p in self.by_address.items()
+        ]
+
+    def close(self) -> None:
+        for pool in self.by_address.values():
+            pool.close()
+        self.by_address.clear()

@@ -1,0 +1,230 @@
+"""One HTTP/1.1 connection from the sidecar to an upstream endpoint.
+
+A thin Protocol around httptools' response parser: callbacks never await,
+they hand events to the exchange currently bound to the connection. While a
+connection sits idle in its pool nothing is bound; any byte or EOF then means
+the peer closed or broke the connection, so it is dropped from the pool and
+never handed out again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Protocol
+
+import httptools
+
+from lepton_mesh.proxy.errors import ProxyError, Reason
+from lepton_mesh.proxy.flow import PEER_BACKPRESSURE, ReadGate
+from lepton_mesh.proxy.http1 import Headers
+
+if TYPE_CHECKING:
+    from lepton_mesh.proxy.pool import EndpointPool
+
+
+class ResponseSink(Protocol):
+    """What an upstream connection reports to (the exchange)."""
+
+    def on_response_head(self, status: int, headers: Headers, keep_alive: bool) -> None: ...
+    def on_response_body(self, data: bytes) -> None: ...
+    def on_response_complete(self, trailers: Headers | None, reusable: bool) -> None: ...
+    def on_upstream_error(self, err: ProxyError) -> None: ...
+    def on_upgraded(self, rest: bytes) -> None: ...
+    def pause_downstream(self) -> None: ...
+    def resume_downstream(self) -> None: ...
+
+
+class _HeadResponseDone(Exception):
+    """Raised inside the parser to stop it after a HEAD response's head."""
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "_close_delimited",
+        "_headers",
+        "_headers_done",
+        "_keep_alive",
+        "_status",
+        "_trailers",
+        "closed",
+        "exchange",
+        "gate",
+        "head_request",
+        "idle_since",
+        "parser",
+        "pool",
+        "responded",
+        "transport",
+        "write_paused",
+    )
+
+    def __init__(self, pool: EndpointPool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.gate = ReadGate()
+        self.parser = httptools.HttpResponseParser(self)
+        self.exchange: ResponseSink | None = None
+        self.closed = False
+        self.write_paused = False
+        self.idle_since = 0.0
+        # per response
+        self.head_request = False  # set by the exchange: a HEAD response has no body
+        self.responded = False  # any response byte arrived for the bound exchange
+        self._status = 0
+        self._headers: Headers = []
+        self._headers_done = False
+        self._trailers: Headers | None = None
+        self._keep_alive = True
+        self._close_delimited = False
+
+    # -- asyncio callbacks -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.gate.attach(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        ex = self.exchange
+        self.pool.forget(self)
+        if ex is not None:
+            self.exchange = None
+            ex.on_upstream_error(
+                ProxyError(
+                    502,
+                    Reason.UPSTREAM_RESET,
+                    "upstream closed the connection before the response ended",
+                )
+            )
+
+    def eof_received(self) -> bool:
+        ex = self.exchange
+        if ex is not None and self._headers_done and self._close_delimited:
+            # The body of a response without length ends at EOF (RFC 9112 section 6.3).
+            self._finish(reusable=False)
+        return False  # close our side too
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.exchange is not None:
+            self.exchange.pause_downstream()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.exchange is not None:
+            self.exchange.resume_downstream()
+
+    def data_received(self, data: bytes) -> None:
+        if self.exchange is None:
+            # Bytes on an idle connection: the peer is confused or closing.
+            self.close()
+            return
+        self.responded = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            ex = self.exchange
+            if ex is not None and self._status == 101:
+                self.exchange = None
+                ex.on_upgraded(data[exc.args[0] :])
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _HeadResponseDone):
+                # A HEAD response ends with its head; llhttp cannot be told so,
+                # so this connection gets a fresh parser for the next response.
+                self.parser = httptools.HttpResponseParser(self)
+                self._finish(reusable=self._keep_alive)
+                return
+            self._protocol_error(str(exc))
+        except httptools.HttpParserError as exc:
+            self._protocol_error(str(exc))
+
+    # -- httptools callbacks ----------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._headers_done = False
+        self._trailers = None
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._headers_done:
+            if self._trailers is None:
+                self._trailers = []
+            self._trailers.append((name, value))
+        else:
+            self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._headers_done = True
+        status = self.parser.get_status_code()
+        self._status = status
+        keep_alive = self.parser.should_keep_alive()
+        self._keep_alive = keep_alive
+        ex = self.exchange
+        if ex is None:
+            return
+        has_body = not (self.head_request or status in (204, 304) or 100 <= status < 200)
+        self._close_delimited = has_body and not any(
+            n.lower() in (b"content-length", b"transfer-encoding") for n, _ in self._headers
+        )
+        ex.on_response_head(status, self._headers, keep_alive)
+        if self.head_request and status >= 200 and self.exchange is not None:
+            raise _HeadResponseDone
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.exchange
+        if ex is not None:
+            ex.on_response_body(body)
+
+    def on_message_complete(self) -> None:
+        if 100 <= self._status < 200:
+            return  # an interim response; the final one follows on this connection
+        self._finish(reusable=self._keep_alive and not self._close_delimited)
+
+    # -- used by the exchange and the pool ---------------------------------
+
+    def bind(
+        self, exchange: ResponseSink, head_request: bool, downstream_write_paused: bool
+    ) -> None:
+        self.exchange = exchange
+        self.head_request = head_request
+        self.responded = False
+        self._status = 0
+        if downstream_write_paused:
+            self.gate.pause(PEER_BACKPRESSURE)
+
+    def unbind(self) -> None:
+        self.exchange = None
+        self.gate.resume(PEER_BACKPRESSURE)
+
+    def close(self) -> None:
+        self.exchange = None
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+            self.pool.forget(self)
+
+    def abort(self) -> None:
+        self.exchange = None
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.abort()
+            self.pool.forget(self)
+
+    def _finish(self, reusable: bool) -> None:
+        ex = self.exchange
+        if ex is None:
+            return
+        self.exchange = None
+        ex.on_response_complete(self._trailers, reusable)
+
+    def _protocol_error(self, detail: str) -> None:
+        ex = self.exchange
+        self.abort()
+        if ex is not None:
+            ex.on_upstream_error(
+                ProxyError(
+                    502, Reason.UPSTREAM_PROTOCOL_ERROR, f"invalid response from upstream: {detail}"
+                )
+            )
