@@ -27,7 +27,8 @@ from lepton_mesh.policy.sidecar_loader import (
     sidecar_config_to_json,
 )
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "sidecar"
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples" / "sidecar"
 
 
 def load_text(tmp_path: Path, text: str) -> SidecarConfig:
@@ -414,3 +415,10 @@ def test_chat_example_calls_the_intent_example() -> None:
     addresses = [ep.address for ep in chat.services["intent"].endpoints]
     assert intent.listeners.inbound in addresses
     assert chat.services["redis"].protocol == "tcp"
+
+
+def test_reference_doc_example_loads(tmp_path: Path) -> None:
+    doc = (ROOT / "docs" / "sidecar-config.md").read_text()
+    example = doc.split("```yaml\n", 1)[1].split("```", 1)[0]
+    cfg = load_text(tmp_path, example)
+    assert (cfg.service, list(cfg.services)) == ("chat", ["intent", "redis"])
