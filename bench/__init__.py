@@ -1,0 +1,1 @@
+"""lepton-mesh benchmarks: `python -m bench` (see docs/benchmarks.md)."""

@@ -1,0 +1,213 @@
+"""What every run gets (`Bench`), what every run returns (`RunResult`), and the registry.
+
+A run is one small function `fn(bench) -> RunResult` registered under its name
+with `@register("name")`; registration order is the order runs execute and
+print in. A run starts what it needs beyond the shared upstream (sidecars, a
+proxy) with `with bench.sidecar(...)` / `with bench.nginx_proxy()`, so it is
+stopped when the run ends, failed or not.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from bench import nginx, sidecar, wrk
+from bench.procs import (
+    BenchError,
+    Pinning,
+    free_port,
+    running,
+    spawn,
+    tail,
+    tree_cpu_seconds,
+    tree_rss_mb,
+)
+
+Kind = Literal["throughput", "latency", "memory"]
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    duration_s: float = 8.0
+    warmup_s: float = 2.0
+    connections: int = 50
+    threads: int = 1
+    rate: int = 1000
+    rate_connections: int = 20
+    hold_connections: int = 1000
+    ready_timeout_s: float = 20.0
+
+
+@dataclass(slots=True)
+class RunResult:
+    """One row of the table and one entry of `runs` in the JSON.
+
+    The six named figures are the table's columns; `extra` holds whatever else
+    the run measured (idle RSS, p90, error counts...) and is flattened into
+    the JSON entry. `kind` says which comparisons make sense: ratios of rps
+    only between throughput runs.
+    """
+
+    name: str
+    kind: Kind
+    rps: float | None = None
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    cpu_us_per_req: float | None = None
+    rss_mb: float | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+    error: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        figures = {
+            "rps": _round(self.rps, 1),
+            "p50_ms": _round(self.p50_ms, 3),
+            "p99_ms": _round(self.p99_ms, 3),
+            "cpu_us_per_req": _round(self.cpu_us_per_req, 1),
+            "rss_mb": _round(self.rss_mb, 1),
+        }
+        out: dict[str, object] = {"name": self.name, "kind": self.kind, **figures, **self.extra}
+        if self.error is not None:
+            out["error"] = self.error
+        return out
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+RunFn = Callable[["Bench"], RunResult]
+REGISTRY: dict[str, RunFn] = {}
+
+
+def register(name: str) -> Callable[[RunFn], RunFn]:
+    def add(fn: RunFn) -> RunFn:
+        if name in REGISTRY:
+            raise ValueError(f"run {name!r} registered twice")
+        REGISTRY[name] = fn
+        return fn
+
+    return add
+
+
+@dataclass(frozen=True, slots=True)
+class Measured:
+    """A closed-loop wrk run and what the proxies spent on it."""
+
+    result: wrk.WrkResult
+    cpu_us_per_req: float | None
+    upstream_cpu_us_per_req: float | None
+
+
+@dataclass(slots=True)
+class Bench:
+    settings: Settings
+    pinning: Pinning
+    workdir: Path
+    upstream: nginx.Nginx
+    wrk_script: Path
+
+    @contextmanager
+    def sidecar(self, spec: sidecar.SidecarSpec) -> Iterator[sidecar.Sidecar]:
+        with sidecar.serve(
+            spec, self.workdir, self.pinning.proxy(), self.settings.ready_timeout_s
+        ) as running:
+            yield running
+
+    @contextmanager
+    def nginx_proxy(self) -> Iterator[nginx.Nginx]:
+        prefix, port = self.workdir / "nginx-proxy", free_port()
+        conf = nginx.proxy_conf(prefix, port, self.upstream.port)
+        with nginx.serve(
+            "nginx proxy", prefix, conf, port, self.pinning.proxy(), self.settings.ready_timeout_s
+        ) as running:
+            yield running
+
+    def wrk(self, port: int, host: str | None, duration_s: float) -> wrk.WrkResult:
+        argv = wrk.command(
+            url=f"http://127.0.0.1:{port}/",
+            host=host,
+            duration_s=duration_s,
+            connections=self.settings.connections,
+            threads=self.settings.threads,
+            script=self.wrk_script,
+            pin=self.pinning.load(),
+        )
+        return wrk.run(argv, duration_s)
+
+    def closed_loop(self, port: int, host: str | None, proxies: Sequence[int]) -> Measured:
+        """Warm up, then one measured wrk run; CPU of `proxies` is read around it."""
+        if self.settings.warmup_s > 0:
+            self.wrk(port, host, self.settings.warmup_s)
+        cpu0, up0 = tree_cpu_seconds(proxies), tree_cpu_seconds([self.upstream.pid])
+        result = self.wrk(port, host, self.settings.duration_s)
+        cpu1, up1 = tree_cpu_seconds(proxies), tree_cpu_seconds([self.upstream.pid])
+        return Measured(
+            result,
+            per_request_us(cpu1 - cpu0, result.requests) if proxies else None,
+            per_request_us(up1 - up0, result.requests),
+        )
+
+    @contextmanager
+    def tool(self, label: str, module: str, *args: str) -> Iterator[Tool]:
+        """Run one of the bench's own clients (`python -m module`), pinned to the load core.
+
+        It talks to the bench in lines on its stdout; it is stopped on exit if
+        it has not ended by itself.
+        """
+        argv = [*self.pinning.load(), sys.executable, "-m", module, *args]
+        stderr = self.workdir / f"{label}.stderr.log"
+        proc = spawn(argv, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.PIPE)
+        with running(proc, label):
+            yield Tool(label, proc, stderr)
+
+
+@dataclass(frozen=True, slots=True)
+class Tool:
+    label: str
+    proc: subprocess.Popen[bytes]
+    stderr: Path
+
+    def expect(self, prefix: str) -> str:
+        """The next line of its stdout, which must start with `prefix`."""
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode()
+        if not line.startswith(prefix):
+            code = self.proc.poll()
+            raise BenchError(
+                f"{self.label} said {line!r}, expected {prefix!r} (exit {code})\n{tail(self.stderr)}"
+            )
+        return line[len(prefix) :]
+
+    def finish(self, timeout_s: float = 30.0) -> None:
+        """Close its stdin (the signal to end) and wait for it to exit."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired as exc:
+            raise BenchError(f"{self.label} did not exit within {timeout_s:.0f}s") from exc
+
+
+def per_request_us(cpu_s: float, requests: int) -> float | None:
+    return cpu_s * 1e6 / requests if requests else None
+
+
+def rss_of(pids: Sequence[int]) -> list[float]:
+    return [round(tree_rss_mb(p), 1) for p in pids]
+
+
+def fail_if_errors(result: wrk.WrkResult, what: str) -> dict[str, object]:
+    """Error counts for the JSON; a run whose answers are mostly errors is not a figure."""
+    errors = {k: v for k, v in result.errors.items() if v}
+    if result.requests == 0 or result.error_count > result.requests // 100:
+        raise BenchError(
+            f"{what}: {result.error_count} errors in {result.requests} requests {errors}"
+        )
+    return errors

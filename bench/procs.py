@@ -1,0 +1,219 @@
+"""Processes the bench starts and always stops, and what /proc says about them.
+
+Invariant: every process the bench starts goes through `spawn()`, which puts
+it in its own session (a terminal's Ctrl-C reaches only the bench, which then
+stops its children in order) and asks the kernel to send it SIGTERM if the
+bench dies without cleaning up (PR_SET_PDEATHSIG), so none is left behind even
+after a SIGKILL of the bench.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+_STOP_GRACE_S = 10.0
+
+
+class BenchError(Exception):
+    """A bench step failed; the message says which and why, for a human."""
+
+
+@dataclass(frozen=True, slots=True)
+class Pinning:
+    """Which core each role runs on; None means not pinned (fewer than 2 cores)."""
+
+    load_core: int | None
+    proxy_core: int | None
+
+    @classmethod
+    def detect(cls) -> Pinning:
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) < 2:
+            return cls(None, None)
+        return cls(cores[0], cores[1])
+
+    def prefix(self, core: int | None) -> list[str]:
+        return [] if core is None else ["taskset", "-c", str(core)]
+
+    def load(self) -> list[str]:
+        return self.prefix(self.load_core)
+
+    def proxy(self) -> list[str]:
+        return self.prefix(self.proxy_core)
+
+    def describe(self) -> str:
+        if self.load_core is None:
+            return "not pinned (fewer than 2 usable cores): figures are not comparable"
+        return (
+            f"core {self.load_core}: wrk / load clients + upstream nginx; "
+            f"core {self.proxy_core}: sidecar(s) or nginx proxy"
+        )
+
+
+def _child_setup() -> None:
+    # Runs in the child between fork and exec: die with the bench.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def spawn(
+    argv: Sequence[str], *, stdout: Path | int, stderr: Path | int, stdin: int | None = None
+) -> subprocess.Popen[bytes]:
+    """Start `argv` in its own session; stdout/stderr go to files (or DEVNULL/PIPE)."""
+    out = open(stdout, "wb") if isinstance(stdout, Path) else stdout  # noqa: SIM115
+    err = open(stderr, "wb") if isinstance(stderr, Path) else stderr  # noqa: SIM115
+    try:
+        return subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL if stdin is None else stdin,
+            stdout=out,
+            stderr=err,
+            start_new_session=True,
+            preexec_fn=_child_setup,  # single-threaded bench: safe
+        )
+    except OSError as exc:
+        raise BenchError(f"cannot start {argv[0]}: {exc}") from exc
+    finally:
+        for f in (out, err):
+            if not isinstance(f, int):
+                f.close()
+
+
+def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> str:
+    """Signal, wait up to a grace period, then SIGKILL. Returns how it ended."""
+    if proc.poll() is not None:
+        return f"already exited ({proc.returncode})"
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(sig)
+    try:
+        proc.wait(timeout=_STOP_GRACE_S)
+        return "stopped"
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return f"killed after {_STOP_GRACE_S:.0f}s grace"
+
+
+@contextlib.contextmanager
+def running(proc: subprocess.Popen[bytes], label: str, sig: int = signal.SIGTERM) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        outcome = stop(proc, sig)
+        if outcome.startswith("killed"):
+            print(f"  note: {label} {outcome}")
+
+
+def tail(path: Path, limit: int = 2000) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return ""
+    return data[-limit:].decode("utf-8", "replace")
+
+
+# --- ports and readiness ---------------------------------------------------------
+
+
+def free_port() -> int:
+    """A port free right now on 127.0.0.1 (racy by nature; nothing else binds here)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _http_status(port: int, path: str, timeout: float) -> int | None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().status
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+
+
+def wait_http(
+    proc: subprocess.Popen[bytes], port: int, path: str, *, want: int, deadline_s: float, what: str
+) -> float:
+    """Poll until GET `path` answers `want`; fail early if `proc` exits. Returns seconds waited."""
+    start = time.monotonic()
+    last: int | None = None
+    while time.monotonic() - start < deadline_s:
+        if proc.poll() is not None:
+            raise BenchError(f"{what} exited with code {proc.returncode} before it was ready")
+        last = _http_status(port, path, timeout=0.5)
+        if last == want:
+            return time.monotonic() - start
+        time.sleep(0.05)  # polling interval of a readiness probe, not a wait for state
+    raise BenchError(f"{what} not ready after {deadline_s:.0f}s (last status: {last})")
+
+
+# --- /proc ----------------------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                kids.extend(int(p) for p in f.read().split())
+    return kids
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its live descendants (a proxy that forks workers is counted whole)."""
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(_children(p))
+    return tree
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of one process (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _sum_over_tree(root: int, read: Callable[[int], float]) -> float:
+    total = 0.0
+    for p in process_tree(root):
+        with contextlib.suppress(OSError):  # a descendant may exit while we read
+            total += read(p)
+    return total
+
+
+def tree_cpu_seconds(roots: Sequence[int]) -> float:
+    return sum(_sum_over_tree(r, cpu_seconds) for r in roots)
+
+
+def tree_rss_mb(root: int) -> float:
+    return _sum_over_tree(root, rss_mb)
