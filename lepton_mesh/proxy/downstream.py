@@ -81,7 +81,9 @@ class DownstreamProtocol(asyncio.Protocol):
         "closing",
         "current",
         "deadline",
+        "feeding",
         "gate",
+        "outbox",
         "transport",
         "tunneled",
         "write_paused",
@@ -102,6 +104,13 @@ class DownstreamProtocol(asyncio.Protocol):
         self.write_paused = False
         self.closing = False
         self.tunneled = False
+        # Write coalescing: while `outbox` is a list, sends are collected and
+        # written in one call by `uncork` (the upstream side corks around each
+        # read, so a response head and body from one read leave in one syscall).
+        self.outbox: list[bytes] | None = None
+        # True while our parser runs: exchanges hold upstream writes until the
+        # read is fully parsed, then `flush_upstream` sends them at once.
+        self.feeding = False
         self.client_ip = b""
         self.client_ip_str = ""
         self._head_bytes = 0
@@ -167,14 +176,20 @@ class DownstreamProtocol(asyncio.Protocol):
             if req.exchange is not None:
                 req.exchange.set_early_tunnel_bytes(data)
             return
+        self.feeding = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
+            self.feeding = False
+            self._flush_upstream()
             self._upgrade_requested(data[exc.args[0] :])
             return
         except httptools.HttpParserError as exc:
+            self.feeding = False
             self._parse_failed(exc)
             return
+        self.feeding = False
+        self._flush_upstream()
         req = self.req
         if req is not None and not req.headers_done:
             limit = self.listener.sidecar.snapshot.cfg.limits.max_header_bytes
@@ -187,6 +202,37 @@ class DownstreamProtocol(asyncio.Protocol):
                         close=True,
                     )
                 )
+
+    def _flush_upstream(self) -> None:
+        ex = self.current
+        if ex is not None and ex.pending:
+            ex.flush_upstream()
+
+    # -- writes to the client ------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        out = self.outbox
+        if out is not None:
+            out.append(data)
+        else:
+            self.transport.write(data)  # type: ignore[union-attr]
+
+    def send_many(self, frames: tuple[bytes, ...]) -> None:
+        out = self.outbox
+        if out is not None:
+            out.extend(frames)
+        else:
+            self.transport.writelines(frames)  # type: ignore[union-attr]
+
+    def cork(self) -> None:
+        if self.outbox is None:
+            self.outbox = []
+
+    def uncork(self) -> None:
+        out = self.outbox
+        self.outbox = None
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(out)
 
     # -- httptools callbacks ----------------------------------------------
 
@@ -305,10 +351,12 @@ class DownstreamProtocol(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         if abort:
+            self.outbox = None
             transport.abort()
             return
         if not ex.down_keep_alive or self.closing:
             self.closing = True
+            self.uncork()  # what the exchange wrote goes out before the FIN
             transport.close()
             return
         if self._deferred_error is not None:
@@ -383,6 +431,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.deadline.cancel()
         rid = new_request_id()
         body = error_body(err, rid.decode("latin-1"))
+        self.uncork()
         transport.write(error_response(err, rid, body, keep_alive=False))
         transport.close()
         self.closing = True

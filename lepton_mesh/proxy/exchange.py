@@ -173,15 +173,21 @@ class Exchange:
         self.attempts += 1
         self.upstream_start = self.down.loop.time()
         conn.bind(self, self.head_request, self.down.write_paused)
-        transport = conn.transport
-        assert transport is not None
-        if self.pending:
-            transport.writelines([self.head, *self.pending])
-            self.pending = []
-            self.pending_bytes = 0
+        self.pending.insert(0, self.head)
+        if not self.down.feeding:
+            self.flush_upstream()
+
+    def flush_upstream(self) -> None:
+        """Write what is held for the upstream in one call (head and body of one read go
+        out in one syscall; the downstream protocol calls this after each read)."""
+        conn = self.conn
+        if conn is None or not self.pending:
+            return
+        conn.transport.writelines(self.pending)  # type: ignore[union-attr]
+        self.pending = []
+        if self.pending_bytes > HOLD_LIMIT:
             self.down.gate.resume(BUFFERED)
-        else:
-            transport.write(self.head)
+        self.pending_bytes = 0
 
     # -- request body (from the downstream protocol) --------------------------
 
@@ -203,23 +209,21 @@ class Exchange:
             return
         frames = chunk_frame(data) if self.facts.chunked else (data,)
         conn = self.conn
-        if conn is not None:
+        if conn is not None and not self.pending and not self.down.feeding:
             conn.transport.writelines(frames)  # type: ignore[union-attr]
-        else:
-            self.pending.extend(frames)
-            self.pending_bytes += len(data)
-            if self.pending_bytes > HOLD_LIMIT:
-                self.down.gate.pause(BUFFERED)
+            return
+        self.pending.extend(frames)
+        self.pending_bytes += len(data)
+        if conn is None and self.pending_bytes > HOLD_LIMIT:
+            self.down.gate.pause(BUFFERED)
 
     def request_complete(self, trailers: Headers | None) -> None:
         self.req_done = True
         if self.done or not self.facts.chunked:
             return
-        tail = last_chunk(trailers)
-        if self.conn is not None:
-            self.conn.transport.write(tail)  # type: ignore[union-attr]
-        else:
-            self.pending.append(tail)
+        self.pending.append(last_chunk(trailers))
+        if not self.down.feeding:
+            self.flush_upstream()
 
     def set_early_tunnel_bytes(self, data: bytes) -> None:
         """Bytes the client sent after an upgrade request's head, before the upstream agreed."""
@@ -236,7 +240,7 @@ class Exchange:
                 head, _ = prepare_response_head(
                     status, headers, client_version="1.1", head_request=False, keep_alive=True
                 )
-                down.transport.write(head)  # type: ignore[union-attr]
+                down.send(head)
             return
         upgrade = status == 101
         if upgrade and not self.facts.upgrade:
@@ -261,23 +265,22 @@ class Exchange:
         self.down_keep_alive = keep and not framing.close_delimited
         self.status = status
         self.resp_started = True
-        down.transport.write(head)  # type: ignore[union-attr]
+        down.send(head)
 
     def on_response_body(self, data: bytes) -> None:
         if self.done:
             return
         self.resp_bytes += len(data)
-        transport = self.down.transport
         if self.framing is not None and self.framing.chunked:
-            transport.writelines(chunk_frame(data))  # type: ignore[union-attr]
+            self.down.send_many(chunk_frame(data))
         else:
-            transport.write(data)  # type: ignore[union-attr]
+            self.down.send(data)
 
     def on_response_complete(self, trailers: Headers | None, reusable: bool) -> None:
         if self.done:
             return
         if self.framing is not None and self.framing.chunked:
-            self.down.transport.write(last_chunk(trailers))  # type: ignore[union-attr]
+            self.down.send(last_chunk(trailers))
         conn = self.conn
         self.conn = None
         if conn is not None:
@@ -399,7 +402,7 @@ class Exchange:
         rid = self.facts.request_id
         body = error_body(err, rid.decode("latin-1"))
         self.resp_bytes = len(body)
-        self.down.transport.write(  # type: ignore[union-attr]
+        self.down.send(
             error_response(err, rid, body, keep_alive=keep, head_request=self.head_request)
         )
         self._finish()

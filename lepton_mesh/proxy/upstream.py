@@ -22,8 +22,15 @@ if TYPE_CHECKING:
     from lepton_mesh.proxy.pool import EndpointPool
 
 
+class _Corkable(Protocol):
+    def cork(self) -> None: ...
+    def uncork(self) -> None: ...
+
+
 class ResponseSink(Protocol):
     """What an upstream connection reports to (the exchange)."""
+
+    down: _Corkable  # the client side: corked around each read so writes coalesce
 
     def on_response_head(self, status: int, headers: Headers, keep_alive: bool) -> None: ...
     def on_response_body(self, data: bytes) -> None: ...
@@ -41,6 +48,7 @@ class _HeadResponseDone(Exception):
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "_close_delimited",
+        "_framed",
         "_headers",
         "_headers_done",
         "_keep_alive",
@@ -76,6 +84,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._trailers: Headers | None = None
         self._keep_alive = True
         self._close_delimited = False
+        self._framed = False
 
     # -- asyncio callbacks -------------------------------------------------
 
@@ -120,6 +129,14 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         self.responded = True
+        down = self.exchange.down
+        down.cork()
+        try:
+            self._feed(data)
+        finally:
+            down.uncork()
+
+    def _feed(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -143,6 +160,7 @@ class UpstreamConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._headers = []
         self._headers_done = False
+        self._framed = False
         self._trailers = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -152,6 +170,8 @@ class UpstreamConnection(asyncio.Protocol):
             self._trailers.append((name, value))
         else:
             self._headers.append((name, value))
+            if len(name) in (14, 17) and name.lower() in (b"content-length", b"transfer-encoding"):
+                self._framed = True
 
     def on_headers_complete(self) -> None:
         self._headers_done = True
@@ -163,9 +183,7 @@ class UpstreamConnection(asyncio.Protocol):
         if ex is None:
             return
         has_body = not (self.head_request or status in (204, 304) or 100 <= status < 200)
-        self._close_delimited = has_body and not any(
-            n.lower() in (b"content-length", b"transfer-encoding") for n, _ in self._headers
-        )
+        self._close_delimited = has_body and not self._framed
         ex.on_response_head(status, self._headers, keep_alive)
         if self.head_request and status >= 200 and self.exchange is not None:
             raise _HeadResponseDone
