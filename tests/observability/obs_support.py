@@ -7,7 +7,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 
@@ -99,6 +99,23 @@ class PipeReader:
 
 
 # -- admin -------------------------------------------------------------------------
+
+
+@dataclass
+class Admin:
+    server: asyncio.Server
+    hooks: FakeHooks
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection("127.0.0.1", self.port)
+
+
+StartAdmin = Callable[..., Awaitable[Admin]]
 
 
 @dataclass
