@@ -42,6 +42,8 @@ REPLIES = {
     "other": "Thanks for your message. Could you tell me a bit more?",
 }
 
+PROPAGATED_HEADERS = ("x-request-id", "traceparent", "tracestate")
+
 # Time the intent app spends "thinking" per message, from 1 to 5 ms.
 WORK_MS_MIN, WORK_MS_SPAN = 1, 5
 
@@ -100,8 +102,11 @@ async def _ask_intent(request: web.Request, message: str) -> dict:
     """Classify `message` by calling `intent` through this app's sidecar."""
     app = request.app
     headers = {"Host": "intent", "Content-Type": "application/json"}
-    if rid := request.headers.get("x-request-id"):
-        headers["x-request-id"] = rid  # keep one id across both hops
+    # A mesh can't link an app's inbound and outbound requests by itself: the app
+    # must copy these along, as Istio asks its apps to. Then both hops share one id.
+    for name in PROPAGATED_HEADERS:
+        if value := request.headers.get(name):
+            headers[name] = value
     url = f"http://{app[_OUTBOUND]}/v1/classify"
     try:
         async with app[_SESSION].post(

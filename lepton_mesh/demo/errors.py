@@ -45,6 +45,12 @@ class TrafficFailed(DemoError):
     reason = "traffic_failed"
 
 
+class MetricsUnavailable(DemoError):
+    """A sidecar's admin /metrics could not be read."""
+
+    reason = "metrics_unavailable"
+
+
 class ProcessesLeft(DemoError):
     """Stopping left live processes behind: the one promise the demo must keep."""
 

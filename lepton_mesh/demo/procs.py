@@ -38,7 +38,7 @@ from lepton_mesh.demo.errors import ChildExited, NotReady
 
 _PROC = Path("/proc")
 _PR_SET_PDEATHSIG = 1
-_LOG_TAIL_LINES = 20
+_LOG_TAIL_LINES = 15
 
 
 class Probe(Protocol):

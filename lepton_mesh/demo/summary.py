@@ -20,9 +20,6 @@ REQUESTS = "lepton_requests_total"
 DURATION = "lepton_request_duration_milliseconds"
 NO_FLAGS = ("", "-")
 
-# reporter label -> where the sidecar counted the request
-LISTENER_OF = {"source": "outbound", "destination": "inbound"}
-
 
 def histogram_quantile(q: float, buckets: Iterable[tuple[float, float]]) -> float:
     """The q-quantile of a histogram given as (upper bound, cumulative count) pairs.
@@ -185,7 +182,6 @@ def fmt_counts(pairs: Sequence[tuple[str, int]]) -> str:
 
 SIDECAR_HEADER = (
     "SIDECAR",
-    "LISTENER",
     "REPORTER",
     "SOURCE",
     "DESTINATION",
@@ -201,16 +197,15 @@ def sidecar_table(rows: Sequence[Row]) -> str:
     cells = [
         (
             r.sidecar,
-            LISTENER_OF.get(r.reporter, "?"),
             r.reporter,
             r.source,
             r.destination,
             str(r.requests),
             fmt_counts(r.codes),
-            fmt_counts(r.flags),
+            " ".join(flag for flag, _ in r.flags) or "-",
             fmt_ms(r.p50_ms),
             fmt_ms(r.p99_ms),
         )
         for r in rows
     ]
-    return format_table(SIDECAR_HEADER, cells, numeric={5, 8, 9})
+    return format_table(SIDECAR_HEADER, cells, numeric={4, 7, 8})

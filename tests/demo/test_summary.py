@@ -81,10 +81,10 @@ def test_table_aligns_columns() -> None:
     ]
 
 
-def test_sidecar_table_shows_listener_codes_and_reasons() -> None:
+def test_sidecar_table_shows_codes_and_reasons() -> None:
     row = Row("chat", "source", "chat", "weather", 1, (("404", 1),), (("no_route", 1),),
               math.nan, math.nan)  # fmt: skip
     lines = sidecar_table([row]).splitlines()
     assert lines[2].split() == [
-        "chat", "outbound", "source", "chat", "weather", "1", "404:1", "no_route:1", "-", "-",
+        "chat", "source", "chat", "weather", "1", "404:1", "no_route", "-", "-",
     ]  # fmt: skip
