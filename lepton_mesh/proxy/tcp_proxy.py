@@ -79,6 +79,9 @@ class TcpProxy:
         self._conns: set[_Conn] = set()
         self._turn = 0  # round-robin position, shared by all connections
         self._idle: asyncio.Event | None = None  # set when _conns empties, while closing
+        # Called each time the last open connection closes (a draining
+        # sidecar re-checks whether it is done).
+        self.on_idle: Callable[[], None] | None = None
 
     async def start(self, host: str, port: int) -> asyncio.Server:
         loop = asyncio.get_running_loop()
@@ -94,10 +97,14 @@ class TcpProxy:
         """Bytes waiting in this proxy's write buffers, over all connections."""
         return sum(c.buffered() for c in self._conns)
 
-    async def close(self) -> None:
-        """Stop listening and abort every connection (draining is the caller's job)."""
+    def stop_listening(self) -> None:
+        """Stop accepting; open connections go on (drain)."""
         if self._server is not None:
             self._server.close()
+
+    async def close(self) -> None:
+        """Stop listening and abort every connection (draining is the caller's job)."""
+        self.stop_listening()
         conns = list(self._conns)
         for c in conns:
             c.abort()
@@ -118,9 +125,15 @@ class TcpProxy:
         conn.task.add_done_callback(conn.connect_done)
 
     def _finished(self, conn: _Conn) -> None:
+        if conn not in self._conns:
+            return
         self._conns.discard(conn)
-        if not self._conns and self._idle is not None:
+        if self._conns:
+            return
+        if self._idle is not None:
             self._idle.set()
+        if self.on_idle is not None:
+            self.on_idle()
 
     async def _connect(self, conn: _Conn) -> None:
         cfg = self._get_config()

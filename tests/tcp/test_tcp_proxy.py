@@ -336,3 +336,26 @@ async def test_a_bug_while_connecting_closes_the_client(
         assert await c.reader.read() == b""
         await until(lambda: run.proxy.active() == 0, "connection forgotten")
     assert "connecting failed" in caplog.text
+
+
+async def test_drain_stops_accepting_and_reports_idle(
+    servers: Servers, start_proxy: StartProxy
+) -> None:
+    up = await servers.serve()
+    run = await start_proxy(tcp_config(up.address))
+    idle: list[int] = []
+    run.proxy.on_idle = lambda: idle.append(run.proxy.active())
+    c = await servers.connect(run.address)
+    c.writer.write(b"a")
+    assert await c.reader.readexactly(1) == b"a"
+
+    run.proxy.stop_listening()
+    with pytest.raises(ConnectionRefusedError):
+        await servers.connect(run.address)
+    c.writer.write(b"still open")
+    assert await c.reader.readexactly(10) == b"still open"
+    assert idle == []
+    c.writer.write_eof()
+    assert await c.reader.read() == b""
+    await until(lambda: idle, "on_idle")
+    assert idle == [0]
