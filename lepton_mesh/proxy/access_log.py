@@ -166,9 +166,9 @@ class AccessLog:
     def _arm(self) -> None:
         loop = self._loop
         if loop is None:
-            try:
-                loop = self._loop = asyncio.get_running_loop()
-            except RuntimeError:
+            # The non-raising lookup: without a loop this runs for every line.
+            loop = self._loop = asyncio._get_running_loop()
+            if loop is None:
                 return  # no loop: lines leave on size, flush() or close()
         self._timer = loop.call_later(self._interval, self._on_timer)
 
