@@ -21,7 +21,9 @@ Invariants:
 - `_handed` is only written by the loop thread and `_written` only by the
   writer thread, so their difference (bytes in flight) needs no lock.
 - A failed write (closed pipe, closed file) disables the log for good with one
-  message on stderr; the proxy keeps serving.
+  message on stderr; the proxy keeps serving. Setting `enabled` again later
+  (a config swap does) costs at most one batch before the next flush turns
+  it off again; the same holds after `close()`.
 - When disabled, `log()` costs one attribute check.
 - The stream is the caller's: `close()` flushes it but does not close it.
 """
@@ -48,6 +50,7 @@ class AccessLog:
     __slots__ = (
         "_buf",
         "_buffered",
+        "_closed",
         "_cond",
         "_flush_bytes",
         "_handed",
@@ -95,6 +98,7 @@ class AccessLog:
         self._cond = threading.Condition()
         self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._closed = False
 
     # -- hot path ------------------------------------------------------------
 
@@ -138,8 +142,11 @@ class AccessLog:
         data = b"".join(self._buf)
         self._buf.clear()
         self._buffered = 0
-        if self.error is not None:
-            return  # the stream is gone; these lines are lost, as the stderr note said
+        if self.error is not None or self._closed:
+            # The stream is gone or closed; these lines are lost. Someone may have
+            # set `enabled` again (a config swap): undo that.
+            self.enabled = False
+            return
         self._handed += len(data)
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="lepton-access-log", daemon=True)
@@ -158,6 +165,7 @@ class AccessLog:
         """Flush, stop the writer (waiting up to `timeout`), and stop logging."""
         self.flush()
         self.enabled = False
+        self._closed = True
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join(timeout)

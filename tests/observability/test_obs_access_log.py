@@ -104,6 +104,18 @@ def test_default_bound_is_one_mebibyte() -> None:
     log.close(timeout=5)
 
 
+def test_after_close_nothing_more_is_written() -> None:
+    stream = ListStream()
+    log = AccessLog(True, stream, FakeLoop())  # type: ignore[arg-type]
+    log.log(RECORD)
+    log.close()
+    log.enabled = True  # as a config swap would
+    log.log(RECORD)
+    log.flush()
+    assert not log.enabled
+    assert stream.data == LINE
+
+
 def test_disabled_log_does_nothing() -> None:
     stream = ListStream()
     log = AccessLog(False, stream, FakeLoop())  # type: ignore[arg-type]
@@ -190,6 +202,10 @@ async def test_a_closed_pipe_disables_the_log_with_one_message(
         for _ in range(5):  # more lines and flushes: no more writes, no more messages
             log.log(RECORD)
             log.flush()
+        log.enabled = True  # as a config swap does
+        log.log(RECORD)
+        log.flush()
+        assert not log.enabled
         log.close()
     err = capsys.readouterr().err
     assert err.count("access log disabled") == 1
