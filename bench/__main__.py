@@ -26,6 +26,7 @@ from bench import nginx, report, runs, tools, wrk
 from bench.harness import REGISTRY, Bench, RunResult, Settings
 from bench.procs import BenchError, Pinning, free_port
 
+ACCESS_LOGS = "access logs: sidecar stdout and nginx proxy's access_log, each to a file"
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 
 assert runs  # importing it fills REGISTRY
@@ -57,14 +58,14 @@ def selected(only: str | None) -> list[str]:
     return [n for n in REGISTRY if n in names]  # registry order, each once
 
 
-def _exit_on_signal(signum: int, _frame: FrameType | None) -> None:
-    # SystemExit unwinds every `with`, which stops every process the bench started.
-    raise SystemExit(128 + signum)
+def _interrupt(_signum: int, _frame: FrameType | None) -> None:
+    # Unwinds every `with` like Ctrl-C does, which stops every process the bench started.
+    raise KeyboardInterrupt
 
 
 def _prepare_process(pinning: Pinning) -> None:
     for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _exit_on_signal)
+        signal.signal(sig, _interrupt)
     # 1000 held connections through a sidecar need ~2000 descriptors in it
     # (client side and upstream side); children inherit this limit.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -102,7 +103,9 @@ def run_all(
     with nginx.serve(
         "upstream nginx", workdir / "upstream", conf, port, pinning.load(), settings.ready_timeout_s
     ) as upstream:
-        print(f"upstream: nginx on 127.0.0.1:{port} (pid {upstream.pid})", flush=True)
+        print(
+            f"upstream: nginx on 127.0.0.1:{port} (pid {upstream.pid}), {ACCESS_LOGS}", flush=True
+        )
         bench = Bench(settings, pinning, workdir, upstream, script)
         return [run_one(bench, name) for name in names]
 
@@ -143,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.ratios(by_name)
     print()
     print(report.table(by_name))
+    for note in report.noise_notes(by_name):
+        print(note)
     meta = {
         "started": started,
         "settings": {
@@ -152,6 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "rate": settings.rate,
             "rate_connections": settings.rate_connections,
             "hold_connections": settings.hold_connections,
+            "access_logs": ACCESS_LOGS,
         },
         "machine": report.machine(pinning.describe(), tools.versions()),
     }

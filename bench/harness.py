@@ -20,6 +20,7 @@ from typing import Literal
 from bench import nginx, sidecar, wrk
 from bench.procs import (
     BenchError,
+    CpuSample,
     Pinning,
     free_port,
     running,
@@ -72,7 +73,8 @@ class RunResult:
             "cpu_us_per_req": _round(self.cpu_us_per_req, 1),
             "rss_mb": _round(self.rss_mb, 1),
         }
-        out: dict[str, object] = {"name": self.name, "kind": self.kind, **figures, **self.extra}
+        extra = {k: round(v, 3) if isinstance(v, float) else v for k, v in self.extra.items()}
+        out: dict[str, object] = {"name": self.name, "kind": self.kind, **figures, **extra}
         if self.error is not None:
             out["error"] = self.error
         return out
@@ -103,6 +105,7 @@ class Measured:
     result: wrk.WrkResult
     cpu_us_per_req: float | None
     upstream_cpu_us_per_req: float | None
+    background_cores: float
 
 
 @dataclass(slots=True)
@@ -145,13 +148,17 @@ class Bench:
         """Warm up, then one measured wrk run; CPU of `proxies` is read around it."""
         if self.settings.warmup_s > 0:
             self.wrk(port, host, self.settings.warmup_s)
+        live = [*proxies, self.upstream.pid]
+        before = CpuSample.take(live)
         cpu0, up0 = tree_cpu_seconds(proxies), tree_cpu_seconds([self.upstream.pid])
         result = self.wrk(port, host, self.settings.duration_s)
         cpu1, up1 = tree_cpu_seconds(proxies), tree_cpu_seconds([self.upstream.pid])
+        after = CpuSample.take(live)
         return Measured(
             result,
             per_request_us(cpu1 - cpu0, result.requests) if proxies else None,
             per_request_us(up1 - up0, result.requests),
+            before.background_cores(after),
         )
 
     @contextmanager

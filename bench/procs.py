@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import http.client
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -217,3 +218,41 @@ def tree_cpu_seconds(roots: Sequence[int]) -> float:
 
 def tree_rss_mb(root: int) -> float:
     return _sum_over_tree(root, rss_mb)
+
+
+# --- what else the machine is doing -----------------------------------------------
+
+
+def machine_busy_seconds() -> float:
+    """Busy CPU seconds of the whole machine since boot, all cores (from /proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal ...: all but idle and iowait
+    return (sum(fields[:8]) - fields[3] - fields[4]) / _CLK_TCK
+
+
+def own_cpu_seconds(live: Sequence[int]) -> float:
+    """The bench, its reaped children (wrk, clients) and the live process trees given."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime + tree_cpu_seconds(live)
+
+
+@dataclass(frozen=True, slots=True)
+class CpuSample:
+    wall: float
+    machine: float
+    ours: float
+
+    @classmethod
+    def take(cls, live: Sequence[int]) -> CpuSample:
+        return cls(time.monotonic(), machine_busy_seconds(), own_cpu_seconds(live))
+
+    def background_cores(self, later: CpuSample) -> float:
+        """Cores' worth of CPU used by processes that are not the bench's, between the two.
+
+        A figure measured while this is well above 0 shared its cores with
+        someone else's work (on a shared machine: colleagues' test runs).
+        """
+        others = (later.machine - self.machine) - (later.ours - self.ours)
+        return max(0.0, others / max(later.wall - self.wall, 1e-9))

@@ -149,6 +149,21 @@ def table(results: Results) -> str:
     return "\n".join(lines)
 
 
+NOISY_CORES = 0.2  # other work above this during a run makes its figures suspect
+
+
+def noise_notes(results: Results) -> list[str]:
+    """One line per run measured while other processes used the machine."""
+    notes = []
+    for r in results.values():
+        cores = r.extra.get("background_cores")
+        if isinstance(cores, float) and cores > NOISY_CORES:
+            notes.append(
+                f"note: {r.name} ran while other processes used {cores:.2f} cores of the machine"
+            )
+    return notes
+
+
 def targets_json(results: Results) -> list[dict[str, object]]:
     out = []
     for t in TARGETS:

@@ -16,7 +16,7 @@ from typing import Any
 from bench.harness import Bench, RunResult, fail_if_errors, per_request_us, register, rss_of
 from bench.holdconns import READY
 from bench.openloop import MEASURE_END, MEASURE_START
-from bench.procs import BenchError, open_fds, tree_cpu_seconds, tree_rss_mb
+from bench.procs import BenchError, CpuSample, open_fds, tree_cpu_seconds, tree_rss_mb
 from bench.sidecar import SidecarSpec
 
 UPSTREAM_SERVICE = "upstream"
@@ -35,6 +35,7 @@ def _throughput(
         "max_ms": res.max_ms,
         "errors": fail_if_errors(res, name),
         "upstream_cpu_us_per_req": measured.upstream_cpu_us_per_req,
+        "background_cores": measured.background_cores,
     }
     rss = rss_of(proxies)
     if proxies:
@@ -97,12 +98,14 @@ def _open_loop(
     args = (f"--port={port}", f"--host-header={host}", f"--rate={s.rate}")
     args += (f"--connections={s.rate_connections}", f"--duration={s.duration_s}")
     with bench.tool("openloop", "bench.openloop", *args, f"--warmup={s.warmup_s}") as client:
+        live = [*proxies, bench.upstream.pid, client.proc.pid]
         client.expect(MEASURE_START)
-        cpu0 = tree_cpu_seconds(proxies)
+        before, cpu0 = CpuSample.take(live), tree_cpu_seconds(proxies)
         client.expect(MEASURE_END)
-        cpu1 = tree_cpu_seconds(proxies)
+        after, cpu1 = CpuSample.take(live), tree_cpu_seconds(proxies)
         summary: dict[str, Any] = json.loads(client.expect(""))
         client.finish()
+    summary["background_cores"] = before.background_cores(after)
     cpu = per_request_us(cpu1 - cpu0, int(summary["requests"])) if proxies else None
     return summary, cpu
 
@@ -134,6 +137,7 @@ def latency_fixed_rate(bench: Bench) -> RunResult:
             "direct_rps": direct_summary["rps"],
             "added_p50_ms_per_hop": round(hop["p50_ms"] - direct_summary["p50_ms"], 3),
             "added_p99_ms_per_hop": round(hop["p99_ms"] - direct_summary["p99_ms"], 3),
+            "background_cores": max(hop["background_cores"], direct_summary["background_cores"]),
         },
     )
 

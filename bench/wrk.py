@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.procs import BenchError
+from bench.procs import BenchError, running, spawn
 
 MARKER = "BENCH_RESULT "
 
@@ -90,12 +90,14 @@ def command(
 
 def run(argv: Sequence[str], duration_s: float) -> WrkResult:
     """Run wrk to completion (it exits by itself after its duration)."""
-    try:
-        done = subprocess.run(
-            list(argv), capture_output=True, text=True, timeout=duration_s + 30, check=False
+    proc = spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with running(proc, "wrk"):
+        try:
+            out, err = proc.communicate(timeout=duration_s + 30)
+        except subprocess.TimeoutExpired as exc:
+            raise BenchError(f"wrk did not finish within {duration_s + 30:.0f}s") from exc
+    if proc.returncode != 0:
+        raise BenchError(
+            f"wrk exited {proc.returncode}: {err.decode(errors='replace').strip()[-500:]}"
         )
-    except subprocess.TimeoutExpired as exc:  # run() kills wrk on timeout
-        raise BenchError(f"wrk did not finish within {duration_s + 30:.0f}s") from exc
-    if done.returncode != 0:
-        raise BenchError(f"wrk exited {done.returncode}: {done.stderr.strip()[-500:]}")
-    return parse(done.stdout)
+    return parse(out.decode(errors="replace"))
