@@ -159,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "hold_connections": settings.hold_connections,
             "access_logs": ACCESS_LOGS,
         },
-        "machine": report.machine(pinning.describe(), tools.versions()),
+        "machine": report.machine(pinning, tools.versions()),
     }
     report.write_json(args.output, results, meta, by_name)
     print(f"\nwritten: {args.output}")

@@ -37,13 +37,14 @@ class Pinning:
 
     load_core: int | None
     proxy_core: int | None
+    usable_cores: int = 2
 
     @classmethod
     def detect(cls) -> Pinning:
         cores = sorted(os.sched_getaffinity(0))
         if len(cores) < 2:
-            return cls(None, None)
-        return cls(cores[0], cores[1])
+            return cls(None, None, len(cores))
+        return cls(cores[0], cores[1], len(cores))
 
     def prefix(self, core: int | None) -> list[str]:
         return [] if core is None else ["taskset", "-c", str(core)]
@@ -224,11 +225,15 @@ def tree_rss_mb(root: int) -> float:
 
 
 def machine_busy_seconds() -> float:
-    """Busy CPU seconds of the whole machine since boot, all cores (from /proc/stat)."""
+    """CPU seconds all processes of the machine ran since boot, all cores (from /proc/stat).
+
+    user + nice + system only: interrupt and softirq time (much of it our own
+    loopback traffic) is not charged to any process's utime/stime, so it is
+    left out on both sides of the subtraction in `background_cores`.
+    """
     with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    # user nice system idle iowait irq softirq steal ...: all but idle and iowait
-    return (sum(fields[:8]) - fields[3] - fields[4]) / _CLK_TCK
+        user, nice, system = (int(v) for v in f.readline().split()[1:4])
+    return (user + nice + system) / _CLK_TCK
 
 
 def own_cpu_seconds(live: Sequence[int]) -> float:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.harness import RunResult
+from bench.procs import Pinning
 
 Results = Mapping[str, RunResult]
 
@@ -197,15 +198,15 @@ def _git_commit() -> str | None:
     return done.stdout.strip() or None
 
 
-def machine(pinning: str, tool_versions: Mapping[str, str]) -> dict[str, object]:
+def machine(pinning: Pinning, tool_versions: Mapping[str, str]) -> dict[str, object]:
     return {
         "cpu": _cpu_model(),
         "cpus": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)),
+        "usable_cpus": pinning.usable_cores,
         "kernel": platform.release(),
         "python": sys.version.split()[0],
         "tools": dict(tool_versions),
-        "pinning": pinning,
+        "pinning": pinning.describe(),
         "commit": _git_commit(),
     }
 
