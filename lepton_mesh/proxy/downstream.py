@@ -19,6 +19,8 @@ governed by the exchange's own request timeout, never by an idle timer.
 from __future__ import annotations
 
 import asyncio
+import sys
+import traceback
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -41,18 +43,20 @@ class Incoming:
         "body",
         "complete",
         "exchange",
+        "head_size",
         "headers",
         "headers_done",
+        "keep_alive",
         "method",
         "trailers",
         "upgrade",
         "url",
         "version",
-        "keep_alive",
     )
 
     def __init__(self) -> None:
         self.url = b""
+        self.head_size = 0
         self.headers: Headers = []
         self.headers_done = False
         self.trailers: Headers | None = None
@@ -81,6 +85,7 @@ class DownstreamProtocol(asyncio.Protocol):
         "closing",
         "current",
         "deadline",
+        "eof",
         "feeding",
         "gate",
         "outbox",
@@ -103,6 +108,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.req: Incoming | None = None
         self.write_paused = False
         self.closing = False
+        self.eof = False  # the client sent FIN
         self.tunneled = False
         # Write coalescing: while `outbox` is a list, sends are collected and
         # written in one call by `uncork` (the upstream side corks around each
@@ -150,10 +156,19 @@ class DownstreamProtocol(asyncio.Protocol):
             ex.downstream_lost()
 
     def eof_received(self) -> bool:
-        # The client will send no more requests. Finish the one in flight
-        # (some clients half-close after sending it), then close.
+        # The client will send no more requests. A complete request in flight is
+        # still answered (some clients half-close after sending it); a request
+        # cut off mid-body can never complete, so it is abandoned.
         self.closing = True
-        return self.current is not None
+        self.eof = True
+        ex = self.current
+        if ex is None:
+            return False
+        if not ex.req_done:
+            self.current = None
+            ex.downstream_lost()
+            return False
+        return True
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -244,6 +259,7 @@ class DownstreamProtocol(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         req = self.req
         req.url = url if not req.url else req.url + url  # type: ignore[union-attr]
+        req.head_size += len(url) + 16  # method, version, spaces and CRLF, roughly
 
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self.req
@@ -254,12 +270,20 @@ class DownstreamProtocol(asyncio.Protocol):
             req.trailers.append((name, value))
         else:
             req.headers.append((name, value))
+            req.head_size += len(name) + len(value) + 4
 
     def on_headers_complete(self) -> None:
         req = self.req
         assert req is not None
         req.headers_done = True
         self._head_bytes = 0
+        limit = self.listener.sidecar.snapshot.cfg.limits.max_header_bytes
+        if req.head_size > limit:
+            self._stash(
+                ProxyError(
+                    431, Reason.HEADERS_TOO_LARGE, f"request head exceeds {limit} bytes", close=True
+                )
+            )
         parser = self.parser
         req.method = parser.get_method()
         req.version = parser.get_http_version()
@@ -362,6 +386,15 @@ class DownstreamProtocol(asyncio.Protocol):
         if self._deferred_error is not None:
             self._reject(self._deferred_error)
             return
+        if ex.facts.upgrade:
+            # The upstream declined the upgrade: the connection goes on as HTTP,
+            # and what the client sent after the upgrade request is HTTP too.
+            self.req = None
+            held, ex.early_tunnel = ex.early_tunnel, b""
+            self.gate.resume(BUFFERED)
+            if held:
+                self.data_received(held)
+                return
         if self.backlog:
             nxt = self.backlog.popleft()
             if not self.backlog:
@@ -398,6 +431,14 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def _parse_failed(self, exc: httptools.HttpParserError) -> None:
         err = self._stashed
+        if err is None and isinstance(exc, httptools.HttpParserCallbackError):
+            # Not the client's fault: a bug of ours raised inside a callback.
+            # The client gets a 500 with a reason; the traceback goes to stderr.
+            cause = exc.__context__ or exc
+            traceback.print_exception(cause, file=sys.stderr)
+            err = ProxyError(
+                500, Reason.INTERNAL, f"internal error: {type(cause).__name__}", close=True
+            )
         if err is None:
             detail = str(exc) or type(exc).__name__
             err = bad_request(f"malformed request: {detail}")
@@ -420,7 +461,13 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def _reject(self, err: ProxyError) -> None:
         """Answer a request the proxy refuses before it became an exchange, then close."""
-        if self.current is not None:
+        ex = self.current
+        if ex is not None and not ex.req_done:
+            # The error is in the body of the request in flight (a bad chunk,
+            # a truncated stream): that exchange fails, and the connection with it.
+            ex.fail(err)
+            return
+        if ex is not None:
             # Responses go out in order: answer after the one in flight.
             self._deferred_error = err
             self.gate.pause(PIPELINE)

@@ -28,6 +28,7 @@ class Reason:
     OVERFLOW = "overflow"
     DRAINING = "draining"
     DOWNSTREAM_RESET = "downstream_reset"
+    INTERNAL = "internal_error"
 
 
 class ProxyError(Exception):

@@ -105,8 +105,7 @@ class Exchange:
         self.facts = facts
         self.version = version
         self.head_request = method == b"HEAD"
-        # An upgrade request's connection is never reused for HTTP if the upstream declines.
-        self.down_keep_alive = keep_alive and not facts.upgrade
+        self.down_keep_alive = keep_alive
         self.start = down.loop.time()
         self.done = False
         self.dest: Destination | None = None
@@ -350,11 +349,17 @@ class Exchange:
                 listener.sidecar.check_drained()
 
         down_transport = down.transport
+        down_eof = down.eof
         down.detach_for_tunnel()
         conn.gate.resume(PEER_BACKPRESSURE)
         self._finish(tunneled=True)
         splice(
-            down_transport, conn.transport, a_to_b=self.early_tunnel, b_to_a=rest, on_closed=closed
+            down_transport,
+            conn.transport,
+            a_to_b=self.early_tunnel,
+            b_to_a=rest,
+            a_eof=down_eof,
+            on_closed=closed,
         )  # type: ignore[arg-type]
 
     # -- flow control between the two sides ------------------------------------
