@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
 
+from lepton_mesh.policy.traffic import TrafficPolicies
+
 Protocol = Literal["http", "tcp"]
 
 
@@ -122,4 +124,6 @@ class SidecarConfig:
     limits: Limits = field(default_factory=Limits)
     pool: PoolConfig = field(default_factory=PoolConfig)
     access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
+    # Routes and destination policies, from the files under `policies:`.
+    traffic: TrafficPolicies = field(default_factory=TrafficPolicies)
     source: str = "<memory>"
