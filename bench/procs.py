@@ -225,15 +225,20 @@ def tree_rss_mb(root: int) -> float:
 
 
 def machine_busy_seconds() -> float:
-    """CPU seconds all processes of the machine ran since boot, all cores (from /proc/stat).
+    """CPU seconds the whole machine was busy since boot, all cores (from /proc/stat).
 
-    user + nice + system only: interrupt and softirq time (much of it our own
-    loopback traffic) is not charged to any process's utime/stime, so it is
-    left out on both sides of the subtraction in `background_cores`.
+    user + nice + system + irq + softirq. With tick-based accounting (no
+    CONFIG_IRQ_TIME_ACCOUNTING) a tick that lands in a softirq is charged both
+    to the softirq line and to the interrupted task's stime, and most of our
+    loopback traffic's softirq work runs in our processes' context: leaving it
+    out would hide others' load behind our own. Where the kernel accounts IRQ
+    time apart, our softirq work counts as others' load: a few percent of a core.
     """
     with open("/proc/stat") as f:
-        user, nice, system = (int(v) for v in f.readline().split()[1:4])
-    return (user + nice + system) / _CLK_TCK
+        user, nice, system, _idle, _iowait, irq, softirq = (
+            int(v) for v in f.readline().split()[1:8]
+        )
+    return (user + nice + system + irq + softirq) / _CLK_TCK
 
 
 def own_cpu_seconds(live: Sequence[int]) -> float:

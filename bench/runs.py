@@ -40,6 +40,10 @@ def _throughput(
     rss = rss_of(proxies)
     if proxies:
         extra |= {"idle_rss_mb": max(idle), "rss_mb_each": rss, "idle_rss_mb_each": idle}
+    if measured.cpu_us_per_req is not None:
+        # Close to 1.0: the proxy core was the limit, as intended. Well below:
+        # something else was (the load core, or other work on the machine).
+        extra["proxy_cores_busy"] = measured.cpu_us_per_req * res.rps / 1e6
     return RunResult(
         name,
         "throughput",

@@ -17,7 +17,16 @@ import pytest
 from bench import nginx, report, sidecar, wrk
 from bench.__main__ import selected
 from bench.harness import REGISTRY, RunResult, register
-from bench.procs import BenchError, Pinning, cpu_seconds, process_tree, rss_mb, spawn, stop
+from bench.procs import (
+    BenchError,
+    CpuSample,
+    Pinning,
+    cpu_seconds,
+    process_tree,
+    rss_mb,
+    spawn,
+    stop,
+)
 from lepton_mesh.policy.sidecar_loader import sidecar_config_from_mapping
 
 WRK_STDOUT = (
@@ -264,3 +273,25 @@ def test_proc_readings_of_a_spawned_child(tmp_path):
         assert stop(child) == "stopped"
         child.stdin.close()
     assert child.returncode is not None
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "expected"),
+    [
+        (CpuSample(0.0, 100.0, 10.0), CpuSample(2.0, 102.0, 12.0), 0.0),  # all of it ours
+        (CpuSample(0.0, 100.0, 10.0), CpuSample(2.0, 103.0, 12.0), 0.5),  # 1 s of others in 2 s
+        (CpuSample(0.0, 100.0, 10.0), CpuSample(2.0, 101.9, 12.0), 0.0),  # tick rounding: never < 0
+    ],
+)
+def test_background_cores(before, after, expected):
+    assert before.background_cores(after) == pytest.approx(expected)
+
+
+def test_noisy_runs_get_a_note():
+    results = {
+        "direct": _result("direct", extra={"background_cores": 0.05}),
+        "one_hop": _result("one_hop", extra={"background_cores": 0.9}),
+    }
+    assert report.noise_notes(results) == [
+        "note: one_hop ran while other processes used 0.90 cores of the machine"
+    ]
