@@ -150,17 +150,24 @@ def table(results: Results) -> str:
     return "\n".join(lines)
 
 
-NOISY_CORES = 0.2  # other work above this during a run makes its figures suspect
+NOISY_CORES = 0.1  # other work above this during a run makes its figures suspect
+PROXY_BOUND = 0.9  # a proxied run below this was limited by something else
 
 
 def noise_notes(results: Results) -> list[str]:
-    """One line per run measured while other processes used the machine."""
+    """One line per run measured while other processes used the machine, or not proxy-bound."""
     notes = []
     for r in results.values():
         cores = r.extra.get("background_cores")
         if isinstance(cores, float) and cores > NOISY_CORES:
             notes.append(
                 f"note: {r.name} ran while other processes used {cores:.2f} cores of the machine"
+            )
+        busy = r.extra.get("proxy_cores_busy")
+        if isinstance(busy, float) and busy < PROXY_BOUND:
+            notes.append(
+                f"note: {r.name}'s proxy used {busy:.2f} of its core: "
+                "something else limited its rps (load core or other work)"
             )
     return notes
 

@@ -290,8 +290,11 @@ def test_background_cores(before, after, expected):
 def test_noisy_runs_get_a_note():
     results = {
         "direct": _result("direct", extra={"background_cores": 0.05}),
-        "one_hop": _result("one_hop", extra={"background_cores": 0.9}),
+        "one_hop": _result("one_hop", extra={"background_cores": 0.9, "proxy_cores_busy": 0.95}),
+        "nginx": _result("nginx", extra={"background_cores": 0.0, "proxy_cores_busy": 0.8}),
     }
     assert report.noise_notes(results) == [
-        "note: one_hop ran while other processes used 0.90 cores of the machine"
+        "note: one_hop ran while other processes used 0.90 cores of the machine",
+        "note: nginx's proxy used 0.80 of its core: something else limited its rps"
+        " (load core or other work)",
     ]
