@@ -14,16 +14,30 @@ returned, so the defaults substituted along the way are never seen.
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
-import math
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any
 
 from lepton_mesh.policy.errors import ConfigError, Path, Problem, format_path
+from lepton_mesh.policy.fields import (
+    Checker,
+    Parser,
+    check_mapping,
+    describe,
+    did_you_mean,
+    duration,
+    expected,
+    integer,
+    parse_boolean,
+    parse_fields,
+    parse_labels,
+    parse_name,
+    section,
+    size,
+)
 from lepton_mesh.policy.sidecar_config import (
     AccessLogConfig,
     Address,
@@ -35,9 +49,7 @@ from lepton_mesh.policy.sidecar_config import (
     SidecarConfig,
     Timeouts,
 )
-from lepton_mesh.policy.yaml_source import line_of, load_file
-
-T = TypeVar("T")
+from lepton_mesh.policy.yaml_source import load_file
 
 __all__ = ["load_sidecar_config", "sidecar_config_from_mapping", "sidecar_config_to_json"]
 
@@ -71,32 +83,10 @@ def sidecar_config_from_mapping(
     return _build(data, source, lines or {}, [])
 
 
-# --- the checker: where problems are collected -------------------------------
-
-
-class _Checker:
-    __slots__ = ("lines", "problems", "source")
-
-    def __init__(self, source: str, lines: Mapping[Path, int], problems: list[Problem]) -> None:
-        self.source = source
-        self.lines = lines
-        self.problems = problems
-
-    def error(self, path: Path, message: str) -> None:
-        self.problems.append(
-            Problem(self.source, line_of(self.lines, path), format_path(path), message)
-        )
-
-    def bad_key(self, path: Path, key: object, message: str) -> None:
-        """A non-string key: reported on its mapping (a path can't show it), at its line."""
-        line = line_of(self.lines, (*path, key))
-        self.problems.append(Problem(self.source, line, format_path(path), message))
-
-
 def _build(
     data: Any, source: str, lines: Mapping[Path, int], problems: list[Problem]
 ) -> SidecarConfig:
-    c = _Checker(source, lines, problems)
+    c = Checker(source, lines, problems)
     cfg = _sidecar(c, data)
     if problems or cfg is None:
         # Order by line, so the list reads top to bottom; unknown lines last.
@@ -105,170 +95,17 @@ def _build(
     return cfg
 
 
-# --- describing what was found -----------------------------------------------
-
-
-def _found(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"boolean {str(value).lower()}"
-    if isinstance(value, int):
-        return f"integer {value}"
-    if isinstance(value, float):
-        return f"number {value}"
-    if isinstance(value, str):
-        shown = value if len(value) <= 40 else value[:37] + "..."
-        return f"string {shown!r}"
-    if isinstance(value, (list, tuple)):
-        return "a list"
-    if isinstance(value, Mapping):
-        return "a mapping"
-    return type(value).__name__
-
-
-def _expected(c: _Checker, path: Path, what: str, value: Any) -> None:
-    c.error(path, f"expected {what}, found {_found(value)}")
-
-
-def _did_you_mean(word: object, choices: Iterable[str]) -> str:
-    # Case-insensitive, so that 'HTTP' suggests 'http'.
-    by_lower = {choice.lower(): choice for choice in choices}
-    close = difflib.get_close_matches(str(word).lower(), list(by_lower), n=1, cutoff=0.6)
-    return f" (did you mean {by_lower[close[0]]!r}?)" if close else ""
-
-
-# --- scalar parsers: (checker, value, path) -> parsed value, or None if invalid
-
-
-def _string(c: _Checker, value: Any, path: Path) -> str | None:
-    if isinstance(value, str):
-        return value
-    hint = " (quote it to make it a string)" if isinstance(value, (bool, int, float)) else ""
-    c.error(path, f"expected a string, found {_found(value)}{hint}")
-    return None
-
-
-_NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
-
-
-def _name(c: _Checker, value: Any, path: Path) -> str | None:
-    """A DNS label: service and namespace names become parts of host names."""
-    name = _string(c, value, path)
-    if name is None:
-        return None
-    if len(name) > 63 or not _NAME_RE.fullmatch(name):
-        c.error(
-            path,
-            f"invalid name {name!r}: use lowercase letters, digits and '-', "
-            "starting and ending with a letter or digit, at most 63 characters",
-        )
-        return None
-    return name
-
-
-def _boolean(c: _Checker, value: Any, path: Path) -> bool | None:
-    if isinstance(value, bool):
-        return value
-    _expected(c, path, "true or false", value)
-    return None
-
-
-def _integer(lo: int, hi: int | None = None) -> Callable[[_Checker, Any, Path], int | None]:
-    def parse(c: _Checker, value: Any, path: Path) -> int | None:
-        if isinstance(value, bool) or not isinstance(value, int):
-            _expected(c, path, "an integer", value)
-            return None
-        if value < lo or (hi is not None and value > hi):
-            bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
-            c.error(path, f"must be {bound}, found {value}")
-            return None
-        return value
-
-    return parse
-
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
-_DURATION_RE = re.compile(rf"(?:{_DURATION_PART.pattern})+")
-_SECONDS_PER = {"s": 1, "m": 60, "h": 3600}
-
-
-def _seconds(value: Any) -> float | None:
-    """Seconds from a bare number or a string like '250ms', '1m30s'; None if neither."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if not isinstance(value, str):
-        return None
-    text = value.strip()
-    if re.fullmatch(r"\d+(?:\.\d+)?", text):
-        return float(text)
-    if not _DURATION_RE.fullmatch(text):
-        return None
-    total = 0.0
-    for number, unit in _DURATION_PART.findall(text):
-        # Divide for ms so that '100ms' is exactly 0.1, not 100 * 0.001.
-        total += float(number) / 1000 if unit == "ms" else float(number) * _SECONDS_PER[unit]
-    return total
-
-
-def _duration(*, zero_ok: bool) -> Callable[[_Checker, Any, Path], float | None]:
-    def parse(c: _Checker, value: Any, path: Path) -> float | None:
-        seconds = _seconds(value)
-        if seconds is None or not math.isfinite(seconds):
-            what = "a duration like '250ms', '1s', '5m', '1m30s' or a number of seconds"
-            _expected(c, path, what, value)
-            return None
-        if seconds < 0 or (seconds == 0 and not zero_ok):
-            c.error(path, f"must be {'0 or more' if zero_ok else 'greater than 0'}, found {value}")
-            return None
-        return seconds
-
-    return parse
-
-
-_SIZE_RE = re.compile(r"(\d+)\s*([KMGT]i?B|B)?", re.IGNORECASE)
-_SIZE_UNITS = {
-    "b": 1,
-    "kb": 1000,
-    "mb": 1000**2,
-    "gb": 1000**3,
-    "tb": 1000**4,
-    "kib": 1024,
-    "mib": 1024**2,
-    "gib": 1024**3,
-    "tib": 1024**4,
-}
-
-
-def _size(minimum: int) -> Callable[[_Checker, Any, Path], int | None]:
-    def parse(c: _Checker, value: Any, path: Path) -> int | None:
-        size: int | None = None
-        if isinstance(value, int) and not isinstance(value, bool):
-            size = value
-        elif isinstance(value, str) and (m := _SIZE_RE.fullmatch(value.strip())):
-            size = int(m[1]) * _SIZE_UNITS[(m[2] or "B").lower()]
-        if size is None:
-            _expected(c, path, "a size in bytes like 65536, '64KiB', '10MiB' or '500KB'", value)
-            return None
-        if size < minimum:
-            c.error(path, f"must be at least {minimum} bytes, found {value}")
-            return None
-        return size
-
-    return parse
-
+# --- addresses --------------------------------------------------------------
 
 _HOST_LABEL = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?")
 
 
-def _address(*, port_zero_ok: bool) -> Callable[[_Checker, Any, Path], Address | None]:
+def _address(*, port_zero_ok: bool) -> Callable[[Checker, Any, Path], Address | None]:
     """'host:port' or '[v6]:port'. Port 0 (pick a free port) only where we listen."""
 
-    def parse(c: _Checker, value: Any, path: Path) -> Address | None:
+    def parse(c: Checker, value: Any, path: Path) -> Address | None:
         if not isinstance(value, str):
-            _expected(c, path, "an address 'host:port'", value)
+            expected(c, path, "an address 'host:port'", value)
             return None
         problem, address = _parse_address(value)
         if problem is None and address is not None:
@@ -321,57 +158,14 @@ def _valid_host(host: str) -> bool:
 
 # --- sections ---------------------------------------------------------------
 
-_Parser = Callable[[_Checker, Any, Path], Any]
+_access_log_section = section(AccessLogConfig, {"enabled": parse_boolean})
 
 
-def _mapping(
-    c: _Checker, value: Any, path: Path, allowed: Mapping[str, Any] | tuple[str, ...]
-) -> dict[str, Any] | None:
-    """`value` as a mapping whose keys are all in `allowed`; problems recorded.
-
-    Unknown keys are reported and dropped; the rest is still checked.
-    """
-    if not isinstance(value, Mapping):
-        _expected(c, path, "a mapping", value)
-        return None
-    out: dict[str, Any] = {}
-    for key, item in value.items():
-        if not isinstance(key, str):
-            c.bad_key(path, key, f"field names must be strings, found {_found(key)}")
-        elif key not in allowed:
-            hint = _did_you_mean(key, allowed) or f"; expected one of: {', '.join(allowed)}"
-            c.error((*path, key), f"unknown field {key!r}{hint}")
-        else:
-            out[key] = item
-    return out
-
-
-def _parse_fields(
-    c: _Checker, m: Mapping[str, Any], path: Path, fields: Mapping[str, _Parser]
-) -> dict[str, Any]:
-    """Parse each present field; invalid ones are left out so the model's default applies."""
-    parsed = {key: fields[key](c, item, (*path, key)) for key, item in m.items()}
-    return {key: value for key, value in parsed.items() if value is not None}
-
-
-def _section(cls: Callable[..., T], fields: Mapping[str, _Parser]) -> Callable[..., T | None]:
-    """A parser for a flat section whose absent fields take the model's defaults."""
-
-    def parse(c: _Checker, value: Any, path: Path) -> T | None:
-        m = _mapping(c, value, path, fields)
-        return None if m is None else cls(**_parse_fields(c, m, path, fields))
-
-    return parse
-
-
-_access_log_section = _section(AccessLogConfig, {"enabled": _boolean})
-
-
-def _access_log(c: _Checker, value: Any, path: Path) -> AccessLogConfig | None:
+def _access_log(c: Checker, value: Any, path: Path) -> AccessLogConfig | None:
     if isinstance(value, bool):  # short form: `access_log: false`
         return AccessLogConfig(enabled=value)
     if not isinstance(value, Mapping):
-        _expected(c, path, "true, false or a mapping", value)
+        expected(c, path, "true, false or a mapping", value)
         return None
     return _access_log_section(c, value, path)
 
@@ -381,35 +175,35 @@ def _access_log(c: _Checker, value: Any, path: Path) -> AccessLogConfig | None:
 _SERVICE_FIELDS = ("protocol", "listen", "endpoints")
 _ENDPOINT_FIELDS = ("address", "weight", "labels", "healthy")
 _PROTOCOLS = ("http", "tcp")
-_weight = _integer(1, 10_000)
+_weight = integer(1, 10_000)
 _endpoint_address = _address(port_zero_ok=False)
 _listen_address = _address(port_zero_ok=True)
 
 
-def _services(c: _Checker, value: Any, path: Path) -> Mapping[str, ServiceConfig] | None:
+def _services(c: Checker, value: Any, path: Path) -> Mapping[str, ServiceConfig] | None:
     if not isinstance(value, Mapping):
-        _expected(c, path, "a mapping of service name to service", value)
+        expected(c, path, "a mapping of service name to service", value)
         return None
     out: dict[str, ServiceConfig] = {}
     for key, item in value.items():
         if not isinstance(key, str):
-            c.bad_key(path, key, f"service names must be strings, found {_found(key)}")
+            c.bad_key(path, key, f"service names must be strings, found {describe(key)}")
             continue
-        name = _name(c, key, (*path, key))
+        name = parse_name(c, key, (*path, key))
         svc = _service(c, name or "", item, (*path, key))
         if name is not None and svc is not None:
             out[name] = svc
     return MappingProxyType(out)
 
 
-def _service(c: _Checker, name: str, value: Any, path: Path) -> ServiceConfig | None:
-    m = _mapping(c, value, path, _SERVICE_FIELDS)
+def _service(c: Checker, name: str, value: Any, path: Path) -> ServiceConfig | None:
+    m = check_mapping(c, value, path, _SERVICE_FIELDS)
     if m is None:
         return None
     protocol = m.get("protocol", "http")
     if protocol not in _PROTOCOLS:
-        hint = _did_you_mean(protocol, _PROTOCOLS) if isinstance(protocol, str) else ""
-        c.error((*path, "protocol"), f"expected 'http' or 'tcp', found {_found(protocol)}{hint}")
+        hint = did_you_mean(protocol, _PROTOCOLS) if isinstance(protocol, str) else ""
+        c.error((*path, "protocol"), f"expected 'http' or 'tcp', found {describe(protocol)}{hint}")
         protocol = "http"
     listen = None
     if "listen" in m:
@@ -426,11 +220,11 @@ def _service(c: _Checker, name: str, value: Any, path: Path) -> ServiceConfig | 
     return ServiceConfig(name=name, protocol=protocol, endpoints=endpoints, listen=listen)
 
 
-def _endpoints(c: _Checker, value: Any, path: Path) -> tuple[Endpoint, ...]:
+def _endpoints(c: Checker, value: Any, path: Path) -> tuple[Endpoint, ...]:
     # An empty list is fine (the proxy answers 503 no_healthy_endpoint);
     # anything but a list is not, a lone "host:port" included.
     if not isinstance(value, (list, tuple)):
-        _expected(c, path, "a list of endpoints", value)
+        expected(c, path, "a list of endpoints", value)
         return ()
     out: list[Endpoint] = []
     seen: dict[Address, int] = {}
@@ -446,53 +240,34 @@ def _endpoints(c: _Checker, value: Any, path: Path) -> tuple[Endpoint, ...]:
     return tuple(out)
 
 
-def _endpoint(c: _Checker, value: Any, path: Path) -> Endpoint | None:
+def _endpoint(c: Checker, value: Any, path: Path) -> Endpoint | None:
     if isinstance(value, str):
         address = _endpoint_address(c, value, path)
         return Endpoint(address) if address is not None else None
     if not isinstance(value, Mapping):
-        _expected(c, path, "'host:port' or a mapping with 'address'", value)
+        expected(c, path, "'host:port' or a mapping with 'address'", value)
         return None
-    m = _mapping(c, value, path, _ENDPOINT_FIELDS)
+    m = check_mapping(c, value, path, _ENDPOINT_FIELDS)
     assert m is not None
     if "address" not in m:
         c.error((*path, "address"), "required field is missing")
         return None
     address = _endpoint_address(c, m["address"], (*path, "address"))
     weight = _weight(c, m["weight"], (*path, "weight")) if "weight" in m else 1
-    labels = _labels(c, m["labels"], (*path, "labels")) if "labels" in m else {}
-    healthy = _boolean(c, m["healthy"], (*path, "healthy")) if "healthy" in m else True
+    labels = parse_labels(c, m["labels"], (*path, "labels")) if "labels" in m else {}
+    healthy = parse_boolean(c, m["healthy"], (*path, "healthy")) if "healthy" in m else True
     if address is None or weight is None or labels is None or healthy is None:
         return None
     return Endpoint(address, weight, MappingProxyType(labels), healthy)
 
 
-def _labels(c: _Checker, value: Any, path: Path) -> dict[str, str] | None:
-    if not isinstance(value, Mapping):
-        _expected(c, path, "a mapping of label to value", value)
-        return None
-    out: dict[str, str] = {}
-    ok = True
-    for key, item in value.items():
-        if not isinstance(key, str):
-            c.bad_key(path, key, f"label names must be strings, found {_found(key)}")
-            ok = False
-            continue
-        text = _string(c, item, (*path, key))
-        if text is None:
-            ok = False
-        else:
-            out[key] = text
-    return out if ok else None
-
-
 # --- the top level ---------------------------------------------------------
 
-_TOP_FIELDS: dict[str, _Parser] = {
-    "service": _name,
-    "namespace": _name,
+_TOP_FIELDS: dict[str, Parser] = {
+    "service": parse_name,
+    "namespace": parse_name,
     "app": _address(port_zero_ok=False),
-    "listeners": _section(
+    "listeners": section(
         Listeners,
         {
             "outbound": _listen_address,
@@ -500,27 +275,27 @@ _TOP_FIELDS: dict[str, _Parser] = {
             "admin": _listen_address,
         },
     ),
-    "timeouts": _section(
+    "timeouts": section(
         Timeouts,
         {
-            "connect": _duration(zero_ok=False),
-            "request": _duration(zero_ok=True),  # 0: no overall timeout (long inference calls)
-            "header_read": _duration(zero_ok=False),
-            "idle": _duration(zero_ok=False),
-            "drain": _duration(zero_ok=False),
+            "connect": duration(zero_ok=False),
+            "request": duration(zero_ok=True),  # 0: no overall timeout (long inference calls)
+            "header_read": duration(zero_ok=False),
+            "idle": duration(zero_ok=False),
+            "drain": duration(zero_ok=False),
         },
     ),
-    "limits": _section(
+    "limits": section(
         Limits,
         {
-            "max_header_bytes": _size(1024),
-            "max_body_bytes": _size(0),  # 0: no limit
-            "max_connections": _integer(1),
+            "max_header_bytes": size(1024),
+            "max_body_bytes": size(0),  # 0: no limit
+            "max_connections": integer(1),
         },
     ),
-    "pool": _section(
+    "pool": section(
         PoolConfig,
-        {"max_per_endpoint": _integer(1), "idle_timeout": _duration(zero_ok=False)},
+        {"max_per_endpoint": integer(1), "idle_timeout": duration(zero_ok=False)},
     ),
     "access_log": _access_log,
     "services": _services,
@@ -528,16 +303,16 @@ _TOP_FIELDS: dict[str, _Parser] = {
 _REQUIRED = ("service", "app")
 
 
-def _sidecar(c: _Checker, data: Any) -> SidecarConfig | None:
+def _sidecar(c: Checker, data: Any) -> SidecarConfig | None:
     if not isinstance(data, Mapping):
-        c.error((), f"expected a mapping at the top level, found {_found(data)}")
+        c.error((), f"expected a mapping at the top level, found {describe(data)}")
         return None
-    m = _mapping(c, data, (), _TOP_FIELDS)
+    m = check_mapping(c, data, (), _TOP_FIELDS)
     assert m is not None
     for key in _REQUIRED:
         if key not in m:
             c.error((key,), "required field is missing")
-    fields = _parse_fields(c, m, (), _TOP_FIELDS)
+    fields = parse_fields(c, m, (), _TOP_FIELDS)
     _check_binds(
         c, fields.get("app"), fields.get("listeners", Listeners()), fields.get("services", {})
     )
@@ -559,7 +334,7 @@ def _overlap(a: Address, b: Address) -> bool:
 
 
 def _check_binds(
-    c: _Checker,
+    c: Checker,
     app: Address | None,
     listeners: Listeners,
     services: Mapping[str, ServiceConfig],

@@ -1,0 +1,259 @@
+"""Field parsers shared by the config and policy loaders.
+
+Each parser takes `(checker, value, path)` and returns the parsed value, or
+records a problem on the checker and returns None; the caller keeps going,
+so one run reports everything wrong with a file. The syntax accepted here
+(durations like '1m30s', sizes like '64KiB', names as DNS labels) is the
+same in every file lepton-mesh reads; docs/sidecar-config.md describes it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
+
+from lepton_mesh.policy.errors import Path, Problem, format_path
+from lepton_mesh.policy.yaml_source import line_of
+
+T = TypeVar("T")
+
+
+class Checker:
+    __slots__ = ("lines", "problems", "source")
+
+    def __init__(self, source: str, lines: Mapping[Path, int], problems: list[Problem]) -> None:
+        self.source = source
+        self.lines = lines
+        self.problems = problems
+
+    def error(self, path: Path, message: str) -> None:
+        self.problems.append(
+            Problem(self.source, line_of(self.lines, path), format_path(path), message)
+        )
+
+    def bad_key(self, path: Path, key: object, message: str) -> None:
+        """A non-string key: reported on its mapping (a path can't show it), at its line."""
+        line = line_of(self.lines, (*path, key))
+        self.problems.append(Problem(self.source, line, format_path(path), message))
+
+
+# --- describing what was found -----------------------------------------------
+
+
+def describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, int):
+        return f"integer {value}"
+    if isinstance(value, float):
+        return f"number {value}"
+    if isinstance(value, str):
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        return f"string {shown!r}"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    return type(value).__name__
+
+
+def expected(c: Checker, path: Path, what: str, value: Any) -> None:
+    c.error(path, f"expected {what}, found {describe(value)}")
+
+
+def did_you_mean(word: object, choices: Iterable[str]) -> str:
+    # Case-insensitive, so that 'HTTP' suggests 'http'.
+    by_lower = {choice.lower(): choice for choice in choices}
+    close = difflib.get_close_matches(str(word).lower(), list(by_lower), n=1, cutoff=0.6)
+    return f" (did you mean {by_lower[close[0]]!r}?)" if close else ""
+
+
+# --- scalar parsers: (checker, value, path) -> parsed value, or None if invalid
+
+
+def parse_string(c: Checker, value: Any, path: Path) -> str | None:
+    if isinstance(value, str):
+        return value
+    hint = " (quote it to make it a string)" if isinstance(value, (bool, int, float)) else ""
+    c.error(path, f"expected a string, found {describe(value)}{hint}")
+    return None
+
+
+_NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+
+def parse_name(c: Checker, value: Any, path: Path) -> str | None:
+    """A DNS label: service and namespace names become parts of host names."""
+    name = parse_string(c, value, path)
+    if name is None:
+        return None
+    if len(name) > 63 or not _NAME_RE.fullmatch(name):
+        c.error(
+            path,
+            f"invalid name {name!r}: use lowercase letters, digits and '-', "
+            "starting and ending with a letter or digit, at most 63 characters",
+        )
+        return None
+    return name
+
+
+def parse_boolean(c: Checker, value: Any, path: Path) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    expected(c, path, "true or false", value)
+    return None
+
+
+def integer(lo: int, hi: int | None = None) -> Callable[[Checker, Any, Path], int | None]:
+    def parse(c: Checker, value: Any, path: Path) -> int | None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            expected(c, path, "an integer", value)
+            return None
+        if value < lo or (hi is not None and value > hi):
+            bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+            c.error(path, f"must be {bound}, found {value}")
+            return None
+        return value
+
+    return parse
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_DURATION_RE = re.compile(rf"(?:{_DURATION_PART.pattern})+")
+_SECONDS_PER = {"s": 1, "m": 60, "h": 3600}
+
+
+def to_seconds(value: Any) -> float | None:
+    """Seconds from a bare number or a string like '250ms', '1m30s'; None if neither."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    if re.fullmatch(r"\d+(?:\.\d+)?", text):
+        return float(text)
+    if not _DURATION_RE.fullmatch(text):
+        return None
+    total = 0.0
+    for number, unit in _DURATION_PART.findall(text):
+        # Divide for ms so that '100ms' is exactly 0.1, not 100 * 0.001.
+        total += float(number) / 1000 if unit == "ms" else float(number) * _SECONDS_PER[unit]
+    return total
+
+
+def duration(*, zero_ok: bool) -> Callable[[Checker, Any, Path], float | None]:
+    def parse(c: Checker, value: Any, path: Path) -> float | None:
+        seconds = to_seconds(value)
+        if seconds is None or not math.isfinite(seconds):
+            what = "a duration like '250ms', '1s', '5m', '1m30s' or a number of seconds"
+            expected(c, path, what, value)
+            return None
+        if seconds < 0 or (seconds == 0 and not zero_ok):
+            c.error(path, f"must be {'0 or more' if zero_ok else 'greater than 0'}, found {value}")
+            return None
+        return seconds
+
+    return parse
+
+
+_SIZE_RE = re.compile(r"(\d+)\s*([KMGT]i?B|B)?", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+
+
+def size(minimum: int) -> Callable[[Checker, Any, Path], int | None]:
+    def parse(c: Checker, value: Any, path: Path) -> int | None:
+        size: int | None = None
+        if isinstance(value, int) and not isinstance(value, bool):
+            size = value
+        elif isinstance(value, str) and (m := _SIZE_RE.fullmatch(value.strip())):
+            size = int(m[1]) * _SIZE_UNITS[(m[2] or "B").lower()]
+        if size is None:
+            expected(c, path, "a size in bytes like 65536, '64KiB', '10MiB' or '500KB'", value)
+            return None
+        if size < minimum:
+            c.error(path, f"must be at least {minimum} bytes, found {value}")
+            return None
+        return size
+
+    return parse
+
+
+# --- sections ---------------------------------------------------------------
+
+Parser = Callable[[Checker, Any, Path], Any]
+
+
+def check_mapping(
+    c: Checker, value: Any, path: Path, allowed: Mapping[str, Any] | tuple[str, ...]
+) -> dict[str, Any] | None:
+    """`value` as a mapping whose keys are all in `allowed`; problems recorded.
+
+    Unknown keys are reported and dropped; the rest is still checked.
+    """
+    if not isinstance(value, Mapping):
+        expected(c, path, "a mapping", value)
+        return None
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if not isinstance(key, str):
+            c.bad_key(path, key, f"field names must be strings, found {describe(key)}")
+        elif key not in allowed:
+            hint = did_you_mean(key, allowed) or f"; expected one of: {', '.join(allowed)}"
+            c.error((*path, key), f"unknown field {key!r}{hint}")
+        else:
+            out[key] = item
+    return out
+
+
+def parse_fields(
+    c: Checker, m: Mapping[str, Any], path: Path, fields: Mapping[str, Parser]
+) -> dict[str, Any]:
+    """Parse each present field; invalid ones are left out so the model's default applies."""
+    parsed = {key: fields[key](c, item, (*path, key)) for key, item in m.items()}
+    return {key: value for key, value in parsed.items() if value is not None}
+
+
+def section(cls: Callable[..., T], fields: Mapping[str, Parser]) -> Callable[..., T | None]:
+    """A parser for a flat section whose absent fields take the model's defaults."""
+
+    def parse(c: Checker, value: Any, path: Path) -> T | None:
+        m = check_mapping(c, value, path, fields)
+        return None if m is None else cls(**parse_fields(c, m, path, fields))
+
+    return parse
+
+
+def parse_labels(c: Checker, value: Any, path: Path) -> dict[str, str] | None:
+    if not isinstance(value, Mapping):
+        expected(c, path, "a mapping of label to value", value)
+        return None
+    out: dict[str, str] = {}
+    ok = True
+    for key, item in value.items():
+        if not isinstance(key, str):
+            c.bad_key(path, key, f"label names must be strings, found {describe(key)}")
+            ok = False
+            continue
+        text = parse_string(c, item, (*path, key))
+        if text is None:
+            ok = False
+        else:
+            out[key] = text
+    return out if ok else None
