@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from proxy_harness import (
     DEADLINE,
     RawClient,
@@ -66,9 +67,13 @@ async def test_pipelined_head_and_get_keep_framing(proxy) -> None:
         assert resp.json()["target"] == "/g"
 
 
-async def test_idle_pooled_connection_closed_by_upstream_is_not_reused(sidecars, upstreams) -> None:
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_idle_pooled_connection_closed_by_upstream_is_not_reused(
+    sidecars, upstreams, method
+) -> None:
     """The upstream closes each connection once it is idle in the pool; every
-    next request must still succeed (a fresh connection, or a safe retry)."""
+    next request must still succeed. POST too: it cannot be retried safely, so
+    the proxy must notice the close before it picks the connection."""
 
     async def app(req, conn) -> bool:
         await conn.send(response_bytes(200, req.target.encode()))
@@ -78,7 +83,8 @@ async def test_idle_pooled_connection_closed_by_upstream_is_not_reused(sidecars,
     sc = await sidecars(services={"svc": up.address})
     async with client(outbound(sc)) as c:
         for i in range(20):
-            resp = await c.request(get(f"/{i}"))
+            body = b"payload" if method == "POST" else None
+            resp = await c.request(request_bytes(method, f"/{i}", body=body))
             assert (resp.status, resp.body) == (200, f"/{i}".encode())
             await wait_for(lambda i=i: up.closed_conns == i + 1, what="upstream closed its side")
     assert len(up.requests) == 20

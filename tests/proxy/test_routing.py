@@ -23,6 +23,7 @@ from proxy_harness import (
     http,
     inbound,
     outbound,
+    request_bytes,
     response_bytes,
     seen_header,
 )
@@ -141,6 +142,16 @@ async def test_unknown_service_is_404_no_route(proxy) -> None:
         # A routing miss is not a framing error: the connection stays usable.
         resp = await c.request(get("/v1/x", host="svc"))
         assert resp.status == 200
+
+
+async def test_error_to_head_request_has_headers_but_no_body(proxy) -> None:
+    async with client(outbound(proxy)) as c:
+        resp = await c.request(request_bytes("HEAD", "/", host="nope"), method="HEAD")
+        assert resp.status == 404
+        assert resp.get("x-lepton-reason") == Reason.NO_ROUTE
+        assert resp.body == b""
+        # No stray body bytes: the next response parses cleanly.
+        assert (await c.request(get())).status == 200
 
 
 async def test_error_body_names_the_request_id(proxy) -> None:

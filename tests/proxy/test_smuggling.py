@@ -164,6 +164,25 @@ async def test_valid_request_then_garbage_does_not_desync(guarded) -> None:
     assert [r.target for r in echo.requests] == ["/ok"]
 
 
+async def test_oversized_head_refused_before_it_ends(guarded) -> None:
+    """A head that grows past the limit over several reads is refused with 431
+    as soon as it is too large, without waiting for its end."""
+    sc, echo = guarded
+    async with client(outbound(sc)) as c:
+        sent = 0
+        line = b"GET / HTTP/1.1\r\nHost: svc\r\n"
+        # Stop writing once past the limit: more bytes after the sidecar closed
+        # would draw a RST that could discard its answer in our receive queue.
+        while sent <= MAX_HEADER_BYTES + 100:
+            await c.send(line)
+            sent += len(line)
+            line = b"X-Pad-%d: %s\r\n" % (sent, b"p" * 480)
+        resp = await asyncio.wait_for(read_response(c.reader), DEADLINE)
+        assert_lepton_error(resp, 431, Reason.HEADERS_TOO_LARGE)
+        assert await c.closed_by_peer()
+    assert echo.bytes_received == 0
+
+
 async def test_slowloris_headers_get_408_and_close(sidecars, echo) -> None:
     sc = await sidecars(services={"svc": echo.address}, timeouts={"header_read": 0.5})
     loop = asyncio.get_running_loop()
