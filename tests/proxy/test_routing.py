@@ -5,6 +5,8 @@ originates when it cannot route or reach an upstream."""
 from __future__ import annotations
 
 import asyncio
+import shutil
+from collections.abc import Callable
 
 import aiohttp
 import orjson
@@ -26,6 +28,7 @@ from proxy_harness import (
     request_bytes,
     response_bytes,
     seen_header,
+    wait_for,
 )
 
 from lepton_mesh.proxy.errors import Reason
@@ -75,6 +78,10 @@ async def test_routes_to_the_named_service_among_several(sidecars, upstreams) ->
             assert (resp.status, resp.body) == (200, want)
 
 
+needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+
+
+@needs_curl
 async def test_curl_through_http_proxy(sidecars, echo) -> None:
     sc = await sidecars(services={"intent": echo.address})
     proc = await asyncio.create_subprocess_exec(
@@ -88,6 +95,7 @@ async def test_curl_through_http_proxy(sidecars, echo) -> None:
     assert seen_header(seen, "host") == ["intent"]
 
 
+@needs_curl
 async def test_curl_through_http_proxy_env(sidecars, echo) -> None:
     sc = await sidecars(services={"intent": echo.address})
     env = {"PATH": "/usr/bin:/bin:/usr/local/bin", "http_proxy": proxy_url(sc)}
@@ -198,9 +206,29 @@ async def test_upstream_closes_inside_response_head_is_upstream_reset(sidecars, 
     assert_lepton_error(resp, (502, 503), Reason.UPSTREAM_RESET)
 
 
-async def test_upstream_closes_mid_body_truncates_and_closes_client(sidecars, upstreams) -> None:
+def access_log_reason(capfd: pytest.CaptureFixture[str], path: str) -> Callable[[], str | None]:
+    """A poller for the access-log reason of the request to `path` (the log is
+    flushed on a timer, so the line appears a little after the response)."""
+    seen: list[str] = []
+
+    def poll() -> str | None:
+        seen.append(capfd.readouterr().out)
+        for line in "".join(seen).splitlines():
+            if line.startswith("{"):
+                record = orjson.loads(line)
+                if record.get("path") == path:
+                    return record.get("reason")
+        return None
+
+    return poll
+
+
+async def test_upstream_closes_mid_body_truncates_and_closes_client(
+    sidecars, upstreams, capfd
+) -> None:
     """Once the head is forwarded, the only honest signal left is to close the
-    client connection before the declared length: never a short 'complete' body."""
+    client connection before the declared length: never a short 'complete' body.
+    The reason still reaches the access log."""
 
     async def mid_body(conn) -> None:
         await conn.read_request()
@@ -209,11 +237,14 @@ async def test_upstream_closes_mid_body_truncates_and_closes_client(sidecars, up
     up = await upstreams(mid_body)
     sc = await sidecars(services={"svc": up.address})
     async with client(outbound(sc)) as c:
-        await c.send(get())
+        await c.send(get("/mid-body"))
         head = await asyncio.wait_for(c.reader.readuntil(b"\r\n\r\n"), DEADLINE)
         assert head.startswith(b"HTTP/1.1 200")
         rest = await c.read_to_eof()
         assert len(rest) < 100
+    reason = access_log_reason(capfd, "/mid-body")
+    await wait_for(lambda: reason() is not None, what="access log line for /mid-body")
+    assert reason() == Reason.UPSTREAM_RESET
 
 
 async def test_upstream_reset_mid_chunked_body_closes_client(sidecars, upstreams) -> None:
