@@ -74,7 +74,7 @@ def run_demo(
         _say(out, f"\ndemo stopped: unexpected error\n{traceback.format_exc()}")
     finally:
         code = _stop_and_verify(sup, out, code)
-    if code == 0:
+    if code == 0 or code > 128:  # done, or stopped on purpose: nothing to look into
         shutil.rmtree(workdir, ignore_errors=True)
     else:
         _say(out, f"logs and configs kept in {workdir}")

@@ -28,8 +28,9 @@ NAMES = {"intent-sidecar", "chat-sidecar", "intent-app", "chat-app"}
 class Demo:
     """The demo process with its output read line by line on a thread."""
 
-    def __init__(self, *args: str, duration: float) -> None:
-        env = {**os.environ, "LEPTON_DEMO_DURATION": str(duration)}
+    def __init__(self, *args: str, duration: float, tmp: Path) -> None:
+        # TMPDIR: a failed run keeps its configs and logs, here rather than in /tmp.
+        env = {**os.environ, "LEPTON_DEMO_DURATION": str(duration), "TMPDIR": str(tmp)}
         self.proc = subprocess.Popen(
             [*COMMAND, "demo", *args],
             stdout=subprocess.PIPE,
@@ -85,11 +86,11 @@ class Demo:
 
 
 @pytest.fixture
-def demo_factory():
+def demo_factory(tmp_path: Path):
     demos: list[Demo] = []
 
     def make(*args: str, duration: float) -> Demo:
-        demos.append(Demo(*args, duration=duration))
+        demos.append(Demo(*args, duration=duration, tmp=tmp_path))
         return demos[-1]
 
     yield make
@@ -123,7 +124,7 @@ def codes_of(row: list[str]) -> dict[str, int]:
     return {code: int(n) for code, n in (cell.split(":") for cell in cells)}
 
 
-def test_demo_runs_traffic_through_both_sidecars_and_cleans_up(demo_factory) -> None:
+def test_demo_runs_traffic_through_both_sidecars_and_cleans_up(demo_factory, tmp_path) -> None:
     demo = demo_factory(duration=3)
     code = demo.finish(timeout=50)
     out = demo.output
@@ -140,6 +141,7 @@ def test_demo_runs_traffic_through_both_sidecars_and_cleans_up(demo_factory) -> 
     assert re.search(r"Streaming .*status 200, \d+ tokens in \d+ ms, complete", out), out
     assert "all 4 processes stopped; none left running" in out
     assert_all_gone(demo.children())
+    assert list(tmp_path.iterdir()) == []  # a clean run leaves no files either
 
 
 def test_keep_serves_until_ctrl_c_then_stops_everything(demo_factory) -> None:
