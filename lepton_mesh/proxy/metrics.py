@@ -35,6 +35,14 @@ Invariants:
   `destination_service="overflow"` and every observation so folded counts in
   `lepton_metrics_label_overflow_total`. Folded tuples keep reporter, source
   workload, code and flags, which are small mesh-controlled sets.
+  The mirror table (`observe_mirror`) is capped the same way; its overflow
+  counter row appears on its first fold.
+
+Resilience. Outlier ejections, circuit-breaker state, retry outcomes and the
+retry budget live on the per-destination resilience objects (outlier.py,
+circuit.py, retry_budget.py); they are pulled at scrape time through one
+source, `set_resilience_source`, so the hot path pays nothing for them. Only
+mirroring, which has no other home, is counted here on the hot path.
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry
 from prometheus_client.core import (
@@ -55,6 +63,11 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.utils import floatToGoString
+
+if TYPE_CHECKING:
+    from lepton_mesh.proxy.circuit import CircuitBreaker
+    from lepton_mesh.proxy.outlier import OutlierDetector
+    from lepton_mesh.proxy.retry_budget import RetryBudget
 
 _log = logging.getLogger(__name__)
 
@@ -83,6 +96,9 @@ TCP_LABELS = ("reporter", "source_workload", "destination_service")
 POOL_LABELS = ("destination_service", "endpoint")
 LISTENER_LABELS = ("listener",)
 OVERFLOW_LABELS = ("table",)
+SERVICE_LABELS = ("destination_service",)
+LIMIT_LABELS = ("destination_service", "limit")
+OUTCOME_LABELS = ("destination_service", "outcome")
 
 # (destination_service, endpoint, active, idle, pending)
 PoolRow = tuple[str, str, int, int, int]
@@ -92,6 +108,56 @@ ListenerSource = Callable[[], Iterable[tuple[str, int]]]
 
 RequestKey = tuple[str, str, str, int, str]
 TcpKey = tuple[str, str, str]
+MirrorKey = tuple[str, str]
+
+
+class ResilienceRow(NamedTuple):
+    """One destination's resilience state, as the resilience source yields it.
+
+    A plain tuple works too; the exact shape, field by field:
+    `(destination_service: str,
+      ejections_total: int,                    # lepton_outlier_ejections_total
+      endpoints: Iterable[tuple[str, bool]],   # (endpoint address, ejected now)
+      circuit: Iterable[tuple[str, bool, int]],  # (limit, at its max now, overflows_total)
+      retries_attempted: int,                  # retries the budget granted
+      retries_budget_exhausted: int,           # retries the budget refused
+      retries_limit: int,                      # retries refused by the max_retries limit
+      budget_available: int | float)`          # retries the budget would grant now
+    `limit` is one of "connections", "pending", "requests", "retries".
+    `resilience_row()` builds one from the three resilience objects.
+    """
+
+    destination_service: str
+    ejections_total: int
+    endpoints: Iterable[tuple[str, bool]]
+    circuit: Iterable[tuple[str, bool, int]]
+    retries_attempted: int
+    retries_budget_exhausted: int
+    retries_limit: int
+    budget_available: int | float
+
+
+ResilienceSource = Callable[[], Iterable[ResilienceRow]]
+
+
+def resilience_row(
+    destination_service: str,
+    breaker: CircuitBreaker,
+    budget: RetryBudget,
+    detector: OutlierDetector | None = None,
+) -> ResilienceRow:
+    """A destination's row from its breaker, retry budget and (if any) outlier detector."""
+    stats = budget.stats()
+    return ResilienceRow(
+        destination_service,
+        detector.ejections_total if detector is not None else 0,
+        detector.endpoint_states() if detector is not None else (),
+        breaker.limit_states(),
+        stats.retries_total,
+        stats.exhausted_total,
+        breaker.retries_overflows,
+        stats.available,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +237,49 @@ DOWNSTREAM_ACTIVE = _Spec(
     "gauge",
     LISTENER_LABELS,
 )
+OUTLIER_EJECTIONS = _Spec(
+    "lepton_outlier_ejections_total",
+    "Endpoints ejected by outlier detection.",
+    "counter",
+    SERVICE_LABELS,
+)
+ENDPOINT_EJECTED = _Spec(
+    "lepton_endpoint_ejected",
+    "1 while outlier detection keeps the endpoint out of load balancing.",
+    "gauge",
+    POOL_LABELS,
+)
+CIRCUIT_OPEN = _Spec(
+    "lepton_circuit_open",
+    "1 while the circuit-breaker limit is at its max (new work overflows).",
+    "gauge",
+    LIMIT_LABELS,
+)
+CIRCUIT_OVERFLOWS = _Spec(
+    "lepton_circuit_overflows_total",
+    "Work refused because a circuit-breaker limit was at its max.",
+    "counter",
+    LIMIT_LABELS,
+)
+RETRIES = _Spec(
+    "lepton_retries_total",
+    "Retries by outcome: attempted, budget_exhausted (refused by the retry budget), "
+    "limit (refused by the max_retries circuit limit).",
+    "counter",
+    OUTCOME_LABELS,
+)
+RETRY_BUDGET_AVAILABLE = _Spec(
+    "lepton_retry_budget_available",
+    "Retries the retry budget would grant now.",
+    "gauge",
+    SERVICE_LABELS,
+)
+MIRROR_REQUESTS = _Spec(
+    "lepton_mirror_requests_total",
+    "Mirrored (shadow) requests by outcome.",
+    "counter",
+    OUTCOME_LABELS,
+)
 LABEL_OVERFLOW = _Spec(
     "lepton_metrics_label_overflow_total",
     "Observations folded into destination_service=overflow because the label "
@@ -228,6 +337,16 @@ class _TcpSeries:
         self.received = 0
 
 
+class _CountSeries:
+    """One label tuple's counter."""
+
+    __slots__ = ("count", "labels")
+
+    def __init__(self, labels: _Labels) -> None:
+        self.labels = labels
+        self.count = 0
+
+
 # A family at scrape time: counters and gauges carry (labels, value) rows,
 # histograms (labels, per-bucket counts, sum) rows.
 _Row = tuple[_Labels, int | float] | tuple[_Labels, list[int], int | float]
@@ -239,9 +358,11 @@ class ProxyMetrics:
     __slots__ = (
         "_listener_source",
         "_max_series",
+        "_mirror",
         "_overflow",
         "_pool_source",
         "_requests",
+        "_resilience_source",
         "_tcp",
         "registry",
     )
@@ -252,10 +373,12 @@ class ProxyMetrics:
         self._max_series = max_series
         self._requests: dict[RequestKey, _RequestSeries] = {}
         self._tcp: dict[TcpKey, _TcpSeries] = {}
+        self._mirror: dict[MirrorKey, _CountSeries] = {}
         # Observations folded into an overflow series, per table.
         self._overflow = {"requests": 0, "tcp": 0}
         self._pool_source: PoolSource | None = None
         self._listener_source: ListenerSource | None = None
+        self._resilience_source: ResilienceSource | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
 
@@ -268,6 +391,16 @@ class ProxyMetrics:
     def set_listener_source(self, fn: ListenerSource | None) -> None:
         """`fn()` yields (listener_name, active_connections)."""
         self._listener_source = fn
+
+    def set_resilience_source(self, fn: ResilienceSource | None) -> None:
+        """`fn()` yields one `ResilienceRow` per destination (see its docstring).
+
+        It feeds lepton_outlier_ejections_total, lepton_endpoint_ejected,
+        lepton_circuit_open, lepton_circuit_overflows_total,
+        lepton_retries_total and lepton_retry_budget_available. Typically:
+        `lambda: [resilience_row(svc, d.breaker, d.budget, d.detector) for svc, d in ...]`.
+        """
+        self._resilience_source = fn
 
     # -- hot path ------------------------------------------------------------
 
@@ -327,6 +460,16 @@ class ProxyMetrics:
         s.sent += received
         s.received += sent
 
+    def observe_mirror(self, destination_service: str, outcome: str) -> None:
+        """Count one mirrored request. `outcome` is a small fixed set the caller
+        owns, e.g. "sent", "failed" (error or 5xx), "dropped" (not sent: over
+        a limit)."""
+        key = (destination_service, outcome)
+        s = self._mirror.get(key)
+        if s is None:
+            s = self._new_mirror_series(key)
+        s.count += 1
+
     # -- slow path: a label tuple seen for the first time ---------------------
 
     def _new_request_series(self, key: RequestKey) -> _RequestSeries:
@@ -348,6 +491,16 @@ class ProxyMetrics:
             if s is not None:
                 return s
         s = self._tcp[key] = _TcpSeries(_Labels(TCP_LABELS, key))
+        return s
+
+    def _new_mirror_series(self, key: MirrorKey) -> _CountSeries:
+        if len(self._mirror) >= self._max_series:
+            self._overflow["mirror"] = self._overflow.get("mirror", 0) + 1
+            key = (OVERFLOW, key[1])
+            s = self._mirror.get(key)
+            if s is not None:
+                return s
+        s = self._mirror[key] = _CountSeries(_Labels(OUTCOME_LABELS, key))
         return s
 
     # -- scrape ------------------------------------------------------------
@@ -383,16 +536,66 @@ class ProxyMetrics:
             DOWNSTREAM_ACTIVE,
             [(_Labels(LISTENER_LABELS, (name,)), n) for name, n in self._listeners()],
         )
+        yield from self._resilience_families()
+        yield MIRROR_REQUESTS, [(s.labels, s.count) for s in list(self._mirror.values())]
         yield (
             LABEL_OVERFLOW,
             [(_Labels(OVERFLOW_LABELS, (table,)), n) for table, n in self._overflow.items()],
         )
+
+    def _resilience_families(self) -> Iterator[tuple[_Spec, list]]:
+        """The six resilience families from one pull of the source.
+
+        The rows (and the iterables inside them) are read in full before any
+        family is yielded, so a malformed row costs the resilience families
+        of this scrape, never the scrape.
+        """
+        families: dict[_Spec, list] = {spec: [] for spec in _RESILIENCE_SPECS}
+        try:
+            for row in _pull(self._resilience_source, "resilience"):
+                _add_resilience_row(families, row)
+        except Exception:
+            _log.exception("metrics resilience source gave a bad row; its metrics are left out")
+            families = {spec: [] for spec in _RESILIENCE_SPECS}
+        yield from families.items()
 
     def _pools(self) -> list[PoolRow]:
         return _pull(self._pool_source, "pool")
 
     def _listeners(self) -> list[tuple[str, int]]:
         return _pull(self._listener_source, "listener")
+
+
+_RESILIENCE_SPECS = (
+    OUTLIER_EJECTIONS,
+    ENDPOINT_EJECTED,
+    CIRCUIT_OPEN,
+    CIRCUIT_OVERFLOWS,
+    RETRIES,
+    RETRY_BUDGET_AVAILABLE,
+)
+
+
+def _add_resilience_row(families: dict[_Spec, list], row: ResilienceRow) -> None:
+    svc, ejections, endpoints, circuit, attempted, exhausted, limited, available = row
+    service = _Labels(SERVICE_LABELS, (svc,))
+    families[OUTLIER_EJECTIONS].append((service, ejections))
+    families[ENDPOINT_EJECTED].extend(
+        (_Labels(POOL_LABELS, (svc, ep)), int(ejected)) for ep, ejected in endpoints
+    )
+    for limit, at_max, overflows in circuit:
+        labels = _Labels(LIMIT_LABELS, (svc, limit))
+        families[CIRCUIT_OPEN].append((labels, int(at_max)))
+        families[CIRCUIT_OVERFLOWS].append((labels, overflows))
+    families[RETRIES].extend(
+        (_Labels(OUTCOME_LABELS, (svc, outcome)), n)
+        for outcome, n in (
+            ("attempted", attempted),
+            ("budget_exhausted", exhausted),
+            ("limit", limited),
+        )
+    )
+    families[RETRY_BUDGET_AVAILABLE].append((service, available))
 
 
 def _pull(source: Callable[[], Iterable[tuple]] | None, what: str) -> list:
