@@ -22,22 +22,41 @@ T = TypeVar("T")
 
 
 class Checker:
-    __slots__ = ("lines", "problems", "source")
+    """Where problems about one document go, with its line map.
 
-    def __init__(self, source: str, lines: Mapping[Path, int], problems: list[Problem]) -> None:
+    `prefix` is prepended to every path: a document embedded in another
+    (a policy manifest inline in a sidecar config) reports its problems at
+    their real place in the outer file.
+    """
+
+    __slots__ = ("lines", "prefix", "problems", "source")
+
+    def __init__(
+        self,
+        source: str,
+        lines: Mapping[Path, int],
+        problems: list[Problem],
+        prefix: Path = (),
+    ) -> None:
         self.source = source
         self.lines = lines
         self.problems = problems
+        self.prefix = prefix
+
+    def line(self, path: Path) -> int | None:
+        return line_of(self.lines, (*self.prefix, *path))
 
     def error(self, path: Path, message: str) -> None:
+        full = (*self.prefix, *path)
         self.problems.append(
-            Problem(self.source, line_of(self.lines, path), format_path(path), message)
+            Problem(self.source, line_of(self.lines, full), format_path(full), message)
         )
 
     def bad_key(self, path: Path, key: object, message: str) -> None:
         """A non-string key: reported on its mapping (a path can't show it), at its line."""
-        line = line_of(self.lines, (*path, key))
-        self.problems.append(Problem(self.source, line, format_path(path), message))
+        full = (*self.prefix, *path)
+        line = line_of(self.lines, (*full, key))
+        self.problems.append(Problem(self.source, line, format_path(full), message))
 
 
 # --- describing what was found -----------------------------------------------
@@ -121,6 +140,37 @@ def integer(lo: int, hi: int | None = None) -> Callable[[Checker, Any, Path], in
         return value
 
     return parse
+
+
+def number(lo: float, hi: float | None = None) -> Callable[[Checker, Any, Path], float | None]:
+    """An integer or decimal number in [lo, hi], as a float."""
+
+    def parse(c: Checker, value: Any, path: Path) -> float | None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            expected(c, path, "a number", value)
+            return None
+        if not math.isfinite(value) or value < lo or (hi is not None and value > hi):
+            bound = f"between {lo:g} and {hi:g}" if hi is not None else f"at least {lo:g}"
+            c.error(path, f"must be {bound}, found {value}")
+            return None
+        return float(value)
+
+    return parse
+
+
+_percent_number = number(0, 100)
+_PERCENT_RE = re.compile(r"(\d+(?:\.\d+)?)\s*%")
+
+
+def parse_percent(c: Checker, value: Any, path: Path) -> float | None:
+    """A percentage 0..100: a number (`10`, `12.5`) or a string like '10%'."""
+    if isinstance(value, str):
+        m = _PERCENT_RE.fullmatch(value.strip())
+        if m is None:
+            expected(c, path, "a percentage like 10, 12.5 or '10%'", value)
+            return None
+        value = float(m[1])
+    return _percent_number(c, value, path)
 
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
