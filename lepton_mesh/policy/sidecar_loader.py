@@ -6,6 +6,11 @@ control daemon's snapshots), and `sidecar_config_to_json` goes the other way
 for the admin `/config` endpoint. The YAML shape is documented in
 docs/sidecar-config.md.
 
+`policies:` names Route and DestinationPolicy manifest files (relative to
+the config file's folder) or holds manifests inline; they are validated
+together by `traffic_loader` into `SidecarConfig.traffic`, and checked
+against `services` (a route may only send to services this sidecar knows).
+
 Validation never stops at the first problem: every parser below records what
 is wrong and returns None, the caller keeps the model's default, and one
 `ConfigError` lists everything at the end. A config with any problem is never
@@ -49,7 +54,9 @@ from lepton_mesh.policy.sidecar_config import (
     SidecarConfig,
     Timeouts,
 )
-from lepton_mesh.policy.yaml_source import load_file
+from lepton_mesh.policy.traffic import Route, TrafficPolicies
+from lepton_mesh.policy.traffic_loader import collect_traffic, traffic_to_manifests
+from lepton_mesh.policy.yaml_source import Document, load_file
 
 __all__ = ["load_sidecar_config", "sidecar_config_from_mapping", "sidecar_config_to_json"]
 
@@ -69,28 +76,39 @@ def load_sidecar_config(path: str | os.PathLike[str]) -> SidecarConfig:
     if len(docs) > 1:
         message = f"expected one YAML document, found {len(docs)}"
         extra.append(Problem(source, docs[1].line(), "", message))
-    return _build(docs[0].data, source, docs[0].lines, extra)
+    base_dir = os.path.dirname(os.path.abspath(source))
+    return _build(docs[0].data, source, docs[0].lines, extra, base_dir)
 
 
 def sidecar_config_from_mapping(
-    data: Any, source: str, *, lines: Mapping[Path, int] | None = None
+    data: Any,
+    source: str,
+    *,
+    lines: Mapping[Path, int] | None = None,
+    base_dir: str | os.PathLike[str] | None = None,
 ) -> SidecarConfig:
     """Validate plain data (dicts, lists, scalars) in the YAML shape.
 
     `source` names the origin in errors and in `SidecarConfig.source`;
     `lines`, when the data came from YAML, maps field paths to lines.
+    Relative paths under `policies` resolve against `base_dir` (default:
+    the current directory).
     """
-    return _build(data, source, lines or {}, [])
+    return _build(data, source, lines or {}, [], os.fspath(base_dir or os.curdir))
 
 
 def _build(
-    data: Any, source: str, lines: Mapping[Path, int], problems: list[Problem]
+    data: Any, source: str, lines: Mapping[Path, int], problems: list[Problem], base_dir: str
 ) -> SidecarConfig:
     c = Checker(source, lines, problems)
-    cfg = _sidecar(c, data)
+    cfg = _sidecar(c, data, base_dir)
     if problems or cfg is None:
-        # Order by line, so the list reads top to bottom; unknown lines last.
-        problems.sort(key=lambda p: (p.line is None, p.line or 0))
+        # This file first, then policy files in the order first seen; each
+        # top to bottom, unknown lines last.
+        order: dict[str, int] = {source: 0}
+        for p in problems:
+            order.setdefault(p.file, len(order))
+        problems.sort(key=lambda p: (order[p.file], p.line is None, p.line or 0))
         raise ConfigError(problems)
     return cfg
 
@@ -301,24 +319,104 @@ _TOP_FIELDS: dict[str, Parser] = {
     "services": _services,
 }
 _REQUIRED = ("service", "app")
+# `policies` reads files, so it is parsed apart from the plain fields.
+_ALLOWED = (*_TOP_FIELDS, "policies")
 
 
-def _sidecar(c: Checker, data: Any) -> SidecarConfig | None:
+def _sidecar(c: Checker, data: Any, base_dir: str) -> SidecarConfig | None:
     if not isinstance(data, Mapping):
         c.error((), f"expected a mapping at the top level, found {describe(data)}")
         return None
-    m = check_mapping(c, data, (), _TOP_FIELDS)
+    m = check_mapping(c, data, (), _ALLOWED)
     assert m is not None
     for key in _REQUIRED:
         if key not in m:
             c.error((key,), "required field is missing")
+    policies = m.pop("policies", None)
     fields = parse_fields(c, m, (), _TOP_FIELDS)
-    _check_binds(
-        c, fields.get("app"), fields.get("listeners", Listeners()), fields.get("services", {})
-    )
+    services = fields.get("services", {})
+    _check_binds(c, fields.get("app"), fields.get("listeners", Listeners()), services)
+    if policies is not None:
+        traffic = _policies(c, policies, base_dir)
+        _check_routes_reach_services(c, traffic, services)
+        fields["traffic"] = traffic
     if c.problems:
         return None
     return SidecarConfig(**fields, source=c.source)
+
+
+# --- policies: Route and DestinationPolicy manifests -------------------------
+
+
+def _policies(c: Checker, value: Any, base_dir: str) -> TrafficPolicies:
+    """Files (paths relative to `base_dir`) and inline manifests, validated as one set."""
+    path: Path = ("policies",)
+    if not isinstance(value, list):
+        expected(c, path, "a list of policy file paths or manifests", value)
+        return TrafficPolicies()
+    entries: list[tuple[Document, Path]] = []
+    seen: dict[str, int] = {}
+    for i, item in enumerate(value):
+        if isinstance(item, Mapping):
+            entries.append((Document(c.source, item, c.lines), (*path, i)))
+            continue
+        if not isinstance(item, str) or not item:
+            expected(c, (*path, i), "a policy file path or a manifest", item)
+            continue
+        full = os.path.normpath(os.path.join(base_dir, item))
+        if full in seen:
+            c.error((*path, i), f"{item!r} is already listed at [{seen[full]}]")
+            continue
+        seen[full] = i
+        if not os.path.isfile(full):
+            c.error((*path, i), f"policy file {item!r} not found (looked for {full})")
+            continue
+        try:
+            entries.extend((doc, ()) for doc in load_file(full))
+        except ConfigError as e:
+            c.problems.extend(e.problems)
+    return collect_traffic(entries, c.problems)
+
+
+def _check_routes_reach_services(
+    c: Checker, traffic: TrafficPolicies, services: Mapping[str, ServiceConfig]
+) -> None:
+    """Routes for services this sidecar calls may only send to services it knows.
+
+    Routes for other destinations are allowed (one policy set can serve
+    every sidecar) and unused.
+    """
+    for dest, route in traffic.routes.items():
+        svc = services.get(dest)
+        if svc is None:
+            continue
+        if svc.protocol != "http":
+            c.error(
+                ("services", dest, "protocol"),
+                f"Route {route.name!r} ({route.source}) routes {dest!r}, but routes apply "
+                f"to HTTP calls and {dest!r} is {svc.protocol}",
+            )
+            continue
+        for target in _route_targets(route):
+            known = services.get(target)
+            if known is None or known.protocol != "http":
+                why = "not in services" if known is None else f"a {known.protocol} service"
+                c.error(
+                    ("policies",),
+                    f"Route {route.name!r} ({route.source}) sends {dest!r} calls to "
+                    f"{target!r}, which is {why}",
+                )
+
+
+def _route_targets(route: Route) -> list[str]:
+    """Every service a route's backends and mirrors name, each once, in order."""
+    out: dict[str, None] = {}
+    for rule in route.rules:
+        for b in rule.backends:
+            out[b.service] = None
+        if rule.mirror is not None:
+            out[rule.mirror.backend.service] = None
+    return list(out)
 
 
 # --- cross-field rules ------------------------------------------------------
@@ -377,7 +475,9 @@ def sidecar_config_to_json(cfg: SidecarConfig) -> dict[str, Any]:
 
     Written field by field on purpose: a secret added to the model later (a
     key path, a token) must not appear here unless someone decides it should.
-    The result, minus `source`, is accepted by `sidecar_config_from_mapping`.
+    The result, minus `source`, is accepted by `sidecar_config_from_mapping`
+    (routes and destination policies come back with their own `source`
+    naming the new origin).
     """
     return {
         "source": cfg.source,
@@ -407,7 +507,13 @@ def sidecar_config_to_json(cfg: SidecarConfig) -> dict[str, Any]:
         },
         "access_log": {"enabled": cfg.access_log.enabled},
         "services": {name: _service_json(svc) for name, svc in cfg.services.items()},
-    }
+    } | _policies_json(cfg.traffic)
+
+
+def _policies_json(traffic: TrafficPolicies) -> dict[str, Any]:
+    """The traffic policies as inline manifests; absent when there are none."""
+    manifests = traffic_to_manifests(traffic)
+    return {"policies": manifests} if manifests else {}
 
 
 def _service_json(svc: ServiceConfig) -> dict[str, Any]:
