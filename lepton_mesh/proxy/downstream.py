@@ -29,7 +29,7 @@ import httptools
 from lepton_mesh.proxy.errors import ProxyError, Reason, bad_request, error_body
 from lepton_mesh.proxy.exchange import Exchange
 from lepton_mesh.proxy.flow import BUFFERED, PEER_BACKPRESSURE, PIPELINE, ReadGate
-from lepton_mesh.proxy.http1 import Headers, error_response, new_request_id, prepare_request_head
+from lepton_mesh.proxy.http1 import Headers, error_response, inspect_request, new_request_id
 from lepton_mesh.proxy.timers import Deadline
 
 if TYPE_CHECKING:
@@ -332,7 +332,7 @@ class DownstreamProtocol(asyncio.Protocol):
         listener = self.listener
         snap = listener.sidecar.snapshot
         try:
-            head, facts = prepare_request_head(
+            facts = inspect_request(
                 req.method,
                 req.url,
                 req.version,
@@ -342,21 +342,7 @@ class DownstreamProtocol(asyncio.Protocol):
             )
         except ProxyError as err:
             return err
-        path = (
-            req.url
-            if req.url[:1] == b"/"
-            else head[len(req.method) + 1 : head.index(b" HTTP/1.1\r\n")]
-        )
-        ex = Exchange(
-            self,
-            snap,
-            req.method,
-            path,
-            head,
-            facts,
-            req.version,
-            req.keep_alive and not self.closing,
-        )
+        ex = Exchange(self, snap, facts, req.version, req.keep_alive and not self.closing)
         self.current = ex
         req.exchange = ex
         if req.body:  # queued behind a previous request: replay what was held

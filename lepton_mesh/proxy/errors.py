@@ -29,6 +29,8 @@ class Reason:
     DRAINING = "draining"
     DOWNSTREAM_RESET = "downstream_reset"
     INTERNAL = "internal_error"
+    RETRY_BUDGET_EXHAUSTED = "retry_budget_exhausted"
+    FAULT_INJECTED = "fault_injected"
 
 
 class ProxyError(Exception):
@@ -46,6 +48,17 @@ class ProxyError(Exception):
         self.reason = reason
         self.detail = detail
         self.close = close
+
+
+class UpstreamError(ProxyError):
+    """A try that failed at the upstream: `kind` is how, for retry decisions
+    (policy.decisions.Outcome kinds: connect_failure, refused, reset, timeout)."""
+
+    __slots__ = ("kind",)
+
+    def __init__(self, status: int, reason: str, detail: str, kind: str) -> None:
+        super().__init__(status, reason, detail)
+        self.kind = kind
 
 
 def bad_request(detail: str) -> ProxyError:

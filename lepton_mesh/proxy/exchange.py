@@ -1,34 +1,54 @@
-"""One proxied request/response: the link between a client connection and an upstream one.
+"""One proxied request/response: the link between a client connection and upstream tries.
 
 An `Exchange` is created when a request head has been parsed and lives
-until its response is fully written (or it fails). It owns the routing
-decision, the upstream connection while bound, the request timeout, and the
-record that becomes a metric sample and an access-log line.
+until its response is fully written (or it fails). It walks the outbound
+layers in order (linkerd2-proxy's shape):
 
-Flow, all in callbacks (no task per request; a task only while opening a new
-upstream connection):
-  start -> route -> pick endpoint -> pooled connection | open one
-  request body  -> written through (or held, bounded, while connecting)
-  response head -> re-framed for the client -> body streamed chunk by chunk
-  complete      -> connection back to its pool -> metrics, log -> client
-                   connection moves to its next request
+  logical   the service the request names and the route rule it matches
+            (routing.ServiceTarget), with the rule's faults and mirror
+  concrete  the backend (service or subset) the rule's weights pick
+            (clusters.Cluster), guarded by the service's circuit breaker
+  endpoint  the address the balancer picks for this try, and a pooled
+            connection to it
+
+and then streams: request body written through (held, bounded, while a
+connection opens), response head re-framed for the client, body chunk by
+chunk. All in callbacks: a task exists only while a connection is opened.
+
+Retries: a try that fails before any response byte reaches the client
+(connect failure, reset, per-try timeout, or a retriable status) may be
+repeated on another endpoint when the rule's retry policy allows it for the
+method, attempts remain, the body is replayable (held up to 64 KiB, as
+Linkerd), the breaker's retry limit and the service's retry budget agree.
+Then the failed try's connection is dropped and, after a jittered backoff,
+a new try sends the head and the held body again.
 
 Invariants:
 - Until the first response byte is written to the client, any failure is
   answered with a sidecar-originated error response naming its reason;
-  after it, the client connection is cut (that is the only honest signal).
-- An upstream connection is returned to its pool only when both the request
+  after it, the client connection is cut (the only honest signal left).
+- An upstream connection returns to its pool only when both the request
   and the response were complete and the upstream allows keep-alive.
-- `done` is set exactly once, in `_finish`; every callback checks it.
+- Every breaker slot taken is released exactly once, in `_finish` or when
+  its try ends; `done` is set exactly once, in `_finish`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from random import random
 from typing import TYPE_CHECKING
 
-from lepton_mesh.proxy.errors import ProxyError, Reason, error_body
+from lepton_mesh.policy.decisions import (
+    Outcome,
+    backoff_delay,
+    choose_backend,
+    fault_decision,
+    mirror_decision,
+    retry_allowed,
+)
+from lepton_mesh.proxy.errors import ProxyError, Reason, UpstreamError, error_body
 from lepton_mesh.proxy.flow import BUFFERED, PEER_BACKPRESSURE
 from lepton_mesh.proxy.http1 import (
     IDEMPOTENT,
@@ -39,84 +59,124 @@ from lepton_mesh.proxy.http1 import (
     error_response,
     last_chunk,
     prepare_response_head,
+    render_request_head,
 )
+from lepton_mesh.proxy.mirror import start_mirror
+from lepton_mesh.proxy.routing import FactsView, hash_key, header_value
 from lepton_mesh.proxy.tunnel import splice
 
 if TYPE_CHECKING:
+    from lepton_mesh.proxy.clusters import Cluster
     from lepton_mesh.proxy.downstream import DownstreamProtocol
+    from lepton_mesh.proxy.endpoints import EndpointState
     from lepton_mesh.proxy.pool import EndpointPool
-    from lepton_mesh.proxy.snapshot import Destination, Snapshot
+    from lepton_mesh.proxy.routing import RuleRuntime, ServiceTarget
+    from lepton_mesh.proxy.snapshot import Snapshot
     from lepton_mesh.proxy.upstream import UpstreamConnection
 
 # Request body bytes held while the upstream connection is being opened;
 # past this, reading from the client pauses until the connection is there.
 HOLD_LIMIT = 64 * 1024
+# Request body bytes kept for replay on a retry (Linkerd's default); a
+# larger body is streamed and its request is not retried.
+REPLAY_LIMIT = 64 * 1024
+
+# Outcomes as the outlier detector counts them.
+_GATEWAY = frozenset({502, 503, 504})
 
 
 class Exchange:
     __slots__ = (
-        "_connecting",
-        "_reused",
-        "_timer",
-        "attempts",
-        "conn",
-        "dest",
-        "done",
+        # wiring
         "down",
-        "down_keep_alive",
-        "early_tunnel",
+        "snap",
+        # the request
         "facts",
-        "framing",
         "head",
         "head_request",
-        "method",
-        "path",
         "pending",
         "pending_bytes",
-        "pool",
-        "reason",
+        "replay",
+        "replay_bytes",
         "req_bytes",
         "req_done",
-        "resp_bytes",
-        "resp_started",
-        "snap",
-        "start",
-        "status",
-        "upstream_start",
         "version",
+        "early_tunnel",
+        # routing (logical, concrete)
+        "target",
+        "rt",
+        "cluster",
+        "hash_key",
+        # the current try (endpoint)
+        "attempts",
+        "conn",
+        "ep",
+        "ep_started",
+        "pool",
+        "_connecting",
+        "_reused",
+        "_try_timer",
+        "_wait_timer",
+        # breaker slots held
+        "_holds_request",
+        "_holds_pending",
+        "_holds_retry",
+        # the response
+        "status",
+        "reason",
+        "framing",
+        "resp_started",
+        "resp_bytes",
+        "down_keep_alive",
+        "_budget_exhausted",
+        # timing
+        "start",
+        "start_wall",
+        "upstream_start",
+        "_timer",
+        "done",
     )
 
     def __init__(
         self,
         down: DownstreamProtocol,
         snap: Snapshot,
-        method: bytes,
-        path: bytes,
-        head: bytes,
         facts: RequestFacts,
         version: str,
         keep_alive: bool,
     ) -> None:
         self.down = down
         self.snap = snap
-        self.method = method
-        self.path = path
-        self.head = head
         self.facts = facts
         self.version = version
-        self.head_request = method == b"HEAD"
+        self.head = b""
+        self.head_request = facts.method == b"HEAD"
         self.down_keep_alive = keep_alive
-        self.start = down.loop.time()
+        self.start = time.perf_counter()
+        self.start_wall = time.time()
         self.done = False
-        self.dest: Destination | None = None
+        self.target: ServiceTarget | None = None
+        self.rt: RuleRuntime | None = None
+        self.cluster: Cluster | None = None
+        self.hash_key: bytes | None = None
         self.pool: EndpointPool | None = None
         self.conn: UpstreamConnection | None = None
+        self.ep: EndpointState | None = None
+        self.ep_started = 0.0
         self._connecting: asyncio.Task[None] | None = None
         self._reused = False
         self._timer: asyncio.TimerHandle | None = None
+        self._try_timer: asyncio.TimerHandle | None = None
+        self._wait_timer: asyncio.TimerHandle | None = None
+        self._holds_request = False
+        self._holds_pending = False
+        self._holds_retry = False
+        self._budget_exhausted = False
         self.attempts = 0
         self.pending: list[bytes] = []
         self.pending_bytes = 0
+        self.replay: list[bytes] | None = []
+        self.replay_bytes = 0
         self.req_bytes = 0
         self.req_done = False
         self.early_tunnel = b""
@@ -127,41 +187,111 @@ class Exchange:
         self.resp_bytes = 0
         self.upstream_start = 0.0
 
-    # -- start ---------------------------------------------------------------
+    # -- logical: service and rule ---------------------------------------------
 
     def begin(self) -> None:
-        timeout = self.snap.cfg.timeouts.request
-        if timeout > 0:
-            self._timer = self.down.loop.call_later(timeout, self._on_timeout)
         try:
-            self.dest = self.down.listener.route(self.snap, self.facts)
-            self._acquire()
+            self._route()
         except ProxyError as err:
             self.respond_error(err)
 
-    def _acquire(self, fresh: bool = False) -> None:
-        dest = self.dest
-        assert dest is not None
-        address = dest.pick()
-        pool = self.down.listener.pools.get(address, dest.name)
-        self.pool = pool
-        conn = None if fresh else pool.take_idle()
+    def _route(self) -> None:
+        down = self.down
+        facts = self.facts
+        target = self.target = down.listener.route(self.snap, facts)
+        rt = self.rt = target.select(facts)
+        if rt.timeout > 0:
+            self._timer = down.loop.call_later(rt.timeout, self._on_timeout)
+        self.head = render_request_head(
+            facts,
+            set_headers=rt.req_set,
+            add_headers=rt.req_add,
+            remove=rt.req_remove,
+            extra=down.listener.peer_header,
+        )
+        if rt.mirror is not None and mirror_decision(rt.mirror, random()):
+            self._mirror_when_complete()
+        if rt.fault is not None:
+            delay, abort = fault_decision(rt.fault, random(), random(), FactsView(facts).header)
+            if delay > 0:
+                self._wait_timer = down.loop.call_later(delay, self._after_delay, abort)
+                return
+            if abort:
+                raise _fault(abort, rt.name)
+        self._choose_backend()
+
+    def _after_delay(self, abort: int) -> None:
+        self._wait_timer = None
+        if self.done:
+            return
+        try:
+            if abort:
+                raise _fault(abort, self.rt.name)  # type: ignore[union-attr]
+            self._choose_backend()
+        except ProxyError as err:
+            self.respond_error(err)
+
+    # -- concrete: backend, breaker --------------------------------------------
+
+    def _choose_backend(self) -> None:
+        rt = self.rt
+        assert rt is not None
+        backends = rt.backends
+        backend = backends[0] if len(backends) == 1 else choose_backend(backends, random())
+        cluster = self.cluster = self.down.listener.cluster_for(self.snap, backend)
+        state = cluster.state
+        if not state.breaker.try_acquire_request():
+            raise ProxyError(
+                503, Reason.OVERFLOW, f"circuit breaker: max_requests to {cluster.label} reached"
+            )
+        self._holds_request = True
+        state.budget.record_request()
+        if cluster.hash_on is not None:
+            self.hash_key = hash_key(cluster.hash_on, self.facts, self.down.client_ip)
+        self._try()
+
+    # -- endpoint: one try -------------------------------------------------------
+
+    def _try(self) -> None:
+        cluster = self.cluster
+        assert cluster is not None
+        avoid = self.ep
+        ep = cluster.balancer.pick(self.hash_key, avoid)
+        if ep is None:
+            raise ProxyError(503, Reason.NO_HEALTHY_ENDPOINT, f"{cluster.label} has no endpoint")
+        self.ep = ep
+        self.attempts += 1
+        self.ep_started = ep.begin()
+        pool = self.pool = self.down.listener.pools.get(ep.address, cluster.service)
+        per_try = self.rt.retry.per_try_timeout  # type: ignore[union-attr]
+        if per_try > 0:
+            self._try_timer = self.down.loop.call_later(per_try, self._on_try_timeout)
+        conn = pool.take_idle()
         if conn is not None:
             self._reused = True
             self._attach(conn)
-        else:
-            self._reused = False
-            self._connecting = self.down.loop.create_task(self._open(pool))
+            return
+        self._reused = False
+        breaker = cluster.state.breaker
+        if not breaker.try_acquire_pending():
+            raise ProxyError(
+                503, Reason.OVERFLOW, f"circuit breaker: max_pending to {cluster.label} reached"
+            )
+        self._holds_pending = True
+        self._connecting = self.down.loop.create_task(self._open(pool))
 
     async def _open(self, pool: EndpointPool) -> None:
+        breaker = self.cluster.state.breaker  # type: ignore[union-attr]
         try:
-            conn = await pool.open(self.snap.cfg.timeouts.connect)
+            conn = await pool.open(self.snap.cfg.timeouts.connect, breaker)
         except ProxyError as err:
             self._connecting = None
+            self._release_pending()
             if not self.done:
-                self.respond_error(err)
+                self.on_upstream_error(err)
             return
         self._connecting = None
+        self._release_pending()
         if self.done:
             pool.release(conn)  # fresh and unused: keep it for the next request
         else:
@@ -169,8 +299,7 @@ class Exchange:
 
     def _attach(self, conn: UpstreamConnection) -> None:
         self.conn = conn
-        self.attempts += 1
-        self.upstream_start = self.down.loop.time()
+        self.upstream_start = time.perf_counter()
         conn.bind(self, self.head_request, self.down.write_paused)
         self.pending.insert(0, self.head)
         if not self.down.feeding:
@@ -207,6 +336,13 @@ class Exchange:
         if self.done:
             return
         frames = chunk_frame(data) if self.facts.chunked else (data,)
+        replay = self.replay
+        if replay is not None:
+            self.replay_bytes += len(data)
+            if self.replay_bytes > REPLAY_LIMIT:
+                self.replay = None  # too large to hold: this request will not be retried
+            else:
+                replay.extend(frames)
         conn = self.conn
         if conn is not None and not self.pending and not self.down.feeding:
             conn.transport.writelines(frames)  # type: ignore[union-attr]
@@ -220,7 +356,10 @@ class Exchange:
         self.req_done = True
         if self.done or not self.facts.chunked:
             return
-        self.pending.append(last_chunk(trailers))
+        tail = last_chunk(trailers)
+        if self.replay is not None:
+            self.replay.append(tail)
+        self.pending.append(tail)
         if not self.down.feeding:
             self.flush_upstream()
 
@@ -241,17 +380,30 @@ class Exchange:
                 )
                 down.send(head)
             return
+        if (
+            status >= 500 or status in self.rt.retry.retriable_status_codes  # type: ignore[union-attr]
+        ) and self._retry(Outcome("status", status), "gateway" if status in _GATEWAY else "5xx"):
+            return
         upgrade = status == 101
         if upgrade and not self.facts.upgrade:
             self.on_upstream_error(
-                ProxyError(
+                UpstreamError(
                     502,
                     Reason.UPSTREAM_PROTOCOL_ERROR,
-                    "101 response to a request that did not ask to upgrade",
+                    "101 to a request that did not ask to upgrade",
+                    "reset",
                 )
             )
             return
+        self._cancel_try_timer()
         keep = self.down_keep_alive and self.req_done and not down.listener.draining
+        rt = self.rt
+        extra = b"x-lepton-attempts: %d\r\n" % self.attempts
+        if rt is not None and rt.resp_extra:
+            extra += rt.resp_extra
+        if self._budget_exhausted:
+            self.reason = Reason.RETRY_BUDGET_EXHAUSTED
+            extra += b"x-lepton-reason: retry_budget_exhausted\r\n"
         head, framing = prepare_response_head(
             status,
             headers,
@@ -259,6 +411,8 @@ class Exchange:
             head_request=self.head_request,
             keep_alive=keep,
             upgrade=upgrade,
+            extra=extra,
+            remove=rt.resp_remove if rt is not None else frozenset(),
         )
         self.framing = framing
         self.down_keep_alive = keep and not framing.close_delimited
@@ -287,6 +441,11 @@ class Exchange:
                 self.pool.release(conn)  # type: ignore[union-attr]
             else:
                 conn.close()
+        status = self.status
+        self._end_try(
+            status < 500,
+            "success" if status < 500 else ("gateway" if status in _GATEWAY else "5xx"),
+        )
         if not self.req_done:
             self.down_keep_alive = False  # the rest of the request body has nowhere to go
         self._finish()
@@ -300,15 +459,25 @@ class Exchange:
             conn.abort()
         if not self.resp_started:
             if self._may_resend(conn, err):
-                try:
-                    self._acquire(fresh=True)
-                except ProxyError as again:
-                    self.respond_error(again)
+                self._end_try(
+                    True, None
+                )  # the endpoint did nothing wrong: our connection was stale
+                self._again()
                 return
+            if isinstance(err, UpstreamError) and self._retry(Outcome(err.kind), "gateway"):  # type: ignore[arg-type]
+                return
+            self._end_try(False, "gateway")
+            if self._budget_exhausted:
+                err = ProxyError(
+                    err.status,
+                    Reason.RETRY_BUDGET_EXHAUSTED,
+                    f"{err.detail}; retry budget exhausted",
+                )
             self.respond_error(err)
             return
         # Mid-response: no status can be sent any more; cutting the client
         # connection is the only way it learns the body is incomplete.
+        self._end_try(False, "gateway")
         self.reason = err.reason
         self._finish(abort=True)
 
@@ -317,18 +486,117 @@ class Exchange:
 
         The request never reached the app if the connection died before any
         response byte; it is sent once more on a fresh connection when it is
-        idempotent and has no body (nothing to replay).
+        idempotent and has no body, whatever the retry policy says.
         """
         return (
             conn is not None
             and self._reused
             and not conn.responded
             and err.reason == Reason.UPSTREAM_RESET
-            and self.attempts == 1
             and self.req_done
             and self.req_bytes == 0
-            and self.method in IDEMPOTENT
+            and self.facts.method in IDEMPOTENT
         )
+
+    # -- retries -----------------------------------------------------------------
+
+    def _retry(self, outcome: Outcome, outlier_outcome: str) -> bool:
+        """Schedule another try if everything allows it; False = answer with this one."""
+        rt = self.rt
+        if rt is None or self.cluster is None:
+            return False
+        policy = rt.retry
+        if self.attempts >= policy.attempts or self.replay is None:
+            return False
+        if not retry_allowed(policy, self.facts.method.decode("latin-1"), outcome):
+            return False
+        state = self.cluster.state
+        if self._holds_retry:
+            state.breaker.release_retry()
+            self._holds_retry = False
+        if not state.breaker.try_acquire_retry():
+            return False
+        if not state.budget.try_retry():
+            state.breaker.release_retry()
+            self._budget_exhausted = True
+            return False
+        self._holds_retry = True
+        conn = self.conn
+        self.conn = None
+        if conn is not None:
+            conn.abort()  # the failed try's response is not wanted
+        self._end_try(False, outlier_outcome)
+        delay = backoff_delay(self.attempts, policy.backoff, random())
+        self._wait_timer = self.down.loop.call_later(delay, self._again)
+        return True
+
+    def _again(self) -> None:
+        """Start the next try: the held body is replayed after the head."""
+        self._wait_timer = None
+        if self.done:
+            return
+        self.pending = list(self.replay or ())
+        self.pending_bytes = 0
+        try:
+            self._try()
+        except ProxyError as err:
+            self.respond_error(err)
+
+    def _end_try(self, ok: bool, outlier_outcome: str | None) -> None:
+        self._cancel_try_timer()
+        ep = self.ep
+        if ep is None or not self.ep_started:
+            return
+        ep.end(self.ep_started, ok)
+        self.ep_started = 0.0
+        if outlier_outcome is not None and self.cluster is not None:
+            self.cluster.state.outlier.report(ep, outlier_outcome)  # type: ignore[arg-type]
+
+    def _cancel_try_timer(self) -> None:
+        if self._try_timer is not None:
+            self._try_timer.cancel()
+            self._try_timer = None
+
+    def _on_try_timeout(self) -> None:
+        self._try_timer = None
+        if self.done or self.resp_started:
+            return
+        if self._connecting is not None:
+            self._connecting.cancel()
+            self._connecting = None
+            self._release_pending()
+        per_try = self.rt.retry.per_try_timeout  # type: ignore[union-attr]
+        self.on_upstream_error(
+            UpstreamError(
+                504,
+                Reason.UPSTREAM_TIMEOUT,
+                f"no response within the per-try timeout {per_try:g}s",
+                "timeout",
+            )
+        )
+
+    # -- mirroring ---------------------------------------------------------------
+
+    def _mirror_when_complete(self) -> None:
+        """Mirror once the request is whole (its body held for replay); never waits on it."""
+        if self.req_done:
+            self._mirror()
+        else:
+            self.down.loop.call_soon(self._mirror_later)
+
+    def _mirror_later(self) -> None:
+        if self.req_done or self.done:
+            self._mirror()
+        elif self.replay is not None:
+            self.down.loop.call_later(0.01, self._mirror_later)
+
+    def _mirror(self) -> None:
+        rt = self.rt
+        if rt is None or rt.mirror is None or self.replay is None or not self.req_done:
+            return
+        start_mirror(self, rt.mirror.backend)
+
+    # -- upgrade ------------------------------------------------------------------
 
     def on_upgraded(self, rest: bytes) -> None:
         """The upstream agreed (101): from now on both connections carry raw bytes."""
@@ -339,6 +607,7 @@ class Exchange:
                 conn.abort()
             return
         self.pool.detach(conn)  # type: ignore[union-attr]
+        self._end_try(True, "success")
         down = self.down
         listener = down.listener
         listener.tunnels += 1
@@ -354,13 +623,13 @@ class Exchange:
         conn.gate.resume(PEER_BACKPRESSURE)
         self._finish(tunneled=True)
         splice(
-            down_transport,
-            conn.transport,
+            down_transport,  # type: ignore[arg-type]
+            conn.transport,  # type: ignore[arg-type]
             a_to_b=self.early_tunnel,
             b_to_a=rest,
             a_eof=down_eof,
             on_closed=closed,
-        )  # type: ignore[arg-type]
+        )
 
     # -- flow control between the two sides ------------------------------------
 
@@ -381,6 +650,7 @@ class Exchange:
             if self.conn is not None:
                 self.conn.abort()
                 self.conn = None
+            self._end_try(False, None)
             self._finish(abort=True)
         else:
             self.respond_error(err)
@@ -396,10 +666,10 @@ class Exchange:
         if self.conn is not None:
             self.conn.abort()
             self.conn = None
+        self._end_try(False, None)
         # The connection survives the error if the request is (or will be, with
         # no body to skip) complete: a 404 must not cost a keep-alive connection.
-        facts = self.facts
-        complete = self.req_done or (not facts.chunked and facts.content_length <= 0)
+        complete = self.req_done or not self.facts.has_body
         keep = (
             not err.close and complete and self.down_keep_alive and not self.down.listener.draining
         )
@@ -414,7 +684,7 @@ class Exchange:
 
     def _on_timeout(self) -> None:
         self._timer = None
-        timeout = self.snap.cfg.timeouts.request
+        timeout = self.rt.timeout if self.rt is not None else 0
         self.fail(
             ProxyError(
                 504,
@@ -434,6 +704,7 @@ class Exchange:
         if self.conn is not None:
             self.conn.abort()
             self.conn = None
+        self._end_try(False, None)
         if not self.resp_started:
             self.status = 499  # as nginx: the client closed the request
         self.reason = Reason.DOWNSTREAM_RESET
@@ -441,11 +712,28 @@ class Exchange:
 
     # -- end -----------------------------------------------------------------
 
+    def _release_pending(self) -> None:
+        if self._holds_pending:
+            self._holds_pending = False
+            self.cluster.state.breaker.release_pending()  # type: ignore[union-attr]
+
     def _finish(self, *, abort: bool = False, tunneled: bool = False, notify: bool = True) -> None:
         self.done = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for timer in (self._timer, self._try_timer, self._wait_timer):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._try_timer = self._wait_timer = None
+        cluster = self.cluster
+        if cluster is not None:
+            breaker = cluster.state.breaker
+            if self._holds_request:
+                self._holds_request = False
+                breaker.release_request()
+            if self._holds_retry:
+                self._holds_retry = False
+                breaker.release_retry()
+            # _holds_pending is released by _open when the connect task ends
+            # (also when cancelled), never here: the slot is the task's.
         self.down.listener.record(self)
         if notify and not tunneled:
             self.down.exchange_done(self, abort=abort)
@@ -453,13 +741,20 @@ class Exchange:
     def upstream_address(self) -> str:
         return str(self.pool.address) if self.pool is not None else "-"
 
+    def destination(self) -> str:
+        """The service label of this exchange (the backend's service, else the one named)."""
+        if self.cluster is not None:
+            return self.cluster.service
+        return self.target.name if self.target is not None else "unknown"
+
     def log_record(self, now: float) -> dict[str, object]:
+        facts = self.facts
         return {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z",
+            "time": _iso(self.start_wall),
             "reporter": self.down.listener.reporter,
-            "method": self.method.decode("latin-1"),
-            "authority": self.facts.authority.decode("latin-1"),
-            "path": self.path.decode("latin-1"),
+            "method": facts.method.decode("latin-1"),
+            "authority": facts.authority.decode("latin-1"),
+            "path": facts.target.decode("latin-1"),
             "protocol": "HTTP/" + self.version,
             "status": self.status,
             "reason": self.reason,
@@ -470,8 +765,30 @@ class Exchange:
             "request_bytes": self.req_bytes,
             "response_bytes": self.resp_bytes,
             "upstream": self.upstream_address(),
-            "request_id": self.facts.request_id.decode("latin-1"),
-            "traceparent": self.facts.traceparent.decode("latin-1"),
+            "backend": self.cluster.label if self.cluster is not None else None,
+            "rule": self.rt.name if self.rt is not None else None,
+            "request_id": facts.request_id.decode("latin-1"),
+            "traceparent": facts.traceparent.decode("latin-1"),
             "attempts": self.attempts,
             "downstream": self.down.client_ip_str,
         }
+
+    def peer_workload(self) -> str | None:
+        """The calling workload as its sidecar named it (inbound side)."""
+        return header_value(self.facts, b"x-lepton-peer")
+
+
+def _fault(status: int, rule: str) -> ProxyError:
+    return ProxyError(status, Reason.FAULT_INJECTED, f"fault injected by route rule {rule!r}")
+
+
+_iso_cache: tuple[int, str] = (0, "")
+
+
+def _iso(wall: float) -> str:
+    """ISO-8601 UTC with milliseconds; the seconds part is formatted once per second."""
+    global _iso_cache
+    sec = int(wall)
+    if _iso_cache[0] != sec:
+        _iso_cache = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
+    return f"{_iso_cache[1]}.{int((wall - sec) * 1000):03d}Z"

@@ -99,15 +99,40 @@ def valid_traceparent(value: bytes) -> bool:
 
 @dataclass(slots=True)
 class RequestFacts:
-    """What the proxy needs to know about a request besides its forwarded head."""
+    """A validated request head: what the proxy decides on, and what it forwards.
 
+    `kept` holds the end-to-end headers in arrival order as (lowercase name,
+    name, value), with hop-by-hop headers and the ones we re-render (Host,
+    X-Forwarded-For, framing) already taken out.
+    """
+
+    method: bytes
+    target: bytes  # origin-form: path and query
     authority: bytes  # lowercase host[:port] the client addressed
+    host: bytes  # the Host value we forward
+    kept: list[tuple[bytes, bytes, bytes]]
     request_id: bytes
+    request_id_added: bool
     traceparent: bytes
+    traceparent_added: bool
+    forwarded_for: bytes  # the X-Forwarded-For value we forward
+    forwarded_proto_set: bool
     chunked: bool  # the request body is chunked (we re-chunk it)
     content_length: int  # -1 when absent
     expect_continue: bool
     upgrade: bytes  # the Upgrade header value on an upgrade request, else b""
+    peer: bytes = (
+        b""  # the calling workload, as its sidecar named it (x-lepton-peer); never forwarded
+    )
+
+    @property
+    def path(self) -> bytes:
+        q = self.target.find(b"?")
+        return self.target if q < 0 else self.target[:q]
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or self.content_length > 0
 
 
 def split_target(url: bytes) -> tuple[bytes, bytes]:
@@ -147,7 +172,7 @@ def split_target(url: bytes) -> tuple[bytes, bytes]:
     return authority.lower(), path
 
 
-def prepare_request_head(
+def inspect_request(
     method: bytes,
     url: bytes,
     version: str,
@@ -155,16 +180,13 @@ def prepare_request_head(
     *,
     client_ip: bytes,
     upgrade: bool,
-    scheme: bytes = b"http",
-) -> tuple[bytes, RequestFacts]:
-    """Validate a parsed request head and render the one we forward upstream.
+) -> RequestFacts:
+    """Validate a parsed request head and extract what the proxy needs.
 
     Raises ProxyError (400/501) for what llhttp accepts but a proxy must not
-    pass on. The forwarded head always speaks HTTP/1.1 and keeps the upstream
-    connection alive; framing is re-declared by us.
+    pass on. One pass over the headers; rendering is `render_request_head`.
     """
     target_authority, target = split_target(url)
-    out: list[bytes] = [method, b" ", target, b" HTTP/1.1\r\n"]
     host: bytes | None = None
     conn_values: list[bytes] = []
     te: bytes | None = None
@@ -175,6 +197,7 @@ def prepare_request_head(
     has_xfp = False
     expect_continue = False
     upgrade_value = b""
+    peer = b""
     kept: list[tuple[bytes, bytes, bytes]] = []
     for name, value in headers:
         lname = name.lower()
@@ -208,6 +231,9 @@ def prepare_request_head(
                 has_xfp = True
             elif lname == b"expect":
                 expect_continue = value.strip().lower() == b"100-continue"
+            elif lname == PEER_HEADER:
+                peer = value
+                continue
             else:  # the other hop-by-hop names
                 continue
         kept.append((lname, name, value))
@@ -231,41 +257,108 @@ def prepare_request_head(
     if not authority and version != "1.0":
         raise bad_request("empty Host header")
 
-    dropped = connection_tokens(conn_values) - _PROTECTED if conn_values else ()
-    is_upgrade = upgrade and bool(upgrade_value)
-    if not request_id:
+    if conn_values:
+        dropped = connection_tokens(conn_values) - _PROTECTED
+        if dropped:
+            kept = [h for h in kept if h[0] not in dropped]
+    request_id_added = not request_id
+    if request_id_added:
         request_id = new_request_id()
-        out += (b"x-request-id: ", request_id, b"\r\n")
-    if not traceparent:
+    traceparent_added = not traceparent
+    if traceparent_added:
         traceparent = new_traceparent()
-        out += (b"traceparent: ", traceparent, b"\r\n")
-    # Absolute-form: the target's authority replaces Host (RFC 9112 section 3.2.2).
-    out += (b"Host: ", target_authority or host, b"\r\n")
-    for lname, name, value in kept:
-        if dropped and lname in dropped:
-            continue
-        out += (name, b": ", value, b"\r\n")
-    out += (b"x-forwarded-for: ", (xff + b", " + client_ip) if xff else client_ip, b"\r\n")
-    if not has_xfp:
-        out += (b"x-forwarded-proto: ", scheme, b"\r\n")
-    if chunked:
-        out.append(b"transfer-encoding: chunked\r\n")
-    if is_upgrade:
-        out += (b"connection: upgrade\r\nupgrade: ", upgrade_value, b"\r\n")
-    out.append(b"\r\n")
-    facts = RequestFacts(
+    return RequestFacts(
+        method=method,
+        target=target,
         authority=authority,
+        # Absolute-form: the target's authority replaces Host (RFC 9112 section 3.2.2).
+        host=target_authority or host,
+        kept=kept,
         request_id=request_id,
+        request_id_added=request_id_added,
         traceparent=traceparent,
+        traceparent_added=traceparent_added,
+        forwarded_for=(xff + b", " + client_ip) if xff else client_ip,
+        forwarded_proto_set=has_xfp,
         chunked=chunked,
         content_length=content_length,
         expect_continue=expect_continue,
-        upgrade=upgrade_value if is_upgrade else b"",
+        upgrade=upgrade_value if upgrade and upgrade_value else b"",
+        peer=peer,
     )
-    return b"".join(out), facts
 
+
+def render_request_head(
+    facts: RequestFacts,
+    *,
+    set_headers: tuple[tuple[bytes, bytes], ...] = (),
+    add_headers: tuple[tuple[bytes, bytes], ...] = (),
+    remove: frozenset[bytes] = frozenset(),
+    host: bytes | None = None,
+    extra: bytes = b"",
+    scheme: bytes = b"http",
+) -> bytes:
+    """The HTTP/1.1 request head we send upstream.
+
+    Route header operations apply here: `remove` and the names in
+    `set_headers` drop received headers (lowercase names), then `set_headers`
+    and `add_headers` are appended. `host` overrides Host (mirrors use
+    `<host>-shadow`); `extra` is pre-rendered lines we add (`x-lepton-*`).
+    """
+    out: list[bytes] = [facts.method, b" ", facts.target, b" HTTP/1.1\r\n"]
+    if facts.request_id_added:
+        out += (b"x-request-id: ", facts.request_id, b"\r\n")
+    if facts.traceparent_added:
+        out += (b"traceparent: ", facts.traceparent, b"\r\n")
+    out += (b"Host: ", host or facts.host, b"\r\n")
+    if set_headers:
+        remove = remove | {n for n, _ in set_headers}
+    if remove:
+        for lname, name, value in facts.kept:
+            if lname not in remove:
+                out += (name, b": ", value, b"\r\n")
+    else:
+        for _, name, value in facts.kept:
+            out += (name, b": ", value, b"\r\n")
+    for name, value in set_headers:
+        out += (name, b": ", value, b"\r\n")
+    for name, value in add_headers:
+        out += (name, b": ", value, b"\r\n")
+    out += (b"x-forwarded-for: ", facts.forwarded_for, b"\r\n")
+    if not facts.forwarded_proto_set:
+        out += (b"x-forwarded-proto: ", scheme, b"\r\n")
+    if extra:
+        out.append(extra)
+    if facts.chunked:
+        out.append(b"transfer-encoding: chunked\r\n")
+    if facts.upgrade:
+        out += (b"connection: upgrade\r\nupgrade: ", facts.upgrade, b"\r\n")
+    out.append(b"\r\n")
+    return b"".join(out)
+
+
+def prepare_request_head(
+    method: bytes,
+    url: bytes,
+    version: str,
+    headers: Headers,
+    *,
+    client_ip: bytes,
+    upgrade: bool,
+    scheme: bytes = b"http",
+) -> tuple[bytes, RequestFacts]:
+    """`inspect_request` then `render_request_head` with no route header operations."""
+    facts = inspect_request(method, url, version, headers, client_ip=client_ip, upgrade=upgrade)
+    return render_request_head(facts, scheme=scheme), facts
+
+
+# Which workload sent a request, as the caller's sidecar says; taken off every
+# request we receive (an app cannot set it) and set by the outbound side.
+# Unverified until mTLS identities replace it.
+PEER_HEADER = b"x-lepton-peer"
 
 _REQUEST_SPECIAL = HOP_BY_HOP | {
+    PEER_HEADER,
     b"host",
     b"content-length",
     b"x-request-id",
@@ -302,13 +395,15 @@ def prepare_response_head(
     keep_alive: bool,
     upgrade: bool = False,
     extra: bytes = b"",
+    remove: frozenset[bytes] = frozenset(),
 ) -> tuple[bytes, ResponseFraming]:
     """Render the response head we send to the client.
 
     `keep_alive` is whether the client connection stays open after this
     response; a close-delimited body forces it off. `upgrade` forwards a 101's
     Upgrade header and `connection: upgrade`. `extra` is pre-rendered header
-    lines we add (e.g. our own `x-lepton-*`).
+    lines we add (our own `x-lepton-*`, a route's response headers); `remove`
+    drops received headers by lowercase name.
     """
     out: list[bytes] = [status_line(status)]
     conn_values: list[bytes] = []
@@ -327,6 +422,8 @@ def prepare_response_head(
             has_length = True
         kept.append((lname, name, value))
     dropped = connection_tokens(conn_values) - _PROTECTED if conn_values else ()
+    if remove:
+        dropped = set(dropped) | remove
     for lname, name, value in kept:
         if dropped and lname in dropped:
             continue

@@ -16,10 +16,13 @@ from lepton_mesh.proxy.downstream import DownstreamProtocol
 from lepton_mesh.proxy.errors import ProxyError
 
 if TYPE_CHECKING:
+    from lepton_mesh.policy.traffic import Backend
+    from lepton_mesh.proxy.clusters import Cluster
     from lepton_mesh.proxy.exchange import Exchange
     from lepton_mesh.proxy.http1 import RequestFacts
+    from lepton_mesh.proxy.routing import ServiceTarget
     from lepton_mesh.proxy.sidecar import Sidecar
-    from lepton_mesh.proxy.snapshot import Destination, Snapshot
+    from lepton_mesh.proxy.snapshot import Snapshot
 
 # Until mTLS identities exist, an inbound request's caller is not known.
 UNKNOWN_WORKLOAD = "unknown"
@@ -32,6 +35,7 @@ class HttpListener:
         "loop",
         "name",
         "outbound",
+        "peer_header",
         "pools",
         "reporter",
         "server",
@@ -50,6 +54,12 @@ class HttpListener:
         self.tunnels = 0
         self.draining = False
         self.server: asyncio.Server | None = None
+        # Outbound requests tell the callee's sidecar who calls (for its metrics).
+        self.peer_header = (
+            b"x-lepton-peer: " + sidecar.snapshot.cfg.service.encode() + b"\r\n"
+            if outbound
+            else b""
+        )
 
     async def start(self, host: str, port: int) -> asyncio.Server:
         self.server = await self.loop.create_server(
@@ -57,22 +67,26 @@ class HttpListener:
         )
         return self.server
 
-    def route(self, snap: Snapshot, facts: RequestFacts) -> Destination:
+    def route(self, snap: Snapshot, facts: RequestFacts) -> ServiceTarget:
+        """Logical: the service a request is for."""
         return snap.lookup(facts.authority) if self.outbound else snap.local
+
+    def cluster_for(self, snap: Snapshot, backend: Backend) -> Cluster:
+        """Concrete: the backend a rule picked (inbound: always the local app)."""
+        return (
+            snap.cluster(backend.service, backend.subset) if self.outbound else snap.local_cluster
+        )
 
     # -- accounting ----------------------------------------------------------
 
     def record(self, ex: Exchange) -> None:
         """One finished exchange: a metric sample and an access-log line."""
-        now = self.loop.time()
+        now = time.perf_counter()
         cfg = ex.snap.cfg
         if self.outbound:
-            source, destination = (
-                cfg.service,
-                (ex.dest.name if ex.dest is not None else UNKNOWN_WORKLOAD),
-            )
+            source, destination = cfg.service, ex.destination()
         else:
-            source, destination = UNKNOWN_WORKLOAD, cfg.service
+            source, destination = _workload(ex.facts.peer), cfg.service
         sidecar = self.sidecar
         sidecar.metrics.observe_request(
             self.reporter,
@@ -136,3 +150,10 @@ class HttpListener:
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
+
+
+def _workload(peer: bytes) -> str:
+    """A caller's self-declared workload name, if it is one (a DNS label); else unknown."""
+    if peer and len(peer) <= 63 and peer.replace(b"-", b"").isalnum() and peer.isascii():
+        return peer.decode("ascii")
+    return UNKNOWN_WORKLOAD

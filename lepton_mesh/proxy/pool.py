@@ -18,10 +18,14 @@ import asyncio
 import contextlib
 import errno
 from collections import deque
+from typing import TYPE_CHECKING
 
 from lepton_mesh.policy.sidecar_config import Address, PoolConfig
-from lepton_mesh.proxy.errors import ProxyError, Reason
+from lepton_mesh.proxy.errors import ProxyError, Reason, UpstreamError
 from lepton_mesh.proxy.upstream import UpstreamConnection
+
+if TYPE_CHECKING:
+    from lepton_mesh.proxy.circuit import CircuitBreaker
 
 
 class EndpointPool:
@@ -63,8 +67,18 @@ class EndpointPool:
                 return conn
         return None
 
-    async def open(self, timeout: float) -> UpstreamConnection:
-        """A new connection, counted as busy. Raises ProxyError (overflow, connect failure)."""
+    async def open(
+        self, timeout: float, breaker: CircuitBreaker | None = None
+    ) -> UpstreamConnection:
+        """A new connection, counted as busy (and in `breaker`'s connections while open).
+
+        Raises ProxyError: overflow (pool or breaker full) or UpstreamError
+        (connect failure, for retry decisions).
+        """
+        if breaker is not None and not breaker.can_open_connection():
+            raise ProxyError(
+                503, Reason.OVERFLOW, f"circuit breaker: max_connections to {self.service} reached"
+            )
         if self.size >= self.max_size:
             raise ProxyError(
                 503,
@@ -78,20 +92,26 @@ class EndpointPool:
                     lambda: UpstreamConnection(self), self.address.host, self.address.port
                 )
         except TimeoutError:
-            raise ProxyError(
+            raise UpstreamError(
                 503,
                 Reason.UPSTREAM_CONNECT_FAILED,
                 f"connect to {self.address} timed out after {timeout:g}s",
+                "connect_failure",
             ) from None
         except OSError as exc:
-            raise ProxyError(
+            refused = isinstance(exc, ConnectionRefusedError) or exc.errno == errno.ECONNREFUSED
+            raise UpstreamError(
                 503,
                 Reason.UPSTREAM_CONNECT_FAILED,
                 f"connect to {self.address} failed: {_os_reason(exc)}",
+                "refused" if refused else "connect_failure",
             ) from None
         finally:
             self.connecting -= 1
         self.busy.add(conn)
+        if breaker is not None:
+            breaker.connection_opened()
+            conn.breaker = breaker
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:
@@ -106,7 +126,11 @@ class EndpointPool:
             self._sweep = self._loop.call_later(self.idle_timeout, self._close_expired)
 
     def forget(self, conn: UpstreamConnection) -> None:
-        """The connection closed or broke: it is no longer ours to hand out."""
+        """The connection closed or broke: it is no longer ours to hand out.
+        Called once or more per connection; the breaker is told once."""
+        if conn.breaker is not None:
+            conn.breaker.connection_closed()
+            conn.breaker = None
         if conn in self.busy:
             self.busy.discard(conn)
             return

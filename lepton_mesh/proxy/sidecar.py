@@ -18,6 +18,7 @@ from lepton_mesh.policy.sidecar_config import Address, SidecarConfig
 from lepton_mesh.policy.sidecar_loader import sidecar_config_to_json
 from lepton_mesh.proxy.access_log import AccessLog
 from lepton_mesh.proxy.admin import start_admin_server
+from lepton_mesh.proxy.clusters import Cluster, ServiceStates
 from lepton_mesh.proxy.listeners import HttpListener
 from lepton_mesh.proxy.metrics import ProxyMetrics
 from lepton_mesh.proxy.pool import Pools
@@ -27,10 +28,11 @@ from lepton_mesh.proxy.tcp_proxy import TcpProxy
 
 class Sidecar:
     def __init__(self, cfg: SidecarConfig) -> None:
-        self.snapshot = Snapshot(cfg)
+        self.cfg = cfg  # the config until start() builds the first snapshot from it
         # 2,000 label tuples keep a scrape under ~60 ms of loop time (measured: 10,000 -> 270 ms).
         self.metrics = ProxyMetrics(max_series=2000)
         self.access_log = AccessLog(cfg.access_log.enabled)
+        self.snapshot: Snapshot
         self.addresses: dict[str, Address] = {}
         self.draining = False
         self.ready = False
@@ -45,7 +47,9 @@ class Sidecar:
 
     async def start(self) -> None:
         loop = self.loop = asyncio.get_running_loop()
-        cfg = self.snapshot.cfg
+        cfg = self.cfg
+        self.states = ServiceStates(loop)
+        self.snapshot = Snapshot(cfg, self.states)
         self._stopped = asyncio.Event()
         self._drained = asyncio.Event()
         self.pools = Pools(loop, cfg.pool)
@@ -53,6 +57,7 @@ class Sidecar:
         self.inbound = HttpListener("inbound", self, outbound=False)
         self.metrics.set_pool_source(self.pools.stats)
         self.metrics.set_listener_source(self._listener_stats)
+        self.metrics.set_resilience_source(self.states.resilience_rows)
         try:
             for name, listener, address in (
                 ("outbound", self.outbound, cfg.listeners.outbound),
@@ -79,7 +84,7 @@ class Sidecar:
         self.addresses[name] = Address(host, port)
 
     async def _start_tcp(self, name: str, listen: Address) -> None:
-        proxy = TcpProxy(name, lambda: self.snapshot.cfg, self.metrics)
+        proxy = TcpProxy(name, lambda: self.cfg, self.metrics)
         proxy.on_idle = self.check_drained
         server = await proxy.start(listen.host, listen.port)
         self._tcp[name] = proxy
@@ -88,7 +93,8 @@ class Sidecar:
     def swap_config(self, cfg: SidecarConfig) -> None:
         """Install a new validated config. Listener addresses are fixed at start;
         destinations, timeouts, limits and pool settings take effect for new requests."""
-        self.snapshot = Snapshot(cfg)
+        self.cfg = cfg
+        self.snapshot = Snapshot(cfg, self.states)
         live = {e.address for svc in cfg.services.values() for e in svc.endpoints}
         live.add(cfg.app)
         self.pools.reconfigure(cfg.pool, live)
@@ -167,24 +173,45 @@ class Sidecar:
         return sidecar_config_to_json(self.snapshot.cfg)
 
     def clusters_json(self) -> dict[str, Any]:
-        pools = {str(a): p for a, p in self.pools.by_address.items()}
-        out: dict[str, Any] = {}
+        """Every destination: its backends, endpoints with load and ejection, pools, breaker, budget."""
         snap = self.snapshot
-        for name, dest in [
-            *snap.destinations.items(),
-            (snap.cfg.service + " (local app)", snap.local),
-        ]:
+        pools = self.pools.by_address
+        by_service: dict[str, list[Cluster]] = {}
+        for cluster in [*snap.clusters.values(), snap.local_cluster]:
+            by_service.setdefault(cluster.state.name, []).append(cluster)
+        out: dict[str, Any] = {}
+        for name, clusters in by_service.items():
+            state = clusters[0].state
+            budget = state.budget.stats()
+            everything = next((c for c in clusters if c.subset is None), clusters[0])
             out[name] = {
+                "circuit": state.breaker.describe(),
+                "retry_budget": {
+                    "available": budget.available,
+                    "requests_total": budget.requests_total,
+                    "retries_total": budget.retries_total,
+                    "exhausted_total": budget.exhausted_total,
+                },
+                "ejections_total": state.outlier.ejections_total,
+                "panic": everything.balancer.panic,
+                "subsets": {
+                    c.subset: [str(e.address) for e in c.endpoints] for c in clusters if c.subset
+                },
                 "endpoints": [
                     {
                         "address": str(e.address),
                         "weight": e.weight,
                         "labels": dict(e.labels),
                         "healthy": e.healthy,
-                        "pool": _pool_json(pools.get(str(e.address))),
+                        "ejected": e.ejected,
+                        "active_requests": e.active,
+                        "requests_total": e.total,
+                        "latency_ewma_ms": round(e.latency() * 1000, 3),
+                        "outlier": state.outlier.describe(e),
+                        "pool": _pool_json(pools.get(e.address)),
                     }
-                    for e in (dest.endpoints if dest.endpoints else ())
-                ]
+                    for e in everything.endpoints
+                ],
             }
         return {"clusters": out}
 

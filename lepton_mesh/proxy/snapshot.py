@@ -1,100 +1,93 @@
 """The running config of a sidecar: one immutable snapshot, swapped whole.
 
 `Snapshot` is built from a validated `SidecarConfig` and adds what the hot
-path needs precomputed (the destination table, the local app). A request
-takes `sidecar.snapshot` once when its head arrives and uses that object to
-the end, so a swap never changes a request half-way.
+path needs precomputed: per destination service its `ServiceTarget`
+(logical: route, policy) and per backend its `Cluster` (concrete:
+endpoints, balancer). A request takes `sidecar.snapshot` once when its head
+arrives and uses that object to the end, so a swap never changes a request
+half-way. State that must outlive swaps (endpoint load and ejections,
+breaker counters, retry budgets) lives in `ServiceStates`, owned by the
+sidecar and passed in.
 """
 
 from __future__ import annotations
 
-from itertools import cycle
-from math import gcd
+from dataclasses import replace
 
-from lepton_mesh.policy.sidecar_config import Address, Endpoint, SidecarConfig
+from lepton_mesh.policy.sidecar_config import Endpoint, SidecarConfig
+from lepton_mesh.policy.traffic import DestinationPolicy, RetryPolicy, default_destination_policy
+from lepton_mesh.proxy.clusters import Cluster, ServiceStates, subset_endpoints
 from lepton_mesh.proxy.errors import ProxyError, Reason
+from lepton_mesh.proxy.routing import ServiceTarget
 
-
-class Destination:
-    """A service as the balancer sees it: its healthy endpoints, in weighted rotation.
-
-    Weighted round robin by expansion (weights reduced by their gcd). The
-    traffic-management layer replaces this choice with real balancers.
-    """
-
-    __slots__ = ("_rotation", "endpoints", "name")
-
-    def __init__(self, name: str, endpoints: tuple[Endpoint, ...]) -> None:
-        self.name = name
-        self.endpoints = tuple(e for e in endpoints if e.healthy)
-        if self.endpoints:
-            g = 0
-            for e in self.endpoints:
-                g = gcd(g, e.weight)
-            order = [e.address for e in self.endpoints for _ in range(e.weight // g)]
-            self._rotation = cycle(_interleave(order))
-        else:
-            self._rotation = None
-
-    def pick(self) -> Address:
-        if self._rotation is None:
-            raise ProxyError(
-                503, Reason.NO_HEALTHY_ENDPOINT, f"service {self.name!r} has no healthy endpoint"
-            )
-        return next(self._rotation)
-
-
-def _interleave(order: list[Address]) -> list[Address]:
-    """Spread repeated addresses out (a,a,a,b -> a,b,a,a style) so weights don't burst."""
-    buckets: dict[Address, int] = {}
-    for a in order:
-        buckets[a] = buckets.get(a, 0) + 1
-    total = len(order)
-    # Smooth weighted round robin (as nginx): deterministic and evenly spread.
-    current = dict.fromkeys(buckets, 0)
-    out: list[Address] = []
-    for _ in range(total):
-        for a, w in buckets.items():
-            current[a] += w
-        best = max(current, key=current.__getitem__)
-        current[best] -= total
-        out.append(best)
-    return out
+# The inbound side forwards to the local app: no retries (the caller's
+# sidecar owns retry decisions), the sidecar's own request timeout.
+_NO_RETRY = RetryPolicy(attempts=1)
 
 
 class Snapshot:
-    __slots__ = ("_by_authority", "cfg", "destinations", "local")
+    __slots__ = ("_by_authority", "cfg", "clusters", "local", "local_cluster", "targets")
 
-    def __init__(self, cfg: SidecarConfig) -> None:
+    def __init__(self, cfg: SidecarConfig, states: ServiceStates) -> None:
         self.cfg = cfg
-        self.destinations = {
-            name: Destination(name, svc.endpoints)
-            for name, svc in cfg.services.items()
-            if svc.protocol == "http"
-        }
-        self.local = Destination(cfg.service, (Endpoint(cfg.app),))
-        self._by_authority: dict[bytes, Destination] = {}
+        traffic = cfg.traffic
+        self.targets: dict[str, ServiceTarget] = {}
+        self.clusters: dict[tuple[str, str | None], Cluster] = {}
+        for name, svc in cfg.services.items():
+            if svc.protocol != "http":
+                continue
+            policy = traffic.destinations.get(name) or self._default_policy(name)
+            state, endpoints = states.sync(name, policy, svc.endpoints)
+            self.clusters[(name, None)] = Cluster(name, None, state, endpoints, policy, None)
+            for subset in policy.subsets:
+                eps = subset_endpoints(endpoints, subset)
+                self.clusters[(name, subset.name)] = Cluster(
+                    name, subset.name, state, eps, policy, None
+                )
+            self.targets[name] = ServiceTarget(name, policy, traffic.routes.get(name))
+        local_policy = replace(self._default_policy(cfg.service), retry=_NO_RETRY, outlier=None)
+        local_name = f"{cfg.service} (local app)"
+        state, endpoints = states.sync(local_name, local_policy, (Endpoint(cfg.app),))
+        self.local_cluster = Cluster(cfg.service, None, state, endpoints, local_policy, None)
+        self.local = ServiceTarget(cfg.service, local_policy, None)
+        states.retire([*self.targets, local_name])
+        self._by_authority: dict[bytes, ServiceTarget] = {}
 
-    def lookup(self, authority: bytes) -> Destination:
+    def _default_policy(self, service: str) -> DestinationPolicy:
+        # Without a DestinationPolicy, the sidecar's own request timeout applies.
+        return replace(
+            default_destination_policy(service, self.cfg.namespace),
+            timeout=self.cfg.timeouts.request,
+        )
+
+    def cluster(self, service: str, subset: str | None) -> Cluster:
+        cluster = self.clusters.get((service, subset))
+        if cluster is None:  # validation prevents it; a config pushed half-way must not crash us
+            raise ProxyError(
+                503, Reason.NO_HEALTHY_ENDPOINT, f"no backend {service}/{subset} in config"
+            )
+        return cluster
+
+    def lookup(self, authority: bytes) -> ServiceTarget:
         """The destination an outbound request names by its authority (`intent`, `intent:8080`,
         `intent.<namespace>`, `intent.<namespace>.svc.cluster.local`)."""
-        dest = self._by_authority.get(authority)
-        if dest is not None:
-            return dest
+        target = self._by_authority.get(authority)
+        if target is not None:
+            return target
         host = _host_of(authority).decode("ascii", "replace")
-        dest = self.destinations.get(host)
-        if dest is None and "." in host:
+        target = self.targets.get(host)
+        if target is None and "." in host:
             name, _, rest = host.partition(".")
             ns = self.cfg.namespace
             if rest in (ns, f"{ns}.svc", f"{ns}.svc.cluster.local"):
-                dest = self.destinations.get(name)
-        if dest is None:
+                target = self.targets.get(name)
+        if target is None:
             raise ProxyError(
                 404, Reason.NO_ROUTE, f"no service named {host!r} is known to this sidecar"
             )
         if len(self._by_authority) < 1024:  # memo of hits only, bounded
-            self._by_authority[authority] = dest
-        return dest
+            self._by_authority[authority] = target
+        return target
 
 
 def _host_of(authority: bytes) -> bytes:

@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING, Protocol
 
 import httptools
 
-from lepton_mesh.proxy.errors import ProxyError, Reason
+from lepton_mesh.proxy.errors import ProxyError, Reason, UpstreamError
 from lepton_mesh.proxy.flow import PEER_BACKPRESSURE, ReadGate
 from lepton_mesh.proxy.http1 import Headers
 
 if TYPE_CHECKING:
+    from lepton_mesh.proxy.circuit import CircuitBreaker
     from lepton_mesh.proxy.pool import EndpointPool
 
 
@@ -54,6 +55,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_keep_alive",
         "_status",
         "_trailers",
+        "breaker",
         "closed",
         "exchange",
         "gate",
@@ -73,6 +75,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.exchange: ResponseSink | None = None
         self.closed = False
+        self.breaker: CircuitBreaker | None = None  # counted there while open
         self.write_paused = False
         self.idle_since = 0.0
         # per response
@@ -99,10 +102,11 @@ class UpstreamConnection(asyncio.Protocol):
         if ex is not None:
             self.exchange = None
             ex.on_upstream_error(
-                ProxyError(
+                UpstreamError(
                     502,
                     Reason.UPSTREAM_RESET,
                     "upstream closed the connection before the response ended",
+                    "reset",
                 )
             )
 
@@ -242,7 +246,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.abort()
         if ex is not None:
             ex.on_upstream_error(
-                ProxyError(
-                    502, Reason.UPSTREAM_PROTOCOL_ERROR, f"invalid response from upstream: {detail}"
+                UpstreamError(
+                    502,
+                    Reason.UPSTREAM_PROTOCOL_ERROR,
+                    f"invalid response from upstream: {detail}",
+                    "reset",
                 )
             )

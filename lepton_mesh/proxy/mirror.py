@@ -1,0 +1,177 @@
+"""Traffic mirroring: a copy of a request sent to another backend, its answer discarded.
+
+A mirror never slows or fails the primary request: it starts only once the
+primary request is complete (its body is the replay copy the exchange holds,
+so only requests up to 64 KiB are mirrored), runs on its own pooled
+connection, has its own timeout, and reports only to its own metric
+(`lepton_mirror_requests_total{outcome}`). Its Host carries a `-shadow`
+suffix, as Istio's, so the mirrored service can tell copies from real calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from lepton_mesh.policy.traffic import Backend
+from lepton_mesh.proxy.errors import ProxyError
+from lepton_mesh.proxy.http1 import Headers, render_request_head
+
+if TYPE_CHECKING:
+    from lepton_mesh.proxy.clusters import Cluster
+    from lepton_mesh.proxy.exchange import Exchange
+    from lepton_mesh.proxy.listeners import HttpListener
+    from lepton_mesh.proxy.pool import EndpointPool
+    from lepton_mesh.proxy.upstream import UpstreamConnection
+
+
+class _NoClient:
+    """Stands where an exchange has its client connection: nothing to cork."""
+
+    __slots__ = ()
+
+    def cork(self) -> None:
+        pass
+
+    def uncork(self) -> None:
+        pass
+
+
+_NO_CLIENT = _NoClient()
+
+
+def start_mirror(ex: Exchange, backend: Backend) -> None:
+    """Copy `ex`'s request to `backend`; failures are counted, never raised."""
+    listener = ex.down.listener
+    try:
+        cluster = ex.snap.cluster(backend.service, backend.subset)
+    except ProxyError:
+        listener.sidecar.metrics.observe_mirror(backend.service, "dropped")
+        return
+    facts = ex.facts
+    rt = ex.rt
+    head = render_request_head(
+        facts,
+        set_headers=rt.req_set if rt else (),
+        add_headers=rt.req_add if rt else (),
+        remove=rt.req_remove if rt else frozenset(),
+        host=_shadow_host(facts.host),
+        extra=listener.peer_header,
+    )
+    timeout = rt.timeout if rt is not None and rt.timeout > 0 else ex.snap.cfg.timeouts.request
+    MirrorCall(listener, cluster, [head, *(ex.replay or ())], timeout or 10.0).start()
+
+
+def _shadow_host(host: bytes) -> bytes:
+    name, sep, port = host.rpartition(b":")
+    if sep and port.isdigit() and not name.endswith(b"]"):
+        return name + b"-shadow:" + port
+    return host + b"-shadow"
+
+
+class MirrorCall:
+    __slots__ = (
+        "_conn",
+        "_listener",
+        "_pool",
+        "_task",
+        "_timer",
+        "cluster",
+        "done",
+        "frames",
+        "status",
+    )
+
+    down = _NO_CLIENT
+
+    def __init__(
+        self, listener: HttpListener, cluster: Cluster, frames: list[bytes], timeout: float
+    ) -> None:
+        self._listener = listener
+        self.cluster = cluster
+        self.frames = frames
+        self.status = 0
+        self.done = False
+        self._conn: UpstreamConnection | None = None
+        self._pool: EndpointPool | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._timer = listener.loop.call_later(timeout, self._fail, "timeout")
+
+    def start(self) -> None:
+        ep = self.cluster.balancer.pick()
+        if ep is None:
+            self._end("dropped")
+            return
+        pool = self._pool = self._listener.pools.get(ep.address, self.cluster.service)
+        conn = pool.take_idle()
+        if conn is not None:
+            self._send(conn)
+        else:
+            self._task = self._listener.loop.create_task(self._open(pool))
+
+    async def _open(self, pool: EndpointPool) -> None:
+        try:
+            conn = await pool.open(self._listener.sidecar.snapshot.cfg.timeouts.connect)
+        except ProxyError:
+            self._task = None
+            self._end("failed")
+            return
+        self._task = None
+        if self.done:
+            pool.release(conn)
+        else:
+            self._send(conn)
+
+    def _send(self, conn: UpstreamConnection) -> None:
+        self._conn = conn
+        conn.bind(self, False, False)  # type: ignore[arg-type]
+        conn.transport.writelines(self.frames)  # type: ignore[union-attr]
+        self.frames = []
+
+    # -- ResponseSink: read and discard -------------------------------------------
+
+    def on_response_head(self, status: int, headers: Headers, keep_alive: bool) -> None:
+        if status >= 200:
+            self.status = status
+
+    def on_response_body(self, data: bytes) -> None:
+        pass
+
+    def on_response_complete(self, trailers: Headers | None, reusable: bool) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and self._pool is not None:
+            if reusable:
+                self._pool.release(conn)
+            else:
+                conn.close()
+        self._end("ok" if self.status < 500 else "failed")
+
+    def on_upstream_error(self, err: ProxyError) -> None:
+        self._fail("failed")
+
+    def on_upgraded(self, rest: bytes) -> None:
+        self._fail("failed")
+
+    def pause_downstream(self) -> None:
+        pass
+
+    def resume_downstream(self) -> None:
+        pass
+
+    # -- end ----------------------------------------------------------------------
+
+    def _fail(self, outcome: str) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.abort()
+        self._end(outcome)
+
+    def _end(self, outcome: str) -> None:
+        if self.done:
+            return
+        self.done = True
+        self._timer.cancel()
+        self._listener.sidecar.metrics.observe_mirror(self.cluster.service, outcome)

@@ -1,0 +1,164 @@
+"""The logical layer of outbound traffic: which service, which rule.
+
+A `ServiceTarget` is a destination service as a request names it: its
+compiled route (if any), its destination policy, and per rule the bytes we
+precompute once per snapshot (header operations) so the hot path only joins.
+Choosing the backend and endpoint is the concrete layer's job (clusters.py).
+"""
+
+from __future__ import annotations
+
+from urllib.parse import unquote_plus
+
+from lepton_mesh.policy.decisions import CompiledRoute, compile_route
+from lepton_mesh.policy.traffic import (
+    Backend,
+    DestinationPolicy,
+    HashOn,
+    RetryPolicy,
+    Route,
+    RouteRule,
+)
+from lepton_mesh.proxy.http1 import RequestFacts
+
+
+class RuleRuntime:
+    """One route rule with everything the proxy derives from it, computed once."""
+
+    __slots__ = (
+        "backends",
+        "fault",
+        "mirror",
+        "name",
+        "req_add",
+        "req_remove",
+        "req_set",
+        "resp_extra",
+        "resp_remove",
+        "retry",
+        "rule",
+        "timeout",
+    )
+
+    def __init__(self, rule: RouteRule, destination: str, policy: DestinationPolicy) -> None:
+        self.rule = rule
+        self.name = rule.name
+        self.backends: tuple[Backend, ...] = rule.backends or (Backend(destination),)
+        self.timeout: float = rule.timeout if rule.timeout is not None else policy.timeout
+        self.retry: RetryPolicy = rule.retry if rule.retry is not None else policy.retry
+        self.fault = rule.fault
+        self.mirror = rule.mirror
+        req, resp = rule.request_headers, rule.response_headers
+        self.req_set = tuple((n.encode("latin-1"), v.encode("latin-1")) for n, v in req.set)
+        self.req_add = tuple((n.encode("latin-1"), v.encode("latin-1")) for n, v in req.add)
+        self.req_remove = frozenset(n.encode("latin-1") for n in req.remove)
+        self.resp_remove = frozenset(
+            n.encode("latin-1") for n in (*resp.remove, *(n for n, _ in resp.set))
+        )
+        self.resp_extra = b"".join(
+            n.encode("latin-1") + b": " + v.encode("latin-1") + b"\r\n"
+            for n, v in (*resp.set, *resp.add)
+        )
+
+
+class ServiceTarget:
+    """A destination service: its route and policy, as of one snapshot."""
+
+    __slots__ = ("_compiled", "_runtimes", "default", "name", "policy", "route")
+
+    def __init__(self, name: str, policy: DestinationPolicy, route: Route | None) -> None:
+        self.name = name
+        self.policy = policy
+        self.route = route
+        self._compiled: CompiledRoute | None = compile_route(route) if route is not None else None
+        self._runtimes: dict[int, RuleRuntime] = {}
+        if route is not None:
+            for rule in route.rules:
+                self._runtimes[id(rule)] = RuleRuntime(rule, name, policy)
+        # Without a Route, every request goes to the service itself.
+        self.default = RuleRuntime(RouteRule(name="default"), name, policy)
+
+    def select(self, facts: RequestFacts) -> RuleRuntime:
+        compiled = self._compiled
+        if compiled is None:
+            return self.default
+        rule = compiled.select(FactsView(facts))
+        if rule is None:
+            return self.default  # no rule matched: the destination itself (policy model)
+        return self._runtimes[id(rule)]
+
+
+class FactsView:
+    """`policy.decisions.RequestView` over a request's raw head, decoded only on demand."""
+
+    __slots__ = ("_facts", "_method", "_path", "_query")
+
+    def __init__(self, facts: RequestFacts) -> None:
+        self._facts = facts
+        self._method: str | None = None
+        self._path: str | None = None
+        self._query: dict[str, str] | None = None
+
+    @property
+    def method(self) -> str:
+        if self._method is None:
+            self._method = self._facts.method.decode("latin-1")
+        return self._method
+
+    @property
+    def path(self) -> str:
+        if self._path is None:
+            self._path = self._facts.path.decode("latin-1")
+        return self._path
+
+    def header(self, name: str) -> str | None:
+        return header_value(self._facts, name.encode("latin-1"))
+
+    def query_param(self, name: str) -> str | None:
+        if self._query is None:
+            self._query = _parse_query(self._facts.target)
+        return self._query.get(name)
+
+
+def header_value(facts: RequestFacts, lname: bytes) -> str | None:
+    if lname == b"host":
+        return facts.host.decode("latin-1")
+    for n, _, v in facts.kept:
+        if n == lname:
+            return v.decode("latin-1")
+    return None
+
+
+def _parse_query(target: bytes) -> dict[str, str]:
+    q = target.find(b"?")
+    out: dict[str, str] = {}
+    if q < 0:
+        return out
+    for part in target[q + 1 :].decode("latin-1").split("&"):
+        if not part:
+            continue
+        name, _, value = part.partition("=")
+        name = unquote_plus(name)
+        if name not in out:  # first value wins
+            out[name] = unquote_plus(value)
+    return out
+
+
+def hash_key(hash_on: HashOn, facts: RequestFacts, client_ip: bytes) -> bytes | None:
+    """The ring-hash key a request carries: a header, a cookie, or the client address."""
+    if hash_on.header is not None:
+        lname = hash_on.header.lower().encode("latin-1")
+        for n, _, v in facts.kept:
+            if n == lname:
+                return v
+        return None
+    if hash_on.cookie is not None:
+        want = hash_on.cookie.encode("latin-1")
+        for n, _, v in facts.kept:
+            if n == b"cookie":
+                for pair in v.split(b";"):
+                    k, _, val = pair.strip().partition(b"=")
+                    if k == want:
+                        return val
+        return None
+    return client_ip if hash_on.source_ip else None
