@@ -16,7 +16,8 @@ endpoint weights:
 - peak_ewma: the same two draws, compared on latency estimate * (active + 1)
   (Linkerd, from Finagle); see endpoints.py for the estimate.
 - round_robin: smooth weighted round robin (nginx's): a heavy endpoint's
-  turns are spread out, not bunched.
+  turns are spread out, not bunched (a deadline heap, as Envoy's, when one
+  period would be too long to precompute).
 - random: weighted random.
 - ring_hash: consistent hashing of the caller's key on a ring of virtual
   nodes (128 per unit of weight, placed by blake2b of the endpoint's address
@@ -40,7 +41,9 @@ from __future__ import annotations
 import random
 from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
+from functools import lru_cache
 from hashlib import blake2b
+from heapq import heapify, heapreplace
 from math import gcd
 from typing import TYPE_CHECKING
 
@@ -54,9 +57,13 @@ if TYPE_CHECKING:
 # keys between survivors when the set changes).
 RING_REPLICAS = 128
 RING_MAX_SIZE = 65_536
-# Smooth round robin precomputes one period of its sequence (sum of weights
-# over their gcd) up to this length; longer periods run nginx's O(n) step.
-RR_MAX_TABLE = 8192
+# On the ring, walk past non-candidates' nodes while candidates hold at least
+# this share of the weight; below it, build a ring of theirs only.
+RING_WALK_SHARE = 0.25
+# Smooth round robin runs nginx's O(n) step ahead for one period (sum of
+# weights over their gcd) and replays it, while period * n stays under this
+# (about a millisecond); beyond it, an O(log n) deadline heap.
+RR_MAX_WORK = 50_000
 
 
 class Balancer:
@@ -79,8 +86,8 @@ class Balancer:
         "_seen",
         "_total",
         "_uniform",
+        "_panic",
         "_wider",
-        "panic",
     )
 
     algorithm = ""
@@ -113,13 +120,32 @@ class Balancer:
         self._n = 0
         self._total = 0
         self._uniform = True
-        self.panic = False
+        self._panic = False
+
+    @property
+    def panic(self) -> bool:
+        """Whether the balancer is in panic mode (balancing over all endpoints) right now."""
+        self._current()
+        return self._panic
+
+    @property
+    def candidates(self) -> tuple[EndpointState, ...]:
+        """The endpoints picks currently choose among."""
+        self._current()
+        return self._cands
+
+    def _current(self) -> None:
+        gen = self._gen
+        version = gen.value if gen is not None else sum(g.value for g in self._gens)
+        if version != self._seen:
+            self._refresh(version)
 
     # -- the hot path ----------------------------------------------------------
 
     def pick(
         self, hash_key: bytes | None = None, avoid: EndpointState | None = None
     ) -> EndpointState | None:
+        # _current() inline: this runs once per attempt.
         gen = self._gen
         version = gen.value if gen is not None else sum(g.value for g in self._gens)
         if version != self._seen:
@@ -181,10 +207,11 @@ class Balancer:
     def _refresh(self, version: int) -> None:
         all_ = self.endpoints
         avail = tuple(e for e in all_ if e.available)
-        self.panic = not avail or len(avail) * 100.0 < self._panic_threshold * len(all_)
-        wider = all_ if self.panic else avail
+        panic = not avail or len(avail) * 100.0 < self._panic_threshold * len(all_)
+        self._panic = panic
+        wider = all_ if panic else avail
         cands = wider
-        if self._locality and not self.panic:
+        if self._locality and not panic:
             local = tuple(e for e in avail if e.zone == self._local_zone)
             if local:
                 cands = local
@@ -247,44 +274,47 @@ class PeakEwmaBalancer(Balancer):
 
 
 class RoundRobinBalancer(Balancer):
-    """nginx's smooth weighted round robin.
+    """Smooth weighted round robin (nginx's).
 
     Each step adds every candidate's weight to its running score, takes the
-    highest (first on ties) and subtracts the total from it. Over a period
-    of sum(weights)/gcd steps each endpoint comes up weight/gcd times. The
-    period is precomputed when short enough; the start is random so that
+    highest (first on ties) and subtracts the total from it. Over a period of
+    sum(weights)/gcd steps each endpoint comes up weight/gcd times, spread
+    out. That O(n) step is run ahead for one period, stored, and replayed,
+    when the period is short enough to build in about a millisecond. Past
+    that (many endpoints with uneven weights) the sequence comes from an
+    earliest-deadline-first heap instead (Envoy's weighted round robin: the
+    k-th turn of an endpoint of weight w is due at k/w), O(log n) per pick,
+    exact over each period as well. Either starts at a random point, so that
     sidecars do not all begin on the same endpoint.
     """
 
-    __slots__ = ("_pos", "_scores", "_seq", "_weights")
+    __slots__ = ("_heap", "_pos", "_seq")
     algorithm = "round_robin"
 
     def _rebuilt(self) -> None:
-        self._weights = [e.weight for e in self._cands]
-        self._scores = [0] * self._n
+        weights = [e.weight for e in self._cands]
         g = 0
-        for w in self._weights:
+        for w in weights:
             g = gcd(g, w)
         period = self._total // g if g else 0
-        if period <= RR_MAX_TABLE:
-            self._seq = [self._step() for _ in range(period)]
+        self._heap: list[tuple[float, int, int]] = []
+        if period * self._n <= RR_MAX_WORK:
+            self._seq = _smooth_sequence(weights, period)
             self._pos = int(self._rng.random() * period) if period else 0
-        else:
-            self._seq = []
-            self._pos = 0
+            return
+        self._seq = []
+        # (due, endpoint index, turn): turn k of endpoint i is due at k / w_i,
+        # computed fresh each time (no accumulated rounding), ties by index.
+        self._heap = [(1 / w, i, 1) for i, w in enumerate(weights)]
+        heapify(self._heap)
+        for _ in range(int(self._rng.random() * min(period, 1024))):
+            self._next_due()
 
-    def _step(self) -> int:
-        scores = self._scores
-        best = 0
-        top = None
-        for k, w in enumerate(self._weights):
-            s = scores[k] + w
-            scores[k] = s
-            if top is None or s > top:
-                top = s
-                best = k
-        scores[best] -= self._total
-        return best
+    def _next_due(self) -> int:
+        heap = self._heap
+        _, i, turn = heap[0]
+        heapreplace(heap, ((turn + 1) / self._cands[i].weight, i, turn + 1))
+        return i
 
     def _choose(self, hash_key: bytes | None, avoid: EndpointState | None) -> EndpointState:
         seq = self._seq
@@ -294,20 +324,46 @@ class RoundRobinBalancer(Balancer):
             pos += 1
             self._pos = 0 if pos == len(seq) else pos
         else:
-            k = self._step()
+            k = self._next_due()
         return self._not(self._cands[k], avoid)
+
+
+def _smooth_sequence(weights: list[int], period: int) -> list[int]:
+    """One period of nginx's smooth weighted round robin, as candidate indexes."""
+    total = sum(weights)
+    scores = [0] * len(weights)
+    seq: list[int] = []
+    for _ in range(period):
+        best = 0
+        top = None
+        for k, w in enumerate(weights):
+            s = scores[k] + w
+            scores[k] = s
+            if top is None or s > top:
+                top = s
+                best = k
+        scores[best] -= total
+        seq.append(best)
+    return seq
 
 
 class RingHashBalancer(Balancer):
     """Consistent hashing over a ring of virtual nodes.
 
-    The full ring (every endpoint, available or not) is built once per set of
-    weights; the candidates' ring is the full one with other endpoints'
-    nodes removed, which maps every key exactly as walking the full ring to
-    the next candidate would, in O(log ring) per pick.
+    The full ring holds every endpoint, available or not, and is rebuilt
+    only when weights change. A key goes to the first node at or after its
+    hash that belongs to a candidate. How that is found depends on how much
+    of the ring the candidates hold:
+    - all of it: the full ring, no check;
+    - at least RING_WALK_SHARE of the weight: the full ring, stepping past
+      non-candidates' nodes (on average fewer than 1/share steps);
+    - less (locality narrowed to a small zone): a ring of the candidates'
+      nodes only, merged from their own node lists.
+    All three give the same answer; only the cost differs. A health change
+    thus never rescans the whole ring.
     """
 
-    __slots__ = ("_full", "_full_weights", "_hashes", "_owners")
+    __slots__ = ("_full", "_full_weights", "_hashes", "_nodes", "_owners", "_walk")
     algorithm = "ring_hash"
 
     def __init__(
@@ -318,20 +374,28 @@ class RingHashBalancer(Balancer):
         local_zone: str | None,
     ) -> None:
         super().__init__(lb, endpoints, rng, local_zone)
-        self._full: list[tuple[int, EndpointState]] = []
         self._full_weights: tuple[int, ...] | None = None
+        self._nodes: dict[EndpointState, tuple[int, ...]] = {}
+        self._full: tuple[list[int], list[EndpointState]] = ([], [])
         self._hashes: list[int] = []
         self._owners: list[EndpointState] = []
+        self._walk = False
 
     def _rebuilt(self) -> None:
-        weights = tuple(e.weight for e in self.endpoints)
+        all_ = self.endpoints
+        weights = tuple(e.weight for e in all_)
         if weights != self._full_weights:
-            self._full = build_ring(self.endpoints)
+            self._nodes = ring_nodes(all_)
+            self._full = _merge(self._nodes, all_)
             self._full_weights = weights
-        keep = self._index
-        kept = [(h, e) for h, e in self._full if e in keep]
-        self._hashes = [h for h, _ in kept]
-        self._owners = [e for _, e in kept]
+        self._walk = False
+        if self._n == len(all_):
+            self._hashes, self._owners = self._full
+        elif self._total >= RING_WALK_SHARE * sum(weights):
+            self._hashes, self._owners = self._full
+            self._walk = True
+        else:
+            self._hashes, self._owners = _merge(self._nodes, self._cands)
 
     def _choose(self, hash_key: bytes | None, avoid: EndpointState | None) -> EndpointState:
         if hash_key is None:
@@ -342,13 +406,15 @@ class RingHashBalancer(Balancer):
             i = 0
         owners = self._owners
         e = owners[i]
-        if e is avoid:
-            # The next distinct endpoint clockwise: a retry of the same key
-            # lands on the same second choice every time.
+        if e is avoid or (self._walk and e not in self._index):
+            # Clockwise to the next candidate that is not `avoid`: a retry of
+            # the same key lands on the same second choice every time. One
+            # exists: n >= 2 here.
+            index = self._index
             size = len(owners)
             for step in range(1, size):
                 e = owners[(i + step) % size]
-                if e is not avoid:
+                if e is not avoid and e in index:
                     break
         return e
 
@@ -358,21 +424,41 @@ def key_hash(key: bytes) -> int:
     return int.from_bytes(blake2b(key, digest_size=8).digest(), "big")
 
 
-def build_ring(endpoints: Sequence[EndpointState]) -> list[tuple[int, EndpointState]]:
-    """(position, endpoint) for every virtual node, sorted by position.
+@lru_cache(maxsize=4096)
+def _node_hashes(label: str, count: int) -> tuple[int, ...]:
+    """Positions of an endpoint's nodes; cached, as a config swap rebuilds every balancer."""
+    return tuple(key_hash(f"{label}#{r}".encode()) for r in range(count))
 
-    Node positions depend only on the endpoint's address and replica number,
-    so adding or removing an endpoint leaves everyone else's nodes in place.
+
+def ring_nodes(endpoints: Sequence[EndpointState]) -> dict[EndpointState, tuple[int, ...]]:
+    """Each endpoint's node positions on the ring.
+
+    They depend only on its address and replica number (RING_REPLICAS per
+    unit of weight), so adding or removing an endpoint leaves everyone
+    else's nodes in place, unless the ring would exceed RING_MAX_SIZE and
+    every count is scaled down.
     """
     want = RING_REPLICAS * sum(e.weight for e in endpoints)
     scale = min(1.0, RING_MAX_SIZE / want) if want else 1.0
-    ring: list[tuple[int, EndpointState]] = []
+    return {
+        e: _node_hashes(str(e.address), max(1, round(RING_REPLICAS * e.weight * scale)))
+        for e in endpoints
+    }
+
+
+def _merge(
+    nodes: dict[EndpointState, tuple[int, ...]], endpoints: Sequence[EndpointState]
+) -> tuple[list[int], list[EndpointState]]:
+    """The sorted ring of `endpoints`' nodes: (positions, owner of each)."""
+    hashes: list[int] = []
+    owners: list[EndpointState] = []
     for e in endpoints:
-        label = str(e.address).encode()
-        for r in range(max(1, round(RING_REPLICAS * e.weight * scale))):
-            ring.append((key_hash(label + b"#" + str(r).encode()), e))
-    ring.sort(key=lambda item: item[0])
-    return ring
+        hs = nodes[e]
+        hashes.extend(hs)
+        owners.extend([e] * len(hs))
+    # Sorting indexes by a C-level key is several times faster than sorting tuples.
+    order = sorted(range(len(hashes)), key=hashes.__getitem__)
+    return [hashes[j] for j in order], [owners[j] for j in order]
 
 
 _ALGORITHMS: dict[str, type[Balancer]] = {

@@ -34,6 +34,7 @@ def test_a_live_balancer_follows_ejection_and_return(algorithm: str) -> None:
     keyed = algorithm == "ring_hash"
     assert {i for i, x in enumerate(counts(bal, eps, 300, keyed=keyed)) if x} == {0, 1, 2}
     eps[0].set_ejected(True)
+    assert bal.candidates == (eps[1], eps[2])
     assert {i for i, x in enumerate(counts(bal, eps, 300, keyed=keyed)) if x} == {1, 2}
     eps[0].set_ejected(False)
     assert {i for i, x in enumerate(counts(bal, eps, 300, keyed=keyed)) if x} == {0, 1, 2}
@@ -66,8 +67,8 @@ def test_panic_threshold(n: int, out: int, threshold: float, panic: bool, algori
         # half ejected, half unhealthy: both count as unavailable
         (eps[i].set_ejected if i % 2 else eps[i].set_healthy)(bool(i % 2))
     bal = balancer(algorithm, eps, panic_threshold=threshold)
+    assert bal.panic is panic  # up to date before any pick (the admin API reads it)
     c = counts(bal, eps, 600, keyed=algorithm == "ring_hash")
-    assert bal.panic is panic
     want = set(range(n)) if panic else set(range(out, n))
     assert {i for i, x in enumerate(c) if x} == want
 

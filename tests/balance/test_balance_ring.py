@@ -130,3 +130,25 @@ def test_no_key_falls_back_to_weighted_random() -> None:
     _, eps = states((1, 3))
     got = shares(counts(balancer("ring_hash", eps), eps, 20_000))
     assert got == pytest.approx([0.25, 0.75], abs=0.02)
+
+
+@pytest.mark.parametrize(
+    ("zones", "path"),
+    [
+        ("aaaaaaaaaa", "full ring"),
+        ("aaaaaabbbb", "full ring, walking past zone b"),
+        ("aabbbbbbbb", "ring of zone a's nodes"),  # 20% of the weight: below RING_WALK_SHARE
+    ],
+)
+def test_every_lookup_path_agrees_with_a_ring_of_the_candidates_only(zones: str, path: str) -> None:
+    _, eps = states((1,) * 10, zones=list(zones))
+    local = [e for e, z in zip(eps, zones, strict=True) if z == "a"]
+    bal = balancer("ring_hash", eps, locality=True, local_zone="a")
+    alone = balancer("ring_hash", local)
+    keys = KEYS[:2000]
+    assert [bal.pick(k) for k in keys] == [alone.pick(k) for k in keys], path
+    for k in keys[:300]:
+        first = bal.pick(k)
+        second = bal.pick(k, avoid=first)
+        assert second in local and second is not first
+        assert second is alone.pick(k, avoid=first)

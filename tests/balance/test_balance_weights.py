@@ -29,7 +29,7 @@ def test_idle_shares_follow_weights(algorithm: str, weights: tuple[int, ...]) ->
         (WEIGHTS, 10),
         ((5, 1, 1), 7),
         ((20, 30), 5),  # reduced by the gcd
-        ((6000, 3001), 9001),  # past RR_MAX_TABLE: the live O(n) step
+        ((10000, 9999, 9998), 29997),  # past RR_MAX_WORK: the deadline heap
     ],
 )
 def test_round_robin_is_exact_over_each_period(weights: tuple[int, ...], period: int) -> None:
@@ -40,8 +40,8 @@ def test_round_robin_is_exact_over_each_period(weights: tuple[int, ...], period:
         assert counts(bal, eps, period) == [w // g for w in weights]
 
 
-def test_long_period_takes_the_live_path() -> None:
-    assert balance.RR_MAX_TABLE < 9001
+def test_long_period_takes_the_heap_path() -> None:
+    assert balance.RR_MAX_WORK < 29997 * 3
 
 
 def test_round_robin_is_smooth() -> None:
