@@ -207,7 +207,8 @@ class Balancer:
     def _refresh(self, version: int) -> None:
         all_ = self.endpoints
         avail = tuple(e for e in all_ if e.available)
-        panic = not avail or len(avail) * 100.0 < self._panic_threshold * len(all_)
+        # No endpoint at all is not panic: there is nothing to balance over.
+        panic = bool(all_) and (not avail or len(avail) * 100.0 < self._panic_threshold * len(all_))
         self._panic = panic
         wider = all_ if panic else avail
         cands = wider

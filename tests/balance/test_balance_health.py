@@ -24,7 +24,10 @@ def test_unavailable_endpoints_are_skipped(algorithm: str) -> None:
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_no_endpoints_gives_none(algorithm: str) -> None:
-    assert balancer(algorithm, []).pick(b"k") is None
+    bal = balancer(algorithm, [])
+    assert bal.pick(b"k") is None
+    assert bal.pick(b"k", avoid=states((1,))[1][0]) is None
+    assert bal.panic is False
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
