@@ -86,13 +86,14 @@ def load_policy_files(paths: Iterable[str | os.PathLike[str]]) -> TrafficPolicie
     """Read and validate every manifest in `paths`, as one set. Raises `ConfigError`."""
     problems: list[Problem] = []
     docs: list[Document] = []
-    for path in paths:
+    sources = [os.fspath(path) for path in paths]
+    for source in sources:
         try:
-            docs.extend(load_file(path))
+            docs.extend(load_file(source))
         except ConfigError as e:  # unreadable or not YAML: still check the other files
             problems.extend(e.problems)
     policies = collect_traffic(((doc, ()) for doc in docs), problems)
-    _raise_if_any(problems)
+    _raise_if_any(problems, sources)
     return policies
 
 
@@ -124,11 +125,11 @@ def collect_traffic(
     )
 
 
-def _raise_if_any(problems: list[Problem]) -> None:
+def _raise_if_any(problems: list[Problem], sources: Iterable[str] = ()) -> None:
     if not problems:
         return
-    # Files in the order first seen, each top to bottom; unknown lines last.
-    order: dict[str, int] = {}
+    # Files in the order given (else first seen), each top to bottom; unknown lines last.
+    order: dict[str, int] = {source: i for i, source in enumerate(sources)}
     for p in problems:
         order.setdefault(p.file, len(order))
     problems.sort(key=lambda p: (order[p.file], p.line is None, p.line or 0))
