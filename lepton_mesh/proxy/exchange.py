@@ -162,7 +162,7 @@ class Exchange:
         self.pool: EndpointPool | None = None
         self.conn: UpstreamConnection | None = None
         self.ep: EndpointState | None = None
-        self.ep_started = 0.0
+        self.ep_started: float | None = None  # when the current try began; None = no try running
         self._connecting: asyncio.Task[None] | None = None
         self._reused = False
         self._timer: asyncio.TimerHandle | None = None
@@ -545,10 +545,11 @@ class Exchange:
     def _end_try(self, ok: bool, outlier_outcome: str | None) -> None:
         self._cancel_try_timer()
         ep = self.ep
-        if ep is None or not self.ep_started:
+        started = self.ep_started
+        if ep is None or started is None:
             return
-        ep.end(self.ep_started, ok)
-        self.ep_started = 0.0
+        ep.end(started, ok)
+        self.ep_started = None
         if outlier_outcome is not None and self.cluster is not None:
             self.cluster.state.outlier.report(ep, outlier_outcome)  # type: ignore[arg-type]
 

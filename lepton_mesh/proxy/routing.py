@@ -8,6 +8,7 @@ Choosing the backend and endpoint is the concrete layer's job (clusters.py).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from urllib.parse import unquote_plus
 
 from lepton_mesh.policy.decisions import CompiledRoute, compile_route
@@ -49,16 +50,49 @@ class RuleRuntime:
         self.fault = rule.fault
         self.mirror = rule.mirror
         req, resp = rule.request_headers, rule.response_headers
-        self.req_set = tuple((n.encode("latin-1"), v.encode("latin-1")) for n, v in req.set)
-        self.req_add = tuple((n.encode("latin-1"), v.encode("latin-1")) for n, v in req.add)
-        self.req_remove = frozenset(n.encode("latin-1") for n in req.remove)
-        self.resp_remove = frozenset(
-            n.encode("latin-1") for n in (*resp.remove, *(n for n, _ in resp.set))
-        )
+        self.req_set = _pairs(req.set)
+        self.req_add = _pairs(req.add)
+        self.req_remove = _names(req.remove)
+        self.resp_remove = _names((*resp.remove, *(n for n, _ in resp.set)))
         self.resp_extra = b"".join(
-            n.encode("latin-1") + b": " + v.encode("latin-1") + b"\r\n"
-            for n, v in (*resp.set, *resp.add)
+            n + b": " + v + b"\r\n" for n, v in (*_pairs(resp.set), *_pairs(resp.add))
         )
+
+
+# Header operations never touch framing, routing or our own identity headers:
+# a route that could set Content-Length or Transfer-Encoding could desync the
+# upstream connection. The policy validator refuses them; this is the proxy's
+# own guard, so a config from anywhere cannot break the invariant.
+_UNTOUCHABLE = frozenset(
+    {
+        b"host",
+        b"content-length",
+        b"transfer-encoding",
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"x-lepton-peer",
+    }
+)
+_BAD_VALUE_BYTES = (b"\r", b"\n", b"\x00")
+
+
+def _names(names: Iterable[str]) -> frozenset[bytes]:
+    out = {n.lower().encode("latin-1") for n in names}
+    return frozenset(out - _UNTOUCHABLE)
+
+
+def _pairs(pairs: Iterable[tuple[str, str]]) -> tuple[tuple[bytes, bytes], ...]:
+    out = []
+    for n, v in pairs:
+        name, value = n.lower().encode("latin-1"), v.encode("latin-1")
+        if name in _UNTOUCHABLE or any(b in name or b in value for b in _BAD_VALUE_BYTES):
+            continue
+        out.append((name, value))
+    return tuple(out)
 
 
 class ServiceTarget:
