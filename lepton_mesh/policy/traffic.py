@@ -1,13 +1,16 @@
-"""The traffic-management policy model: routes and destination policies.
+"""The traffic-management policy model: routes, destination policies, external services.
 
-Two kinds of object, as the YAML manifests declare them (docs/policy-reference.md):
+Three kinds of object, as the YAML manifests declare them (docs/policy-reference.md):
 
 - a `Route` says, for one destination service, which ordered rules pick
   which weighted backends (the service or a subset of it), and with what
   timeout, retry policy, header edits, fault injection and mirroring;
 - a `DestinationPolicy` says, for one service, how its endpoints are
   balanced, its subsets, its default timeout and retry policy, its retry
-  budget, its circuit-breaker limits and its outlier detection.
+  budget, its circuit-breaker limits and its outlier detection;
+- an `ExternalService` declares static endpoints for a service outside the
+  mesh (an external database, a third-party API), as Istio's ServiceEntry:
+  the control daemon serves them to sidecars as that service's endpoints.
 
 Every object is frozen: a `TrafficPolicies` is part of the sidecar's config
 snapshot and is swapped as a whole. This module only declares shapes and
@@ -22,7 +25,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:  # sidecar_config imports this module: the name is only needed for typing
+    from lepton_mesh.policy.sidecar_config import Endpoint
 
 PathKind = Literal["exact", "prefix", "regex"]
 ValueKind = Literal["exact", "regex", "present"]
@@ -294,12 +300,35 @@ def default_destination_policy(service: str, namespace: str) -> DestinationPolic
     return DestinationPolicy(name=service, namespace=namespace, service=service, source="<default>")
 
 
+# --- services outside the mesh ------------------------------------------------
+
+ExternalProtocol = Literal["http", "tcp"]
+
+
+@dataclass(frozen=True, slots=True)
+class ExternalService:
+    """Static endpoints for `service`, which has no sidecars (Istio's ServiceEntry).
+
+    `endpoints` is never empty and has no address twice. Callers reach it as
+    any other service: routes and destination policies apply to it by name.
+    For `tcp`, the caller's sidecar config still declares the local `listen`.
+    """
+
+    name: str
+    namespace: str
+    service: str
+    endpoints: tuple[Endpoint, ...]
+    protocol: ExternalProtocol = "http"
+    source: str = "<memory>"
+
+
 @dataclass(frozen=True, slots=True)
 class TrafficPolicies:
-    """Everything a sidecar knows about traffic: at most one route and one
-    destination policy per service, keyed by service name."""
+    """Everything a sidecar knows about traffic: at most one route, one
+    destination policy and one external service per service, keyed by service name."""
 
     routes: Mapping[str, Route] = field(default_factory=lambda: MappingProxyType({}))
     destinations: Mapping[str, DestinationPolicy] = field(
         default_factory=lambda: MappingProxyType({})
     )
+    external: Mapping[str, ExternalService] = field(default_factory=lambda: MappingProxyType({}))

@@ -1,4 +1,4 @@
-"""Turn Route and DestinationPolicy manifests into a validated `TrafficPolicies`.
+"""Turn Route, DestinationPolicy and ExternalService manifests into a validated `TrafficPolicies`.
 
 Manifests use the Kubernetes envelope (`apiVersion: lepton-mesh/v1`, `kind`,
 `metadata: {name, namespace}`, `spec`), several `---` documents per file;
@@ -11,8 +11,8 @@ As in the sidecar loader, nothing stops at the first problem: every parser
 records what is wrong (file, line, field path, why) and returns None or a
 default, and one `ConfigError` lists everything at the end. Rules that need
 more than one field or more than one object (weights summing to 100,
-subsets that exist, one Route per destination, rules that can never match)
-run after parsing, over the parsed objects.
+subsets that exist, one Route per destination, one ExternalService per
+service, rules that can never match) run after parsing, over the parsed objects.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from lepton_mesh.policy.traffic import (
     Backoff,
     CircuitLimits,
     DestinationPolicy,
+    ExternalService,
     Fault,
     FaultAbort,
     FaultDelay,
@@ -79,7 +80,7 @@ __all__ = [
 ]
 
 API_VERSION = "lepton-mesh/v1"
-KINDS = ("Route", "DestinationPolicy")
+KINDS = ("Route", "DestinationPolicy", "ExternalService")
 
 
 def load_policy_files(paths: Iterable[str | os.PathLike[str]]) -> TrafficPolicies:
@@ -122,6 +123,7 @@ def collect_traffic(
     return TrafficPolicies(
         routes=MappingProxyType({k: found.obj for k, found in col.routes.items()}),
         destinations=MappingProxyType({k: found.obj for k, found in col.destinations.items()}),
+        external=MappingProxyType({k: found.obj for k, found in col.external.items()}),
     )
 
 
@@ -143,7 +145,7 @@ def _raise_if_any(problems: list[Problem], sources: Iterable[str] = ()) -> None:
 class _Found:
     """A parsed object and where it came from, for messages naming both sides."""
 
-    obj: Any  # Route | DestinationPolicy
+    obj: Any  # Route | DestinationPolicy | ExternalService
     where: str
     kind: str
     name: str
@@ -159,29 +161,36 @@ class _SubsetRef:
     subset: str
 
 
+# Why a second object of a kind for the same service is refused, by kind.
+_ONE_PER_SERVICE = {
+    "Route": "the order between rules of two Routes would be undefined, so all rules "
+    "for one destination go in one Route",
+    "DestinationPolicy": "their settings would conflict, so one service has one DestinationPolicy",
+    "ExternalService": "callers would not know which endpoints are the service's, so one "
+    "service has one ExternalService listing all of them",
+}
+
+
 class _Collector:
-    __slots__ = ("destinations", "problems", "refs", "routes")
+    __slots__ = ("destinations", "external", "problems", "refs", "routes")
 
     def __init__(self, problems: list[Problem]) -> None:
         self.problems = problems
         self.routes: dict[str, _Found] = {}
         self.destinations: dict[str, _Found] = {}
+        self.external: dict[str, _Found] = {}
         self.refs: list[_SubsetRef] = []
 
     def add(self, c: Checker, key_path: Path, found: _Found, key: str) -> None:
         """Keep the first object for `key`; a second one is a conflict, never a merge."""
-        table = self.routes if found.kind == "Route" else self.destinations
+        tables = {"Route": self.routes, "DestinationPolicy": self.destinations}
+        table = tables.get(found.kind, self.external)
         first = table.get(key)
         if first is None:
             table[key] = found
             return
         what = "destination" if found.kind == "Route" else "service"
-        why = (
-            "the order between rules of two Routes would be undefined, so all rules "
-            "for one destination go in one Route"
-            if found.kind == "Route"
-            else "their settings would conflict, so one service has one DestinationPolicy"
-        )
+        why = _ONE_PER_SERVICE[found.kind]
         c.error(
             key_path,
             f"{found.kind} {found.name!r} is a second {found.kind} for {what} {key!r}: "
@@ -228,7 +237,7 @@ def _manifest(col: _Collector, c: Checker, data: Any) -> None:
         c.error(("apiVersion",), f"must be {API_VERSION!r}, found {describe(m['apiVersion'])}")
     kind = m.get("kind")
     if "kind" in m and kind not in KINDS:
-        known = f"the kinds of {API_VERSION} are {' and '.join(KINDS)}"
+        known = f"the kinds of {API_VERSION} are {', '.join(KINDS[:-1])} and {KINDS[-1]}"
         if isinstance(kind, str):
             c.error(("kind",), f"unknown kind {kind!r}{did_you_mean(kind, KINDS)}; {known}")
         else:
@@ -242,6 +251,10 @@ def _manifest(col: _Collector, c: Checker, data: Any) -> None:
         route = _route(col, c, m["spec"], name or "", namespace, where)
         if route is not None and name is not None:
             col.add(c, ("spec", "destination"), _Found(route, where, kind, name), route.destination)
+    elif kind == "ExternalService":
+        ext = _external_service(c, m["spec"], name or "", namespace, where)
+        if ext is not None and name is not None:
+            col.add(c, ("spec", "service"), _Found(ext, where, kind, name), ext.service)
     else:
         policy = _destination_policy(col, c, m["spec"], name or "", namespace, where)
         if policy is not None and name is not None:
@@ -1004,6 +1017,46 @@ def _outlier(c: Checker, value: Any, path: Path) -> OutlierDetection | bool | No
     return outlier
 
 
+# --- ExternalService ------------------------------------------------------------
+
+_EXTERNAL_FIELDS = ("service", "protocol", "endpoints")
+_EXTERNAL_PROTOCOLS = ("http", "tcp")
+
+
+def _external_service(
+    c: Checker, value: Any, name: str, namespace: str, where: str
+) -> ExternalService | None:
+    # Endpoints are written exactly as a sidecar config's static endpoints
+    # ('host:port' or {address, weight, labels, healthy}): one syntax, one
+    # parser. Imported here because sidecar_loader imports this module.
+    from lepton_mesh.policy.sidecar_loader import _endpoints
+
+    path: Path = ("spec",)
+    m = check_mapping(c, value, path, _EXTERNAL_FIELDS)
+    if m is None:
+        return None
+    service = _required(c, m, path, "service", parse_name)
+    protocol = m.get("protocol", "http")
+    if protocol not in _EXTERNAL_PROTOCOLS:
+        hint = did_you_mean(protocol, _EXTERNAL_PROTOCOLS) if isinstance(protocol, str) else ""
+        c.error((*path, "protocol"), f"expected 'http' or 'tcp', found {describe(protocol)}{hint}")
+        protocol = "http"
+    endpoints = ()
+    if "endpoints" not in m:
+        c.error((*path, "endpoints"), "required field is missing")
+    else:
+        before = len(c.problems)
+        endpoints = _endpoints(c, m["endpoints"], (*path, "endpoints"))
+        if not endpoints and len(c.problems) == before:
+            c.error(
+                (*path, "endpoints"),
+                "an empty list: an external service needs at least one endpoint",
+            )
+    if service is None or not endpoints:
+        return None
+    return ExternalService(name, namespace, service, endpoints, protocol, source=where)
+
+
 # --- rules that can never match ----------------------------------------------
 #
 # Rule B is unreachable when every alternative of B is covered by some
@@ -1103,7 +1156,18 @@ def traffic_to_manifests(policies: TrafficPolicies) -> list[dict[str, Any]]:
     """
     out = [_route_manifest(r) for r in policies.routes.values()]
     out += [_destination_manifest(d) for d in policies.destinations.values()]
+    out += [_external_manifest(e) for e in policies.external.values()]
     return out
+
+
+def _external_manifest(e: ExternalService) -> dict[str, Any]:
+    endpoints = [
+        {"address": str(ep.address), "weight": ep.weight, "labels": dict(ep.labels)}
+        | ({} if ep.healthy else {"healthy": False})
+        for ep in e.endpoints
+    ]
+    spec = {"service": e.service, "protocol": e.protocol, "endpoints": endpoints}
+    return _envelope("ExternalService", e.name, e.namespace, spec)
 
 
 def _envelope(kind: str, name: str, namespace: str, spec: dict[str, Any]) -> dict[str, Any]:

@@ -392,8 +392,8 @@ BAD: list[tuple[str, str, list[tuple[int, str, str]]]] = [
             (
                 2,
                 "kind",
-                "unknown kind 'VirtualService'; the kinds of lepton-mesh/v1 are Route and "
-                "DestinationPolicy",
+                "unknown kind 'VirtualService'; the kinds of lepton-mesh/v1 are Route, "
+                "DestinationPolicy and ExternalService",
             )
         ],
     ),
@@ -1212,7 +1212,7 @@ def test_sidecar_policy_problems(tmp_path: Path) -> None:
         (str(path), 11, "policies[4].apiVersion", "required field is missing"),
         (str(path), 11, "policies[4].metadata", "required field is missing"),
         (str(path), 11, "policies[4].spec", "required field is missing"),
-        (str(path), 11, "policies[4].kind", "unknown kind 'Nope'; the kinds of lepton-mesh/v1 are Route and DestinationPolicy"),
+        (str(path), 11, "policies[4].kind", "unknown kind 'Nope'; the kinds of lepton-mesh/v1 are Route, DestinationPolicy and ExternalService"),
         (str(bad), 7, "spec.rules[0].backends", "backend weights must add up to 100, found 50 (50)"),
     ]  # fmt: skip
 
