@@ -129,11 +129,22 @@ def tail(path: Path, limit: int = 2000) -> str:
 # --- ports and readiness ---------------------------------------------------------
 
 
+def free_ports(n: int) -> list[int]:
+    """`n` distinct ports free right now on 127.0.0.1.
+
+    All n sockets stay bound until all are picked: the kernel may hand out a
+    port again as soon as it is closed. Racy by nature after that (whoever
+    binds first wins), so each caller binds what it picked right away.
+    """
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+
+
 def free_port() -> int:
-    """A port free right now on 127.0.0.1 (racy by nature; nothing else binds here)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def _http_status(port: int, path: str, timeout: float) -> int | None:

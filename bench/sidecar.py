@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.procs import BenchError, free_port, running, spawn, tail, wait_http
+from bench.procs import BenchError, free_ports, running, spawn, tail, wait_http
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +29,7 @@ class SidecarPorts:
 
     @classmethod
     def pick(cls) -> SidecarPorts:
-        return cls(free_port(), free_port(), free_port())
+        return cls(*free_ports(3))
 
 
 @dataclass(frozen=True, slots=True)

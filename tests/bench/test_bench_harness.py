@@ -22,6 +22,7 @@ from bench.procs import (
     CpuSample,
     Pinning,
     cpu_seconds,
+    free_ports,
     process_tree,
     rss_mb,
     spawn,
@@ -298,3 +299,9 @@ def test_noisy_runs_get_a_note():
         "note: nginx's proxy used 0.80 of its core: something else limited its rps"
         " (load core or other work)",
     ]
+
+
+def test_free_ports_are_distinct():
+    for _ in range(50):
+        ports = free_ports(3)
+        assert len(set(ports)) == 3
