@@ -33,7 +33,7 @@ from lepton_mesh.proxy.http1 import Headers, error_response, inspect_request, ne
 from lepton_mesh.proxy.timers import Deadline
 
 if TYPE_CHECKING:
-    from lepton_mesh.proxy.listeners import HttpListener
+    from lepton_mesh.proxy.contracts import ListenerSide
 
 
 class Incoming:
@@ -96,7 +96,7 @@ class DownstreamProtocol(asyncio.Protocol):
         "req",
     )
 
-    def __init__(self, listener: HttpListener) -> None:
+    def __init__(self, listener: ListenerSide) -> None:
         self.listener = listener
         self.loop = listener.loop
         self.parser = httptools.HttpRequestParser(self)
@@ -132,9 +132,8 @@ class DownstreamProtocol(asyncio.Protocol):
         self.client_ip_str = peer[0] if peer else "unknown"
         self.client_ip = self.client_ip_str.encode("latin-1")
         listener = self.listener
-        listener.connections.add(self)
-        cfg = listener.sidecar.snapshot.cfg
-        if len(listener.connections) > cfg.limits.max_connections:
+        cfg = listener.snapshot.cfg
+        if not listener.connection_opened(self):
             self._reject(
                 ProxyError(
                     503,
@@ -147,7 +146,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.deadline.arm(cfg.timeouts.header_read)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.listener.forget(self)
+        self.listener.connection_closed(self)
         self.deadline.cancel()
         self.backlog.clear()
         ex = self.current
@@ -207,7 +206,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self._flush_upstream()
         req = self.req
         if req is not None and not req.headers_done:
-            limit = self.listener.sidecar.snapshot.cfg.limits.max_header_bytes
+            limit = self.listener.snapshot.cfg.limits.max_header_bytes
             if self._head_bytes > limit:
                 self._reject(
                     ProxyError(
@@ -254,7 +253,7 @@ class DownstreamProtocol(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.req = Incoming()
         if self.current is None:
-            self.deadline.arm(self.listener.sidecar.snapshot.cfg.timeouts.header_read)
+            self.deadline.arm(self.listener.snapshot.cfg.timeouts.header_read)
 
     def on_url(self, url: bytes) -> None:
         req = self.req
@@ -277,7 +276,7 @@ class DownstreamProtocol(asyncio.Protocol):
         assert req is not None
         req.headers_done = True
         self._head_bytes = 0
-        limit = self.listener.sidecar.snapshot.cfg.limits.max_header_bytes
+        limit = self.listener.snapshot.cfg.limits.max_header_bytes
         if req.head_size > limit:
             self._stash(
                 ProxyError(
@@ -330,7 +329,7 @@ class DownstreamProtocol(asyncio.Protocol):
         """Turn a parsed head into a running exchange; a refused head is returned, not raised."""
         self.deadline.disarm()
         listener = self.listener
-        snap = listener.sidecar.snapshot
+        snap = listener.snapshot
         try:
             facts = inspect_request(
                 req.method,
@@ -390,7 +389,7 @@ class DownstreamProtocol(asyncio.Protocol):
                 self._reject(err)
             return
         self.gate.resume(PIPELINE)
-        cfg = self.listener.sidecar.snapshot.cfg
+        cfg = self.listener.snapshot.cfg
         reading_next = self.req is not None and self.req.exchange is None
         self.deadline.arm(cfg.timeouts.header_read if reading_next else cfg.timeouts.idle)
 
@@ -398,7 +397,7 @@ class DownstreamProtocol(asyncio.Protocol):
         """The connection becomes a byte tunnel: this protocol lets go of it."""
         self.tunneled = True
         self.current = None
-        self.listener.forget(self)
+        self.listener.connection_closed(self)
         self.deadline.cancel()
         self.gate.resume(PEER_BACKPRESSURE | PIPELINE | BUFFERED)
 
@@ -477,7 +476,7 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.current is not None or self.transport is None:
             return
         if self.req is not None or self.backlog:
-            timeout = self.listener.sidecar.snapshot.cfg.timeouts.header_read
+            timeout = self.listener.snapshot.cfg.timeouts.header_read
             self._reject(
                 ProxyError(
                     408,

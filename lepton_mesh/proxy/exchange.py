@@ -67,7 +67,7 @@ from lepton_mesh.proxy.tunnel import splice
 
 if TYPE_CHECKING:
     from lepton_mesh.proxy.clusters import Cluster
-    from lepton_mesh.proxy.downstream import DownstreamProtocol
+    from lepton_mesh.proxy.contracts import ClientSide
     from lepton_mesh.proxy.endpoints import EndpointState
     from lepton_mesh.proxy.pool import EndpointPool
     from lepton_mesh.proxy.routing import RuleRuntime, ServiceTarget
@@ -139,7 +139,7 @@ class Exchange:
 
     def __init__(
         self,
-        down: DownstreamProtocol,
+        down: ClientSide,
         snap: Snapshot,
         facts: RequestFacts,
         version: str,
@@ -595,7 +595,7 @@ class Exchange:
         rt = self.rt
         if rt is None or rt.mirror is None or self.replay is None or not self.req_done:
             return
-        start_mirror(self, rt.mirror.backend)
+        start_mirror(self.down.listener, self.snap, self.facts, rt, self.replay)
 
     # -- upgrade ------------------------------------------------------------------
 
@@ -611,12 +611,10 @@ class Exchange:
         self._end_try(True, "success")
         down = self.down
         listener = down.listener
-        listener.tunnels += 1
+        listener.tunnel_opened()
 
         def closed(up: int, down_bytes: int) -> None:
-            listener.tunnels -= 1
-            if listener.draining and not listener.busy():
-                listener.sidecar.check_drained()
+            listener.tunnel_closed()
 
         down_transport = down.transport
         down_eof = down.eof
@@ -679,7 +677,14 @@ class Exchange:
         body = error_body(err, rid.decode("latin-1"))
         self.resp_bytes = len(body)
         self.down.send(
-            error_response(err, rid, body, keep_alive=keep, head_request=self.head_request)
+            error_response(
+                err,
+                rid,
+                body,
+                keep_alive=keep,
+                head_request=self.head_request,
+                extra=b"x-lepton-attempts: %d\r\n" % self.attempts if self.attempts else b"",
+            )
         )
         self._finish()
 

@@ -474,7 +474,13 @@ _FORBIDDEN_TRAILERS = HOP_BY_HOP | {b"content-length", b"host", b"content-type",
 
 
 def error_response(
-    err: ProxyError, request_id: bytes, body: bytes, *, keep_alive: bool, head_request: bool = False
+    err: ProxyError,
+    request_id: bytes,
+    body: bytes,
+    *,
+    keep_alive: bool,
+    head_request: bool = False,
+    extra: bytes = b"",
 ) -> bytes:
     """A complete response the proxy originates (never a bare status)."""
     parts = [
@@ -487,6 +493,7 @@ def error_response(
         request_id,
         b"\r\n",
         b"content-length: %d\r\n" % len(body),
+        extra,
     ]
     parts.append(b"connection: keep-alive\r\n\r\n" if keep_alive else b"connection: close\r\n\r\n")
     if not head_request:

@@ -10,19 +10,34 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from lepton_mesh.proxy.downstream import DownstreamProtocol
 from lepton_mesh.proxy.errors import ProxyError
 
 if TYPE_CHECKING:
     from lepton_mesh.policy.traffic import Backend
+    from lepton_mesh.proxy.access_log import AccessLog
     from lepton_mesh.proxy.clusters import Cluster
     from lepton_mesh.proxy.exchange import Exchange
     from lepton_mesh.proxy.http1 import RequestFacts
+    from lepton_mesh.proxy.metrics import ProxyMetrics
+    from lepton_mesh.proxy.pool import Pools
     from lepton_mesh.proxy.routing import ServiceTarget
-    from lepton_mesh.proxy.sidecar import Sidecar
     from lepton_mesh.proxy.snapshot import Snapshot
+
+
+class SidecarSide(Protocol):
+    """What a listener needs from the sidecar that owns it."""
+
+    loop: asyncio.AbstractEventLoop
+    snapshot: Snapshot
+    pools: Pools
+    metrics: ProxyMetrics
+    access_log: AccessLog
+
+    def check_drained(self) -> None: ...
+
 
 # Until mTLS identities exist, an inbound request's caller is not known.
 UNKNOWN_WORKLOAD = "unknown"
@@ -43,7 +58,7 @@ class HttpListener:
         "tunnels",
     )
 
-    def __init__(self, name: str, sidecar: Sidecar, *, outbound: bool) -> None:
+    def __init__(self, name: str, sidecar: SidecarSide, *, outbound: bool) -> None:
         self.name = name
         self.sidecar = sidecar
         self.outbound = outbound
@@ -129,10 +144,31 @@ class HttpListener:
                 }
             )
 
-    def forget(self, conn: DownstreamProtocol) -> None:
+    @property
+    def snapshot(self) -> Snapshot:
+        return self.sidecar.snapshot
+
+    def connection_opened(self, conn: DownstreamProtocol) -> bool:
+        """Count a new client connection; False when it is over the limit."""
+        self.connections.add(conn)
+        return len(self.connections) <= self.sidecar.snapshot.cfg.limits.max_connections
+
+    def connection_closed(self, conn: DownstreamProtocol) -> None:
+        """A client connection closed or became a tunnel."""
         self.connections.discard(conn)
-        if self.draining and not self.connections:
+        if self.draining and not self.busy():
             self.sidecar.check_drained()
+
+    def tunnel_opened(self) -> None:
+        self.tunnels += 1
+
+    def tunnel_closed(self) -> None:
+        self.tunnels -= 1
+        if self.draining and not self.busy():
+            self.sidecar.check_drained()
+
+    def observe_mirror(self, service: str, outcome: str) -> None:
+        self.sidecar.metrics.observe_mirror(service, outcome)
 
     # -- drain ---------------------------------------------------------------
 

@@ -13,15 +13,16 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from lepton_mesh.policy.traffic import Backend
 from lepton_mesh.proxy.errors import ProxyError
 from lepton_mesh.proxy.http1 import Headers, render_request_head
 
 if TYPE_CHECKING:
     from lepton_mesh.proxy.clusters import Cluster
-    from lepton_mesh.proxy.exchange import Exchange
-    from lepton_mesh.proxy.listeners import HttpListener
+    from lepton_mesh.proxy.contracts import ListenerSide
+    from lepton_mesh.proxy.http1 import RequestFacts
     from lepton_mesh.proxy.pool import EndpointPool
+    from lepton_mesh.proxy.routing import RuleRuntime
+    from lepton_mesh.proxy.snapshot import Snapshot
     from lepton_mesh.proxy.upstream import UpstreamConnection
 
 
@@ -40,26 +41,27 @@ class _NoClient:
 _NO_CLIENT = _NoClient()
 
 
-def start_mirror(ex: Exchange, backend: Backend) -> None:
-    """Copy `ex`'s request to `backend`; failures are counted, never raised."""
-    listener = ex.down.listener
+def start_mirror(
+    listener: ListenerSide, snap: Snapshot, facts: RequestFacts, rt: RuleRuntime, body: list[bytes]
+) -> None:
+    """Copy a complete request (head as `rt` rewrites it, `body` its held frames)
+    to `rt.mirror`'s backend; failures are counted, never raised."""
+    backend = rt.mirror.backend  # type: ignore[union-attr]
     try:
-        cluster = ex.snap.cluster(backend.service, backend.subset)
+        cluster = snap.cluster(backend.service, backend.subset)
     except ProxyError:
-        listener.sidecar.metrics.observe_mirror(backend.service, "dropped")
+        listener.observe_mirror(backend.service, "dropped")
         return
-    facts = ex.facts
-    rt = ex.rt
     head = render_request_head(
         facts,
-        set_headers=rt.req_set if rt else (),
-        add_headers=rt.req_add if rt else (),
-        remove=rt.req_remove if rt else frozenset(),
+        set_headers=rt.req_set,
+        add_headers=rt.req_add,
+        remove=rt.req_remove,
         host=_shadow_host(facts.host),
         extra=listener.peer_header,
     )
-    timeout = rt.timeout if rt is not None and rt.timeout > 0 else ex.snap.cfg.timeouts.request
-    MirrorCall(listener, cluster, [head, *(ex.replay or ())], timeout or 10.0).start()
+    timeout = rt.timeout if rt.timeout > 0 else snap.cfg.timeouts.request
+    MirrorCall(listener, cluster, [head, *body], timeout or 10.0, snap.cfg.timeouts.connect).start()
 
 
 def _shadow_host(host: bytes) -> bytes:
@@ -85,9 +87,15 @@ class MirrorCall:
     down = _NO_CLIENT
 
     def __init__(
-        self, listener: HttpListener, cluster: Cluster, frames: list[bytes], timeout: float
+        self,
+        listener: ListenerSide,
+        cluster: Cluster,
+        frames: list[bytes],
+        timeout: float,
+        connect_timeout: float,
     ) -> None:
         self._listener = listener
+        self._connect_timeout = connect_timeout
         self.cluster = cluster
         self.frames = frames
         self.status = 0
@@ -111,7 +119,7 @@ class MirrorCall:
 
     async def _open(self, pool: EndpointPool) -> None:
         try:
-            conn = await pool.open(self._listener.sidecar.snapshot.cfg.timeouts.connect)
+            conn = await pool.open(self._connect_timeout)
         except ProxyError:
             self._task = None
             self._end("failed")
@@ -174,4 +182,4 @@ class MirrorCall:
             return
         self.done = True
         self._timer.cancel()
-        self._listener.sidecar.metrics.observe_mirror(self.cluster.service, outcome)
+        self._listener.observe_mirror(self.cluster.service, outcome)

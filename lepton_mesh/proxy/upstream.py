@@ -20,7 +20,12 @@ from lepton_mesh.proxy.http1 import Headers
 
 if TYPE_CHECKING:
     from lepton_mesh.proxy.circuit import CircuitBreaker
-    from lepton_mesh.proxy.pool import EndpointPool
+
+
+class ConnectionOwner(Protocol):
+    """The pool a connection belongs to: told when the connection can no longer be used."""
+
+    def forget(self, conn: UpstreamConnection) -> None: ...
 
 
 class _Corkable(Protocol):
@@ -68,7 +73,7 @@ class UpstreamConnection(asyncio.Protocol):
         "write_paused",
     )
 
-    def __init__(self, pool: EndpointPool) -> None:
+    def __init__(self, pool: ConnectionOwner) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.gate = ReadGate()
