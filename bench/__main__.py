@@ -24,7 +24,7 @@ from types import FrameType
 
 from bench import nginx, report, runs, tools, wrk
 from bench.harness import REGISTRY, Bench, RunResult, Settings
-from bench.procs import BenchError, Pinning, free_port
+from bench.procs import BenchError, Pinning, free_port, wait_quiet
 
 ACCESS_LOGS = "access logs: sidecar stdout and nginx proxy's access_log, each to a file"
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
@@ -45,6 +45,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--output", type=Path, default=RESULTS, help="where the JSON goes")
     p.add_argument("--no-install", action="store_true", help="fail instead of apt-get install")
     p.add_argument("--keep-workdir", action="store_true", help="keep configs and logs")
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=d.quiet_wait_s,
+        metavar="S",
+        help="on a shared machine: before each run, wait up to S seconds for others' load to drop",
+    )
     return p.parse_args(argv)
 
 
@@ -78,6 +85,13 @@ def _prepare_process(pinning: Pinning) -> None:
 
 def run_one(bench: Bench, name: str) -> RunResult:
     print(f"== {name}", flush=True)
+    if bench.settings.quiet_wait_s > 0:
+        limit, deadline = report.NOISY_CORES, bench.settings.quiet_wait_s
+        waited = wait_quiet([bench.upstream.pid], limit, deadline)
+        if waited >= deadline:
+            print(f"  machine still busy after {waited:.0f}s: running anyway", flush=True)
+        elif waited > 2.5:
+            print(f"  waited {waited:.0f}s for other load to drop below {limit} cores", flush=True)
     started = time.monotonic()
     try:
         result = REGISTRY[name](bench)
@@ -121,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         connections=args.connections,
         rate=args.rate,
         hold_connections=args.hold,
+        quiet_wait_s=args.quiet_wait,
     )
     started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     workdir = Path(tempfile.mkdtemp(prefix="lepton-bench-"))

@@ -43,6 +43,7 @@ class Settings:
     rate_connections: int = 20
     hold_connections: int = 1000
     ready_timeout_s: float = 20.0
+    quiet_wait_s: float = 0.0  # before each run, wait up to this for others' load to drop
 
 
 @dataclass(slots=True)

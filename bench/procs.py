@@ -277,3 +277,19 @@ class CpuSample:
         """
         others = (later.machine - self.machine) - (later.ours - self.ours)
         return max(0.0, others / max(later.wall - self.wall, 1e-9))
+
+
+def wait_quiet(
+    live: Sequence[int], max_cores: float, deadline_s: float, window_s: float = 1.0
+) -> float:
+    """Wait until two windows in a row see less than `max_cores` of others' CPU.
+
+    Returns the seconds waited; gives up (returning) at the deadline. Sleeping
+    is the measurement here: load is an average over a window.
+    """
+    start, quiet = time.monotonic(), 0
+    while quiet < 2 and time.monotonic() - start < deadline_s:
+        before = CpuSample.take(live)
+        time.sleep(window_s)
+        quiet = quiet + 1 if before.background_cores(CpuSample.take(live)) < max_cores else 0
+    return time.monotonic() - start
