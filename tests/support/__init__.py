@@ -1,0 +1,1 @@
+"""Test helpers shared by several tests/ folders (import as `tests.support.<module>`)."""
