@@ -124,12 +124,8 @@ def run_all(
         return [run_one(bench, name) for name in names]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.list:
-        print("\n".join(REGISTRY))
-        return 0
-    settings = Settings(
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings(
         duration_s=args.duration,
         warmup_s=args.warmup,
         connections=args.connections,
@@ -137,13 +133,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         hold_connections=args.hold,
         quiet_wait_s=args.quiet_wait,
     )
-    started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def _meta(settings: Settings, pinning: Pinning) -> dict[str, object]:
+    """Taken before the runs: the commit measured is the one checked out when they start."""
+    return {
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "settings": {
+            "duration_s": settings.duration_s,
+            "warmup_s": settings.warmup_s,
+            "wrk": f"-t{settings.threads} -c{settings.connections} keep-alive",
+            "rate": settings.rate,
+            "rate_connections": settings.rate_connections,
+            "hold_connections": settings.hold_connections,
+            "access_logs": ACCESS_LOGS,
+        },
+        "machine": report.machine(pinning, tools.versions()),
+    }
+
+
+def _report(results: list[RunResult], meta: dict[str, object], output: Path) -> None:
+    by_name = {r.name: r for r in results}
+    report.ratios(by_name)
+    print()
+    print(report.table(by_name))
+    for note in report.noise_notes(by_name):
+        print(note)
+    report.write_json(output, results, meta, by_name)
+    print(f"\nwritten: {output}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.list:
+        print("\n".join(REGISTRY))
+        return 0
+    settings = _settings(args)
     workdir = Path(tempfile.mkdtemp(prefix="lepton-bench-"))
     try:
         names = selected(args.only)
         tools.ensure(install=not args.no_install)
         pinning = Pinning.detect()
         print(f"pinning: {pinning.describe()}", flush=True)
+        meta = _meta(settings, pinning)
         _prepare_process(pinning)
         results = run_all(settings, pinning, names, workdir)
     except BenchError as exc:
@@ -157,27 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"configs and logs kept in {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    by_name = {r.name: r for r in results}
-    report.ratios(by_name)
-    print()
-    print(report.table(by_name))
-    for note in report.noise_notes(by_name):
-        print(note)
-    meta = {
-        "started": started,
-        "settings": {
-            "duration_s": settings.duration_s,
-            "warmup_s": settings.warmup_s,
-            "wrk": f"-t{settings.threads} -c{settings.connections} keep-alive",
-            "rate": settings.rate,
-            "rate_connections": settings.rate_connections,
-            "hold_connections": settings.hold_connections,
-            "access_logs": ACCESS_LOGS,
-        },
-        "machine": report.machine(pinning, tools.versions()),
-    }
-    report.write_json(args.output, results, meta, by_name)
-    print(f"\nwritten: {args.output}")
+    _report(results, meta, args.output)
     return 1 if any(r.error for r in results) else 0
 
 

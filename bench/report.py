@@ -194,15 +194,21 @@ def _cpu_model() -> str:
     return platform.processor() or "?"
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str:
     root = Path(__file__).resolve().parent.parent
     done = subprocess.run(
-        ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-        capture_output=True,
-        text=True,
-        check=False,
+        ["git", "-C", str(root), *args], capture_output=True, text=True, check=False
     )
-    return done.stdout.strip() or None
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+def _git_commit() -> str | None:
+    """HEAD, with `+dirty` when tracked project code differs from it (work in progress)."""
+    head = _git("rev-parse", "--short", "HEAD")
+    if not head:
+        return None
+    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", "lepton_mesh")
+    return f"{head}+dirty" if dirty else head
 
 
 def machine(pinning: Pinning, tool_versions: Mapping[str, str]) -> dict[str, object]:
