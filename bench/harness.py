@@ -30,6 +30,9 @@ from bench.procs import (
     tree_rss_mb,
 )
 
+# `bench` is not an installed package: its clients run from the directory holding it.
+_PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
 Kind = Literal["throughput", "latency", "memory"]
 
 
@@ -171,7 +174,9 @@ class Bench:
         """
         argv = [*self.pinning.load(), sys.executable, "-m", module, *args]
         stderr = self.workdir / f"{label}.stderr.log"
-        proc = spawn(argv, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.PIPE)
+        proc = spawn(
+            argv, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.PIPE, cwd=_PROJECT_ROOT
+        )
         with running(proc, label):
             yield Tool(label, proc, stderr)
 

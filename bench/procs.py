@@ -71,7 +71,12 @@ def _child_setup() -> None:
 
 
 def spawn(
-    argv: Sequence[str], *, stdout: Path | int, stderr: Path | int, stdin: int | None = None
+    argv: Sequence[str],
+    *,
+    stdout: Path | int,
+    stderr: Path | int,
+    stdin: int | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start `argv` in its own session; stdout/stderr go to files (or DEVNULL/PIPE)."""
     out = open(stdout, "wb") if isinstance(stdout, Path) else stdout  # noqa: SIM115
@@ -82,6 +87,7 @@ def spawn(
             stdin=subprocess.DEVNULL if stdin is None else stdin,
             stdout=out,
             stderr=err,
+            cwd=cwd,
             start_new_session=True,
             preexec_fn=_child_setup,  # single-threaded bench: safe
         )
