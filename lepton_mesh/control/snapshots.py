@@ -196,6 +196,11 @@ class MeshIndex:
             return set()
         return set(ns.instances) | set(ns.policies.get("ExternalService", {}))
 
+    def service_endpoints(self, namespace: str, service: str) -> list[dict[str, Any]]:
+        """One service's endpoints as a caller is sent them."""
+        ns = self._namespaces.get(namespace) or _Namespace()
+        return _service(ns, service)["endpoints"]
+
     def snapshot(self, scope: Scope) -> tuple[dict[str, Any], frozenset[str]]:
         """The snapshot content for `scope`, and the services it was built from
         (a change to any other service of the namespace cannot change it)."""
@@ -347,7 +352,7 @@ def _external_endpoints(manifest: dict[str, Any]) -> list[dict[str, Any]]:
                     "address": ep["address"],
                     "weight": _weight(ep.get("weight")),
                     "labels": _labels(ep.get("labels")),
-                    "healthy": True,
+                    "healthy": ep.get("healthy", True) is True,
                 }
             )
     return out

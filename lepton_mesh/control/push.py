@@ -1,0 +1,441 @@
+"""The sidecar-facing stream server: hello, registration, snapshots, acks.
+
+One `_Stream` (an asyncio Protocol) per sidecar connection, all fed by one
+`PushServer` that mirrors the WatchCache into a `MeshIndex`. The stream
+protocol is docs/control-plane.md's; `lepton_mesh.meshproto` is its codec.
+
+A stream's life:
+    hello --validate--> register (etcd, lease) --> welcome + first snapshot
+    --> (snapshot when its content changes)* ... close --> revoke the lease
+Anything but a valid hello first is an `error` frame and a close, as is a
+protocol error at any time. A registration that etcd refuses (down, timed
+out) is an `error` with reason `store_unavailable`: the sidecar retries with
+backoff, and keeps serving its last config meanwhile.
+
+Snapshots are cheap for many sidecars: sidecars with the same scope
+(service, namespace, dependencies) share a `_Group`, whose snapshot is built
+and encoded once per revision that can change it (`MeshIndex.apply` says
+which services a revision touched; a group is rebuilt only if it reads one
+of them), and pushed only if its content digest changed. A stream whose
+transport is paused (the sidecar reads slowly) is not written to; when it
+resumes it gets the group's latest frame, never a backlog: a snapshot is
+complete, so skipping one loses nothing.
+
+Never a partial state: the index changes only in `on_cache_change`, which
+the WatchCache calls after whole revisions, and a snapshot's version is the
+revision its index was at.
+
+A stream that sends nothing for `idle_timeout` (15 s; sidecars ping every
+5 s) is dropped: a half-open connection must not keep its lease alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from lepton_mesh import meshproto as mp
+from lepton_mesh.control.snapshots import ALL, MeshIndex, Scope, content_digest
+from lepton_mesh.control.store import Event, StoreError, StoreUnavailable
+
+if TYPE_CHECKING:
+    from lepton_mesh.control.registry import Registration, Registry
+    from lepton_mesh.control.watch_cache import WatchCache
+
+__all__ = ["PushServer"]
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_NODE_ID = re.compile(r"[A-Za-z0-9][-A-Za-z0-9_.]{0,252}")
+# Frames that may arrive between hello and welcome (only pings, normally).
+_MAX_EARLY = 16
+# A registration waits this long for the cache's first read before giving up.
+_READY_WAIT = 5.0
+
+
+@dataclass(slots=True, eq=False)
+class _Group:
+    """Sidecars with one scope, and the snapshot they all get."""
+
+    scope: Scope
+    members: set[_Stream] = field(default_factory=set)
+    digest: bytes = b""
+    frame: bytes = b""
+    version: int = 0
+    reads: frozenset[str] = frozenset()  # services the snapshot was built from
+
+
+class PushServer:
+    """Serves sidecar streams on one listening socket.
+
+    The daemon subscribes `on_cache_change` to the WatchCache before it runs.
+    """
+
+    def __init__(
+        self,
+        cache: WatchCache,
+        registry: Registry,
+        *,
+        control_id: str,
+        idle_timeout: float = 15.0,
+    ) -> None:
+        self.cache = cache
+        self.registry = registry
+        self.control_id = control_id
+        self.idle_timeout = idle_timeout
+        self._index = MeshIndex()
+        self._indexed = False  # the index holds a full read
+        self.revision = 0  # the revision the index (and every group's snapshot) is at
+        self._groups: dict[Scope, _Group] = {}
+        self._streams: set[_Stream] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._server: asyncio.Server | None = None
+        self._closing = False
+        # counters, for the admin API and tests
+        self.pushes = 0
+        self.builds = 0
+
+    # --- the listening side ---
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen; returns the bound port (for port 0)."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Stream(self), host, port)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        """Stop accepting, close every stream and revoke their leases."""
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+        for stream in list(self._streams):
+            stream.close()
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    def connections(self) -> int:
+        return len(self._streams)
+
+    def groups(self) -> int:
+        return len(self._groups)
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- the cache side ---
+
+    def on_cache_change(self, revision: int, events: list[Event] | None) -> None:
+        """A whole revision (or a full resync, `events` None) reached the cache."""
+        if events is None or not self._indexed:
+            touched = self._index.reset(self.cache.items)
+            self._indexed = True
+        else:
+            touched = self._index.apply(
+                (e.key, e.value if e.kind == "put" else None) for e in events
+            )
+        self.revision = max(self.revision, revision)
+        if touched:
+            self._rebuild_affected(touched, everything=events is None)
+
+    def _ensure_indexed(self) -> None:
+        # The cache may have done its first read before we subscribed.
+        if not self._indexed and self.cache.ready.is_set():
+            self._index.reset(self.cache.items)
+            self._indexed = True
+            self.revision = max(self.revision, self.cache.revision)
+
+    def _rebuild_affected(self, touched: Iterable[tuple[str, str]], *, everything: bool) -> None:
+        by_ns: dict[str, set[str]] = {}
+        for ns, svc in touched:
+            by_ns.setdefault(ns, set()).add(svc)
+        for group in list(self._groups.values()):
+            svcs = by_ns.get(group.scope.namespace)
+            if everything or (
+                svcs is not None and (group.scope.everything or not group.reads.isdisjoint(svcs))
+            ):
+                self._build(group)
+
+    def _build(self, group: _Group) -> None:
+        content, group.reads = self._index.snapshot(group.scope)
+        self.builds += 1
+        digest = content_digest(content)
+        if digest == group.digest:
+            return
+        group.digest = digest
+        group.version = self.revision
+        group.frame = mp.encode(
+            mp.Snapshot(self.revision, content["services"], tuple(content["policies"]))
+        )
+        for stream in group.members:
+            stream.push()
+
+    def join(self, stream: _Stream, scope: Scope) -> _Group:
+        self._ensure_indexed()
+        group = self._groups.get(scope)
+        if group is None:
+            group = self._groups[scope] = _Group(scope)
+            self._build(group)
+        group.members.add(stream)
+        return group
+
+    def leave(self, stream: _Stream, group: _Group) -> None:
+        group.members.discard(stream)
+        if not group.members and self._groups.get(group.scope) is group:
+            del self._groups[group.scope]
+
+    async def wait_ready(self) -> None:
+        """The cache has its first full read (else StoreUnavailable)."""
+        if self.cache.ready.is_set():
+            return
+        try:
+            async with asyncio.timeout(_READY_WAIT):
+                await self.cache.ready.wait()
+        except TimeoutError:
+            raise StoreUnavailable("the control daemon has not read etcd yet") from None
+
+
+class _Stream(asyncio.Protocol):
+    """One sidecar connection. Callbacks never await; etcd work runs in tasks."""
+
+    __slots__ = (
+        # global
+        "_server",
+        "_loop",
+        # connection
+        "_transport",
+        "_decoder",
+        "_closed",
+        "_write_paused",
+        "_last_rx",
+        "_idle_timer",
+        # stream state
+        "_state",
+        "_early",
+        "_hello",
+        "_reg",
+        "_group",
+        "_sent_digest",
+    )
+
+    def __init__(self, server: PushServer) -> None:
+        self._server = server
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._decoder = mp.FrameDecoder()
+        self._closed = False
+        self._write_paused = False
+        self._last_rx = self._loop.time()
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._state = "hello"  # hello -> registering -> active
+        self._early: list[mp.Message] = []
+        self._hello: mp.Hello | None = None
+        self._reg: Registration | None = None
+        self._group: _Group | None = None
+        self._sent_digest = b""
+
+    # --- asyncio callbacks ---
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        if self._server._closing:
+            transport.close()
+            return
+        self._server._streams.add(self)
+        self._idle_timer = self._loop.call_later(self._server.idle_timeout, self._check_idle)
+
+    def data_received(self, data: bytes) -> None:
+        self._last_rx = self._loop.time()
+        self._decoder.feed(data)
+        try:
+            while not self._closed and (msg := self._decoder.next_message()) is not None:
+                self._handle(msg)
+        except mp.ProtocolError as e:
+            self._fail(e.reason, e.detail)
+
+    def eof_received(self) -> bool:
+        return False  # close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._server._streams.discard(self)
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        if self._group is not None:
+            self._server.leave(self, self._group)
+            self._group = None
+        if self._reg is not None:
+            reg, self._reg = self._reg, None
+            self._server.spawn(self._server.registry.deregister(reg))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self.push()
+
+    # --- messages ---
+
+    def _handle(self, msg: mp.Message) -> None:
+        if isinstance(msg, mp.Unknown):
+            return  # a later minor version's message: ignored
+        if self._state == "hello":
+            self._on_hello(msg)
+        elif self._state == "registering":
+            if isinstance(msg, mp.Ping):
+                self._send(mp.Pong(msg.time))
+            elif len(self._early) < _MAX_EARLY:
+                self._early.append(msg)
+            else:
+                self._fail(mp.Reason.UNEXPECTED_MESSAGE, "too many frames before welcome")
+        else:
+            self._on_message(msg)
+
+    def _on_hello(self, msg: mp.Message) -> None:
+        if not isinstance(msg, mp.Hello):
+            self._fail(mp.Reason.UNEXPECTED_MESSAGE, f"expected hello, got {mp.msg_type(msg)}")
+            return
+        if msg.protocol != mp.PROTOCOL_VERSION:
+            self._fail(
+                mp.Reason.UNSUPPORTED_VERSION,
+                f"protocol {msg.protocol} is not supported (this control speaks {mp.PROTOCOL_VERSION})",
+            )
+            return
+        problem = _hello_problem(msg)
+        if problem:
+            self._fail(mp.Reason.BAD_HELLO, problem)
+            return
+        self._hello = msg
+        self._state = "registering"
+        self._server.spawn(self._register(msg))
+
+    async def _register(self, hello: mp.Hello) -> None:
+        server = self._server
+        try:
+            await server.wait_ready()
+            reg = await server.registry.register(
+                node_id=hello.node_id,
+                service=hello.service,
+                namespace=hello.namespace,
+                instance={
+                    "address": hello.instance.address,
+                    "ports": dict(hello.instance.ports),
+                    "labels": dict(hello.instance.labels),
+                    "weight": hello.instance.weight,
+                },
+                applied_version=hello.applied_version,
+            )
+        except StoreError as e:
+            log.info("registration of %s failed: %s", hello.node_id, e)
+            self._fail(e.reason, f"registration failed: {e.detail}")
+            return
+        # Read-your-writes: the first snapshot is built from a cache that has seen
+        # this registration, hence everything committed before it.
+        with contextlib.suppress(TimeoutError):
+            await server.cache.wait_for_revision(reg.revisions[reg.instance_key], _READY_WAIT)
+        if self._closed:  # the sidecar went away while we registered it
+            await server.registry.deregister(reg)
+            return
+        self._reg = reg
+        reg.on_superseded = self._superseded
+        self._state = "active"
+        self._send(mp.Welcome(server.control_id))
+        self._group = server.join(
+            self, Scope.of(hello.service, hello.namespace, hello.dependencies)
+        )
+        self.push()
+        early, self._early = self._early, []
+        for msg in early:
+            if self._closed:
+                break
+            self._on_message(msg)
+
+    def _on_message(self, msg: mp.Message) -> None:
+        registry, reg = self._server.registry, self._reg
+        assert reg is not None
+        if isinstance(msg, mp.Ping):
+            self._send(mp.Pong(msg.time))
+            registry.record_seen(reg)
+        elif isinstance(msg, mp.Ack):
+            registry.record_ack(reg, msg.version)
+        elif isinstance(msg, mp.Nack):
+            log.warning("%s rejected snapshot %d: %s", reg.node_id, msg.version, msg.error)
+            registry.record_nack(reg, msg.version, msg.error)
+        elif isinstance(msg, mp.Health):
+            registry.set_health(reg, msg.healthy)
+            registry.record_seen(reg)
+        elif isinstance(msg, mp.Draining):
+            registry.set_draining(reg)
+            registry.record_seen(reg)
+        else:
+            self._fail(
+                mp.Reason.UNEXPECTED_MESSAGE, f"unexpected {mp.msg_type(msg)} on an open stream"
+            )
+
+    # --- output ---
+
+    def push(self) -> None:
+        """Send the group's snapshot if this sidecar does not have it yet."""
+        group = self._group
+        if group is None or self._closed or self._write_paused or group.digest == self._sent_digest:
+            return
+        self._sent_digest = group.digest
+        assert self._transport is not None
+        self._transport.write(group.frame)
+        self._server.pushes += 1
+
+    def _send(self, msg: mp.Message) -> None:
+        if not self._closed and self._transport is not None:
+            self._transport.write(mp.encode(msg))
+
+    def _fail(self, reason: str, detail: str) -> None:
+        """An `error` frame, then close: fatal for the stream."""
+        if self._closed:
+            return
+        with contextlib.suppress(mp.ProtocolError):
+            self._send(mp.Error(reason, detail))
+        self.close()
+
+    def _superseded(self) -> None:
+        self._reg = None  # the registry already let its keys go
+        self._fail("superseded", "this sidecar registered again on another stream")
+
+    def close(self) -> None:
+        if self._closed or self._transport is None:
+            return
+        self._closed = True
+        self._transport.close()  # flushes what was written, then connection_lost
+
+    def _check_idle(self) -> None:
+        idle = self._loop.time() - self._last_rx
+        if idle >= self._server.idle_timeout:
+            log.info("dropping a stream silent for %.0f s", idle)
+            self._fail("idle_timeout", f"nothing received for {idle:.0f} s")
+            return
+        self._idle_timer = self._loop.call_later(self._server.idle_timeout - idle, self._check_idle)
+
+
+def _hello_problem(hello: mp.Hello) -> str:
+    """What is wrong with a hello's identity, or "" (the codec checked the types)."""
+    if not _NODE_ID.fullmatch(hello.node_id):
+        return f"node_id {hello.node_id!r}: use letters, digits, '-', '_' and '.'"
+    for what, name in (("service", hello.service), ("namespace", hello.namespace)):
+        if len(name) > 63 or not _NAME.fullmatch(name):
+            return f"{what} {name!r} is not a DNS label (lowercase letters, digits and '-')"
+    for dep in hello.dependencies:
+        if dep != ALL and (len(dep) > 63 or not _NAME.fullmatch(dep)):
+            return f"dependency {dep!r} is neither a service name nor '*'"
+    if not hello.instance.ports:
+        return "instance.ports is empty: callers could not reach this instance"
+    return ""

@@ -1,0 +1,207 @@
+"""The push server and registry against a real etcd, with protocol peers on real sockets."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+
+from lepton_mesh import meshproto as mp
+from lepton_mesh.control.store import Store
+from tests.control.conftest import Peer, Replicas, endpoints, eventually, hello
+
+INSTANCE = "/lepton/v1/instances/default/{}/{}"
+
+
+async def test_hello_registers_with_a_lease_and_close_removes_it_at_once(
+    replicas: Replicas, store: Store
+) -> None:
+    replica = await replicas(lease_ttl=10)
+    peer = await Peer.connect(replica.listen_port, hello("chat", "chat-1", port=15100))
+    welcome = await peer.recv()
+    assert welcome == mp.Welcome(control_id=replica.options.replica_id)
+    snap = await peer.next_snapshot()
+    assert snap.services == {} and snap.policies == ()
+    assert snap.version > 0
+
+    kv = await store.get(INSTANCE.format("chat", "chat-1"))
+    assert kv is not None and kv.lease != 0
+    assert 0 < await store.lease_ttl(kv.lease) <= 10
+    value = orjson.loads(kv.value)
+    assert {k: value[k] for k in ("address", "ports", "healthy", "draining", "node_id")} == {
+        "address": "127.0.0.1",
+        "ports": {"http": 15100},
+        "healthy": True,
+        "draining": False,
+        "node_id": "chat-1",
+    }
+    status = await store.get("/lepton/v1/sidecars/chat-1")
+    assert status is not None and status.lease == kv.lease
+
+    started = time.monotonic()
+    await peer.close()
+
+    async def gone() -> bool:
+        return await store.get(INSTANCE.format("chat", "chat-1")) is None
+
+    await eventually(gone, timeout=2.0, what="instance removed on close")
+    assert time.monotonic() - started < 2.0  # revoked, not left to the 10 s TTL
+    assert await store.get("/lepton/v1/sidecars/chat-1") is None
+
+
+async def test_a_dependency_registering_appears_in_the_callers_next_snapshot(
+    replicas: Replicas,
+) -> None:
+    replica = await replicas()
+    chat = await Peer.join(replica.listen_port, hello("chat", deps=("intent",)))
+    assert chat.snapshot is not None
+    assert chat.snapshot.services == {"intent": {"protocol": "http", "endpoints": []}}
+
+    started = time.monotonic()
+    intent = await Peer.join(replica.listen_port, hello("intent", port=15106, labels={"v": "1"}))
+    snap = await chat.next_snapshot(lambda s: bool(endpoints(s, "intent")))
+    elapsed = time.monotonic() - started
+    assert endpoints(snap, "intent") == [
+        {"address": "127.0.0.1:15106", "weight": 1, "labels": {"v": "1"}, "healthy": True}
+    ]
+    assert elapsed < 2.0
+    print(f"register -> caller's snapshot: {elapsed * 1000:.1f} ms")
+
+    await intent.close()
+    snap = await chat.next_snapshot(lambda s: not endpoints(s, "intent"))
+    assert snap.services["intent"]["endpoints"] == []
+
+
+async def test_scoping_a_sidecar_gets_only_its_dependencies(
+    replicas: Replicas, store: Store
+) -> None:
+    replica = await replicas()
+    route = {
+        "apiVersion": "lepton-mesh/v1",
+        "kind": "Route",
+        "metadata": {"name": "billing", "namespace": "default"},
+        "spec": {"destination": "billing", "rules": [{}]},
+    }
+    await store.put("/lepton/v1/policies/Route/default/billing", orjson.dumps(route))
+    for svc in ("intent", "billing", "dialog"):
+        await Peer.join(replica.listen_port, hello(svc))
+    await Peer.join(replica.listen_port, hello("intent", namespace="other"))
+    chat = await Peer.join(replica.listen_port, hello("chat", deps=("intent",)))
+    assert chat.snapshot is not None
+    assert set(chat.snapshot.services) == {"intent"}
+    assert len(endpoints(chat.snapshot, "intent")) == 1  # not the other namespace's
+    assert chat.snapshot.policies == ()
+
+    star = await Peer.join(replica.listen_port, hello("ops", deps=("*",)))
+    assert star.snapshot is not None
+    assert set(star.snapshot.services) == {"intent", "billing", "dialog", "chat", "ops"}
+    assert [p["kind"] for p in star.snapshot.policies] == ["Route"]
+
+
+async def test_health_and_draining_mark_the_endpoint_for_callers(replicas: Replicas) -> None:
+    replica = await replicas()
+    chat = await Peer.join(replica.listen_port, hello("chat", deps=("intent",)))
+    intent = await Peer.join(replica.listen_port, hello("intent"))
+    await chat.next_snapshot(lambda s: bool(endpoints(s, "intent")))
+
+    intent.send(mp.Health(False, "GET /healthz: 500"))
+    snap = await chat.next_snapshot()
+    assert [ep["healthy"] for ep in endpoints(snap, "intent")] == [False]
+
+    intent.send(mp.Health(True))
+    snap = await chat.next_snapshot()
+    assert [ep["healthy"] for ep in endpoints(snap, "intent")] == [True]
+
+    intent.send(mp.Draining())
+    snap = await chat.next_snapshot()
+    assert [ep["healthy"] for ep in endpoints(snap, "intent")] == [False]
+    await intent.ping()  # still connected and served while draining
+
+
+async def test_ack_and_nack_are_recorded_in_the_sidecar_status(replicas: Replicas) -> None:
+    replica = await replicas()
+    assert replica.ctx is not None
+    registry = replica.ctx.registry
+    peer = await Peer.join(replica.listen_port, hello("chat", "chat-7"))
+    assert peer.snapshot is not None
+    version = peer.snapshot.version
+
+    def status() -> dict:
+        rows = [s for s in registry.sidecars() if s["node_id"] == "chat-7"]
+        return rows[0] if rows else {}
+
+    await eventually(lambda: status().get("control") == replica.options.replica_id)
+    assert status()["applied_version"] == 0 and status()["last_nack"] is None
+    peer.send(mp.Ack(version))
+    await eventually(lambda: status().get("applied_version") == version, what="ack recorded")
+    peer.send(mp.Nack(version + 1, "policies[0].spec: bad"))
+    await eventually(lambda: status().get("last_nack") is not None, what="nack recorded")
+    assert status()["last_nack"] == {"version": version + 1, "error": "policies[0].spec: bad"}
+    assert status()["applied_version"] == version
+
+
+async def test_unchanged_content_is_not_pushed_again(replicas: Replicas) -> None:
+    replica = await replicas()
+    chat = await Peer.join(replica.listen_port, hello("chat", deps=("intent",)))
+    await Peer.join(replica.listen_port, hello("billing"))  # outside chat's scope
+    chat.send(mp.Ack(1))  # a status write: a new revision, nothing in scope
+    await Peer.join(replica.listen_port, hello("intent"))
+    snap = await chat.next_snapshot()
+    # The first snapshot after the join is the one with intent: nothing came in between.
+    assert len(endpoints(snap, "intent")) == 1
+    assert len(chat.snapshots) == 2
+
+
+async def test_bad_hellos_are_refused_with_an_error(replicas: Replicas) -> None:
+    replica = await replicas()
+    cases = [
+        (mp.Ping(1.0), mp.Reason.UNEXPECTED_MESSAGE),
+        (hello("chat", protocol=2), mp.Reason.UNSUPPORTED_VERSION),
+        (hello("Chat"), mp.Reason.BAD_HELLO),
+        (hello("chat", node_id="a/b"), mp.Reason.BAD_HELLO),
+        (hello("chat", deps=("x y",)), mp.Reason.BAD_HELLO),
+    ]
+    for first, reason in cases:
+        peer = await Peer.connect(replica.listen_port, first)  # type: ignore[arg-type]
+        msg = await peer.recv()
+        assert isinstance(msg, mp.Error) and msg.reason == reason, (first, msg)
+        assert await peer.recv() is None  # closed after the error
+    # Broken framing: a frame announced larger than the limit.
+    peer = await Peer.connect(replica.listen_port)
+    peer.writer.write((mp.MAX_FRAME + 1).to_bytes(4, "big"))
+    msg = await peer.recv()
+    assert isinstance(msg, mp.Error) and msg.reason == mp.Reason.FRAME_TOO_LARGE
+
+
+async def test_a_silent_stream_is_dropped_and_deregistered(
+    replicas: Replicas, store: Store
+) -> None:
+    replica = await replicas(idle_timeout=0.5)
+    peer = await Peer.join(replica.listen_port, hello("chat", "quiet-1"))
+    await peer.ping()
+    msg = await peer.recv(timeout=3.0)
+    assert isinstance(msg, mp.Error) and msg.reason == "idle_timeout"
+    assert await peer.recv() is None
+
+    async def gone() -> bool:
+        return await store.get(INSTANCE.format("chat", "quiet-1")) is None
+
+    await eventually(gone, what="instance removed")
+
+
+async def test_a_second_stream_for_one_node_supersedes_the_first(
+    replicas: Replicas, store: Store
+) -> None:
+    one, two = await replicas(), await replicas()
+    first = await Peer.join(one.listen_port, hello("chat", "chat-9"))
+    second = await Peer.join(two.listen_port, hello("chat", "chat-9"))
+    kv = await store.get(INSTANCE.format("chat", "chat-9"))
+    assert kv is not None
+    # The old replica's next write finds the keys bound to another lease: it lets go.
+    first.send(mp.Health(False))
+    msg = await first.recv()
+    assert isinstance(msg, mp.Error) and msg.reason == "superseded"
+    await second.ping()
+    after = await store.get(INSTANCE.format("chat", "chat-9"))
+    assert after is not None and after.lease == kv.lease  # the new owner's lease still holds
+    assert orjson.loads(after.value)["healthy"] is True  # and the old one did not write
