@@ -1,0 +1,143 @@
+"""Circuit breaking, end to end: past a limit the sidecar answers 503 `overflow`
+at once and queues nothing; the state shows on `/clusters` and in metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from proxy_harness import (
+    RawClient,
+    assert_lepton_error,
+    outbound,
+    read_response,
+    request_bytes,
+    wait_for,
+)
+from traffic_support import (
+    HOLD,
+    call,
+    clusters,
+    destination,
+    mesh_config,
+    metric,
+    scrape,
+    start_backend,
+)
+
+from lepton_mesh.policy.traffic import CircuitLimits, RetryPolicy
+from lepton_mesh.proxy.errors import Reason
+
+
+async def test_overflow_answers_503_immediately(sidecars, upstreams) -> None:
+    slow = await start_backend(upstreams, "slow", HOLD)
+    limits = CircuitLimits(max_requests=2)
+    cfg = mesh_config(
+        {"svc": [slow]},
+        destinations=[
+            destination("svc", limits=limits, retry=RetryPolicy(attempts=1), outlier=None)
+        ],
+    )
+    sc = await sidecars(cfg)
+
+    held = [await RawClient.connect(outbound(sc)) for _ in range(2)]
+    try:
+        for i, c in enumerate(held):
+            await c.send(request_bytes("GET", f"/held/{i}", host="svc"))
+        await wait_for(lambda: slow.in_flight == 2, what="two requests held upstream")
+
+        view = (await clusters(sc))["svc"]["circuit"]["requests"]
+        assert view == {"used": 2, "max": 2, "open": True, "overflows": 0}
+
+        third = await call(outbound(sc), target="/third")
+        assert_lepton_error(third.response, 503, Reason.OVERFLOW)
+        print(f"\noverflow answered in {third.latency * 1000:.2f} ms")
+        assert third.latency < 0.05, third.latency  # never queued behind the held two
+        assert slow.hits == 2  # the third never reached the upstream
+
+        samples = await scrape(sc)
+        labels = {"destination_service": "svc", "limit": "requests"}
+        assert metric(samples, "lepton_circuit_overflows_total", **labels) == 1
+        assert metric(samples, "lepton_circuit_open", **labels) == 1
+
+        slow.release()
+        first = [await asyncio.wait_for(read_response(c.reader), 5) for c in held]
+        assert [r.status for r in first] == [200, 200]
+    finally:
+        for c in held:
+            await c.close()
+
+    # The slots are free again.
+    await wait_for(lambda: slow.in_flight == 0)
+    again = await call(outbound(sc), target="/again")
+    assert again.status == 200
+    view = (await clusters(sc))["svc"]["circuit"]["requests"]
+    assert view == {"used": 0, "max": 2, "open": False, "overflows": 1}
+    samples = await scrape(sc)
+    labels = {"destination_service": "svc", "limit": "requests"}
+    assert metric(samples, "lepton_circuit_open", **labels) == 0
+
+
+async def test_overflow_under_a_burst_is_exact(sidecars, upstreams) -> None:
+    """Twenty concurrent requests against max_requests 5: exactly five reach
+    the upstream, fifteen are refused at once, whatever the arrival order."""
+    slow = await start_backend(upstreams, "slow", HOLD)
+    cfg = mesh_config(
+        {"svc": [slow]},
+        destinations=[
+            destination(
+                "svc",
+                limits=CircuitLimits(max_requests=5),
+                retry=RetryPolicy(attempts=1),
+                outlier=None,
+            )
+        ],
+    )
+    sc = await sidecars(cfg)
+    started = time.perf_counter()
+    tasks = [asyncio.ensure_future(call(outbound(sc), target=f"/b{i}")) for i in range(20)]
+    await wait_for(lambda: sum(t.done() for t in tasks) == 15, what="15 overflows")
+    refused_within = time.perf_counter() - started
+    await wait_for(lambda: slow.in_flight == 5)
+    refused = [t.result() for t in tasks if t.done()]
+    for r in refused:
+        assert_lepton_error(r.response, 503, Reason.OVERFLOW)
+    slow.release()
+    results = await asyncio.gather(*tasks)
+    assert sorted(r.status for r in results) == [200] * 5 + [503] * 15
+    assert slow.hits == 5
+    print(f"\n15 overflows answered within {refused_within * 1000:.1f} ms of the burst")
+    assert (await clusters(sc))["svc"]["circuit"]["requests"]["overflows"] == 15
+
+
+async def test_max_connections_overflow(sidecars, upstreams) -> None:
+    """One connection allowed and held busy: a second concurrent request would
+    need another, and is refused (the `connections` limit), not queued."""
+    slow = await start_backend(upstreams, "slow", HOLD)
+    cfg = mesh_config(
+        {"svc": [slow]},
+        destinations=[
+            destination(
+                "svc",
+                limits=CircuitLimits(max_connections=1),
+                retry=RetryPolicy(attempts=1),
+                outlier=None,
+            )
+        ],
+    )
+    sc = await sidecars(cfg)
+    first = asyncio.ensure_future(call(outbound(sc), target="/first"))
+    await wait_for(lambda: slow.in_flight == 1)
+    second = await call(outbound(sc), target="/second")
+    assert_lepton_error(second.response, 503, Reason.OVERFLOW)
+    assert second.latency < 0.05, second.latency
+    slow.release()
+    assert (await first).status == 200
+    circuit = (await clusters(sc))["svc"]["circuit"]
+    assert circuit["connections"]["overflows"] == 1
+    assert circuit["requests"]["overflows"] == 0
+    samples = await scrape(sc)
+    labels = {"destination_service": "svc", "limit": "connections"}
+    assert metric(samples, "lepton_circuit_overflows_total", **labels) == 1
+    # The connection that exists is reused: the next request is served.
+    assert (await call(outbound(sc), target="/third")).status == 200
