@@ -52,8 +52,10 @@ class Control:
 
 
 @contextlib.asynccontextmanager
-async def open_control(endpoints: list[str], *, wipe: bool = True) -> AsyncIterator[Control]:
-    store = await Store.connect(endpoints, timeout=2.0)
+async def open_control(
+    endpoints: list[str], *, wipe: bool = True, timeout: float = 2.0
+) -> AsyncIterator[Control]:
+    store = await Store.connect(endpoints, timeout=timeout)
     if wipe:
         await store.delete("/lepton/", prefix=True)
     cache = WatchCache(store, ROOT)
