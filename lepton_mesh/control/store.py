@@ -430,8 +430,11 @@ class Store:
             if remaining <= 0:
                 raise StoreUnavailable(f"etcd {what}: no answer within {budget:.1f} s")
             token = self._token
+            # A repeatable call gets several tries within the budget: a request
+            # caught by a leader change waits out etcd's own timeout otherwise.
+            attempt = min(remaining, max(budget / 4, 0.5)) if idempotent else remaining
             try:
-                return await method(request, metadata=self._metadata(), timeout=remaining)
+                return await method(request, metadata=self._metadata(), timeout=attempt)
             except grpc.aio.AioRpcError as exc:
                 if self._username is not None and _is_token_error(exc) and not reauthed:
                     reauthed = True
@@ -593,7 +596,8 @@ class Store:
         backoff = 0.05
         while True:
             token = self._token
-            stream = self._open_watch(key, end, next_rev)
+            closed = asyncio.Event()
+            stream = self._open_watch(key, end, next_rev, closed)
             try:
                 async for batch in self._watch_stream(stream, on_created):
                     down_since = None
@@ -611,6 +615,7 @@ class Store:
             except _WatchLost as exc:
                 _log.info("watch %s: %s, resuming at %d", prefix, exc, next_rev)
             finally:
+                closed.set()  # ends our request generator, so nothing is left running
                 stream.cancel()
             now = time.monotonic()
             down_since = now if down_since is None else down_since
@@ -619,12 +624,14 @@ class Store:
             await asyncio.sleep(backoff)  # reconnect backoff (a timer)
             backoff = min(backoff * 2, 0.5)
 
-    def _open_watch(self, key: bytes, end: bytes, start_revision: int) -> Any:
+    def _open_watch(
+        self, key: bytes, end: bytes, start_revision: int, closed: asyncio.Event
+    ) -> Any:
         create = pb.WatchCreateRequest(key=key, range_end=end, start_revision=start_revision)
 
         async def requests() -> AsyncIterator[Any]:
             yield pb.WatchRequest(create_request=create)
-            await asyncio.Event().wait()  # keep our half open until cancelled
+            await closed.wait()  # keep our half of the stream open until we are done
 
         return self._watch.Watch(requests(), metadata=self._metadata(_HAS_LEADER))
 
@@ -828,8 +835,8 @@ class _KeepAliveMux:
         queue: asyncio.Queue[Any] = asyncio.Queue()
 
         async def requests() -> AsyncIterator[Any]:
-            while True:
-                yield await queue.get()
+            while (request := await queue.get()) is not None:  # None: stream done
+                yield request
 
         call = self._store._lease.LeaseKeepAlive(requests(), metadata=self._store._metadata())
         self._queue = queue
@@ -850,6 +857,8 @@ class _KeepAliveMux:
                 with contextlib.suppress(StoreError):
                     await self._store._authenticate(self._store._token)
         finally:
+            if self._queue is not None:
+                self._queue.put_nowait(None)
             call.cancel()
             self._queue = None
             for futs in self._pending.values():

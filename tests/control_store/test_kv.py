@@ -67,7 +67,11 @@ async def test_txn_is_all_or_nothing_in_one_revision(etcd: EtcdTarget, etcd_stor
     await etcd_store.put(etcd.key("old", "2"), b"x")
     result = await etcd_store.txn(
         [Compare.absent(etcd.key("lock"))],
-        [Put(etcd.key("lock"), b"me"), Put(etcd.key("n"), b"1"), Delete(etcd.key("old/"), prefix=True)],
+        [
+            Put(etcd.key("lock"), b"me"),
+            Put(etcd.key("n"), b"1"),
+            Delete(etcd.key("old/"), prefix=True),
+        ],
     )
     assert result.succeeded
     kvs, _ = await etcd_store.get_prefix(etcd.prefix)
