@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 from proxy_harness import outbound, request_bytes
 from traffic_support import (
     DELAY,
+    RESET,
     Backend,
     clusters,
     destination,
@@ -133,3 +135,52 @@ async def test_peak_ewma_steers_away_from_a_slow_endpoint(sidecars, upstreams) -
     latency = {e["address"]: e["latency_ewma_ms"] for e in view["endpoints"]}
     assert latency[str(slow.address)] > 40
     assert all(latency[str(f.address)] < latency[str(slow.address)] for f in fast)
+
+
+@pytest.mark.parametrize("hash_on", [HashOn(cookie="session"), HashOn(source_ip=True)])
+async def test_ring_hash_on_cookie_or_source_ip(sidecars, upstreams, hash_on) -> None:
+    backends = await start_backends(upstreams, "e0", "e1", "e2")
+    policy = destination("svc", load_balancer=LoadBalancer("ring_hash", hash_on))
+    sc = await sidecars(quiet(mesh_config({"svc": backends}, destinations=[policy])))
+    sessions = [f"s{i:03d}" for i in range(200)]
+
+    def make(i: int) -> bytes:
+        cookie = f"theme=dark; session={sessions[i % 200]}; lang=en"
+        return request_bytes("GET", "/", host="svc", headers=[("cookie", cookie)])
+
+    results = await drive(outbound(sc), 400, concurrency=4, make=make)
+    first, second = results[:200], results[200:]
+    assert [r.served_by for r in first] == [r.served_by for r in second]
+    used = {r.served_by for r in results}
+    if hash_on.source_ip:
+        assert len(used) == 1  # every request comes from 127.0.0.1
+    else:
+        assert used == {"e0", "e1", "e2"}
+
+
+async def test_ring_hash_retry_goes_to_the_same_second_choice(sidecars, upstreams) -> None:
+    """Keys whose endpoint resets are retried on the next endpoint clockwise,
+    the same one every time; other keys never see the failing endpoint."""
+    good = await start_backends(upstreams, "e0", "e1")
+    bad = await start_backend(upstreams, "bad", RESET)
+    policy = destination(
+        "svc",
+        load_balancer=LoadBalancer("ring_hash", HashOn(header="x-user-id")),
+        outlier=None,
+    )
+    sc = await sidecars(quiet(mesh_config({"svc": [*good, bad]}, destinations=[policy])))
+    keys = [f"user-{i}" for i in range(300)]
+    results = await drive(
+        outbound(sc),
+        600,
+        concurrency=4,
+        make=lambda i: request_bytes(
+            "GET", "/", host="svc", headers=[("x-user-id", keys[i % 300])]
+        ),
+    )
+    assert {r.status for r in results} == {200}
+    first, second = results[:300], results[300:]
+    assert [(r.served_by, r.attempts) for r in first] == [(r.served_by, r.attempts) for r in second]
+    on_bad = sum(r.attempts == 2 for r in first)
+    assert 0.15 * 300 < on_bad < 0.55 * 300
+    assert bad.hits == 2 * on_bad

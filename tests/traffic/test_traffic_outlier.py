@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from proxy_harness import outbound
+from proxy_harness import LOCAL, Address, free_port, outbound
 from traffic_support import (
     OK,
     STATUS,
@@ -198,3 +198,33 @@ async def test_panic_threshold(sidecars, upstreams, panic_threshold, panic) -> N
         assert [b.hits for b in bad] == before
         assert served == ["good"] * 150
     assert (await ejected(sc, bad)) == [True, True]
+
+
+async def test_refusing_endpoint_is_ejected_after_consecutive_gateway_errors(
+    sidecars, upstreams
+) -> None:
+    """Refused connections count as gateway errors: after three, the endpoint is
+    ejected, so exactly three requests ever needed a second try."""
+    good = await start_backends(upstreams, "good-1", "good-2")
+    dead = Address(LOCAL, free_port())
+    outlier = OutlierDetection(
+        consecutive_5xx=0, consecutive_gateway_errors=3, base_ejection_time=30
+    )
+    cfg = mesh_config(
+        {"svc": [*good, dead]},
+        destinations=[destination("svc", retry=RetryPolicy(attempts=2), outlier=outlier)],
+    )
+    sc = await sidecars(cfg)
+    # One at a time: a try already on its way to the endpoint when it is
+    # ejected would be a fourth (and is not what this test counts).
+    results = await drive(outbound(sc), 150, concurrency=1)
+    assert [r.status for r in results] == [200] * 150
+    assert sum(r.attempts == 2 for r in results) == 3
+    view = (await clusters(sc))["svc"]
+    (entry,) = [e for e in view["endpoints"] if e["address"] == str(dead)]
+    assert entry["ejected"] is True
+    assert view["ejections_total"] == 1
+    samples = await scrape(sc)
+    assert (
+        metric(samples, "lepton_retries_total", destination_service="svc", outcome="attempted") == 3
+    )

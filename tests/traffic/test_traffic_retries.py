@@ -8,8 +8,18 @@ has its own tests.
 
 from __future__ import annotations
 
+import time
+
 import pytest
-from proxy_harness import LOCAL, Address, assert_lepton_error, free_port, outbound
+from proxy_harness import (
+    LOCAL,
+    Address,
+    assert_lepton_error,
+    chunked_body,
+    client,
+    free_port,
+    outbound,
+)
 from traffic_support import (
     CLOSE,
     HOLD,
@@ -19,6 +29,7 @@ from traffic_support import (
     TIMER_SLACK,
     Backend,
     CapturedLog,
+    Result,
     call,
     clusters,
     destination,
@@ -88,8 +99,14 @@ async def test_retry_reaches_another_endpoint(sidecars, upstreams, failure, retr
     # Each request reached an app exactly once where it succeeded.
     assert sum(b.hits for b in good) == n
     if bad is not None:
-        # Every try the failing endpoint took was retried, once.
+        # Every try the failing endpoint took was retried, once, as the same
+        # request: same target, same request id and trace context.
         assert bad.hits == len(retried)
+        served = {r.target: r for g in good for r in g.requests}
+        for tried in bad.requests:
+            again = served[tried.target]
+            for name in ("x-request-id", "traceparent"):
+                assert tried.get(name) == again.get(name) is not None
 
     by_path = {rec["path"]: rec for rec in log.records()}
     for i, r in enumerate(results):
@@ -336,3 +353,54 @@ async def test_ok_backend_needs_no_retry(sidecars, upstreams) -> None:
     sc = await sidecars(mesh_config({"svc": backends}))
     results = await drive(outbound(sc), 20, concurrency=2)
     assert {(r.status, r.attempts) for r in results} == {(200, 1)}
+
+
+# --------------------------------------------------------------------------
+# Bodies: replayed on a retry up to 64 KiB, beyond that not retried.
+
+
+@pytest.mark.parametrize(
+    ("size", "expected_hits"),
+    [(10 * 1024, 2), (64 * 1024, 2), (64 * 1024 + 1, 1), (200 * 1024, 1)],
+)
+async def test_only_replayable_bodies_are_retried(sidecars, upstreams, size, expected_hits) -> None:
+    """PUT is idempotent; both endpoints read the whole body, then reset."""
+    backends = await start_backends(upstreams, "a", "b", mode=RESET)
+    cfg = mesh_config(
+        {"svc": backends}, destinations=[destination("svc", retry=retry(2), outlier=None)]
+    )
+    sc = await sidecars(cfg)
+    body = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    result = await call(outbound(sc), "PUT", "/blob", body=body)
+    assert_lepton_error(result.response, 502, Reason.UPSTREAM_RESET)
+    assert sum(b.hits for b in backends) == expected_hits
+    assert all(req.body == body for b in backends for req in b.requests)
+
+
+async def test_chunked_body_is_replayed_on_the_retry(sidecars, upstreams) -> None:
+    """A chunked POST whose first connection was refused reaches the app whole
+    (chunks and trailers) on the second try."""
+    good = await start_backend(upstreams, "good")
+    cfg = mesh_config(
+        {"svc": [dead_address(), good]},
+        destinations=[destination("svc", retry=retry(2), outlier=None)],
+    )
+    sc = await sidecars(cfg)
+    chunks = [b"alpha-", b"beta-", b"gamma"]
+    payload = chunked_body(chunks, trailers=[("x-checksum", "abc")])
+    results = []
+    for i in range(8):
+        head = f"POST /c{i} HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n"
+        async with client(outbound(sc)) as c:
+            start = time.perf_counter()
+            resp = await c.request(head.encode() + b"\r\n" + payload, "POST")
+            results.append(Result(i, resp, time.perf_counter() - start))
+    assert [r.status for r in results] == [200] * 8
+    assert good.hits == 8
+    for req in good.requests:
+        assert (req.body, req.chunked, req.trailers) == (
+            b"alpha-beta-gamma",
+            True,
+            [("x-checksum", "abc")],
+        )
+    assert {r.attempts for r in results} == {1, 2}
