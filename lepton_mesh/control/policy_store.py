@@ -14,10 +14,10 @@ Invariants:
   cannot both succeed (the loser gets 409, or is recomputed on fresh state when
   it gave no base revision).
 - Before a write, the WHOLE resulting set is validated with the CLI's
-  validator (`traffic_loader.collect_traffic`): cross-object rules (one Route
-  per destination, subsets that exist) hold for what is stored, not just for
-  what was sent. Stored objects go first, so a conflict is reported on the
-  object being applied, at its file and line.
+  validator (`policy.manifest_set.resulting_set`, over `traffic_loader`):
+  cross-object rules (one Route per destination, subsets that exist) hold for
+  what is stored, not just for what was sent. Stored objects go first, so a
+  conflict is reported on the object being applied, at its file and line.
 - A write that changes nothing writes nothing (no revision, no record).
 - Writes read the current state from etcd, never from the cache (which may
   lag); reads (`list`, `get`, `history`, `diff`) answer from the cache, so
@@ -49,8 +49,16 @@ from lepton_mesh.control.store import (
     UnknownOutcome,
 )
 from lepton_mesh.control.watch_cache import WatchCache
-from lepton_mesh.policy.errors import Problem
-from lepton_mesh.policy.traffic_loader import KINDS, collect_traffic
+from lepton_mesh.policy.errors import ConfigError, Problem
+from lepton_mesh.policy.manifest_set import (
+    Change,
+    Ident,
+    as_documents,
+    changes_between,
+    kind_order,
+    resulting_set,
+    undo,
+)
 from lepton_mesh.policy.yaml_source import Document
 
 __all__ = [
@@ -89,9 +97,6 @@ _RACE_RETRIES = 20
 _RACE_BACKOFF = 0.005
 # How long a write waits for this replica's cache to show it.
 _CACHE_CATCH_UP = 2.0
-
-Ident = tuple[str, str, str]  # (kind, namespace, name)
-Change = dict[str, Any]
 
 
 # --- errors ---------------------------------------------------------------------
@@ -179,48 +184,7 @@ def _revision_of(value: bytes) -> int:
     return rev
 
 
-def _label(ident: Ident) -> str:
-    return "/".join(ident)
-
-
-def _kind_order(ident: Ident) -> tuple[int, str, str]:
-    kind, namespace, name = ident
-    return (KINDS.index(kind) if kind in KINDS else len(KINDS), namespace, name)
-
-
 # --- planning: what a write changes, validated; pure -------------------------------
-
-
-def as_documents(manifests: Sequence[Mapping[str, Any] | Document]) -> list[Document]:
-    """Documents keep their file and lines; plain manifests are named by index."""
-    return [
-        m if isinstance(m, Document) else Document(f"manifests[{i}]", m, {})
-        for i, m in enumerate(manifests)
-    ]
-
-
-def identity(data: Any) -> Ident | None:
-    """(kind, namespace, name) of a manifest, or None if it does not say (validation will)."""
-    if not isinstance(data, Mapping):
-        return None
-    kind, meta = data.get("kind"), data.get("metadata")
-    if kind not in KINDS or not isinstance(meta, Mapping):
-        return None
-    name, namespace = meta.get("name"), meta.get("namespace", "default")
-    if not isinstance(name, str) or not isinstance(namespace, str):
-        return None
-    return (kind, namespace, name)
-
-
-def _normalized(data: Mapping[str, Any], ident: Ident) -> dict[str, Any]:
-    """The manifest as stored: the envelope only, the namespace always written out."""
-    metadata = dict(data["metadata"]) | {"namespace": ident[1]}
-    return {
-        "apiVersion": data.get("apiVersion"),
-        "kind": ident[0],
-        "metadata": metadata,
-        "spec": data.get("spec"),
-    }
 
 
 def plan(
@@ -232,99 +196,18 @@ def plan(
     target: Mapping[Ident, dict[str, Any]] | None = None,
     origin: str = "live",
 ) -> list[Change]:
-    """The changes that turn `current` into the result, after validating the result.
+    """The changes a write makes, after validating the whole resulting set.
 
-    The result is `current` with `docs` put (and, with `prune`, everything
-    not in `docs` removed, and `delete` removed), or `target` as given (a
-    rollback). Raises `PolicyError` naming every problem. Changes are in a
-    stable order: by kind, namespace, name.
+    As `manifest_set.resulting_set` (which `lepton-mesh validate` uses too),
+    with its `ConfigError` as a `PolicyError`.
     """
-    problems: list[Problem] = []
-    applied: dict[Ident, tuple[Document, dict[str, Any]]] = {}
-    unnamed: list[Document] = []
-    for doc in docs:
-        ident = identity(doc.data)
-        if ident is None:
-            unnamed.append(doc)
-            continue
-        if ident in applied:
-            first = applied[ident][0]
-            where = f"{first.source}:{first.line()}" if first.line() else first.source
-            problems.append(
-                Problem(
-                    doc.source,
-                    doc.line(("metadata", "name")),
-                    "metadata.name",
-                    f"{_label(ident)} is also given at {where}: one apply sets each object once",
-                )
-            )
-            continue
-        applied[ident] = (doc, _normalized(doc.data, ident))
-    if target is None:
-        result = {} if prune else dict(current)
-        for ident in delete:
-            result.pop(ident, None)
-        result.update((ident, manifest) for ident, (_, manifest) in applied.items())
-    else:
-        result = dict(target)
-    # Stored objects first: a conflict is then reported on the applied one, at its line.
-    entries = [
-        (Document(f"{origin} {_label(ident)}", manifest, {}), ())
-        for ident, manifest in sorted(result.items(), key=lambda kv: _kind_order(kv[0]))
-        if ident not in applied
-    ]
-    entries += [(doc, ()) for doc, _ in applied.values()]
-    entries += [(doc, ()) for doc in unnamed]
-    collect_traffic(entries, problems)
-    for ident, (doc, manifest) in applied.items():
-        try:
-            result[ident] = orjson.loads(_dumps(manifest))  # the stored form, exactly
-        except (TypeError, orjson.JSONEncodeError) as e:
-            problems.append(Problem(doc.source, doc.line(), "", f"cannot be stored as JSON: {e}"))
-    if problems:
-        order: dict[str, int] = {}
-        for p in problems:
-            order.setdefault(p.file, len(order))
-        problems.sort(key=lambda p: (order[p.file], p.line is None, p.line or 0))
-        raise PolicyError(problems)
-    return changes_between(current, result)
-
-
-def changes_between(
-    before: Mapping[Ident, dict[str, Any]], after: Mapping[Ident, dict[str, Any]]
-) -> list[Change]:
-    changes = []
-    for ident in sorted(set(before) | set(after), key=_kind_order):
-        old, new = before.get(ident), after.get(ident)
-        if old == new:
-            continue
-        kind, namespace, name = ident
-        changes.append(
-            {
-                "op": "delete" if new is None else "put",
-                "kind": kind,
-                "namespace": namespace,
-                "name": name,
-                "before": old,
-                "after": new,
-            }
+    try:
+        result = resulting_set(
+            current, docs, prune=prune, delete=delete, target=target, origin=origin
         )
-    return changes
-
-
-def undo(
-    state: Mapping[Ident, dict[str, Any]], records: Iterable[Mapping[str, Any]]
-) -> dict[Ident, dict[str, Any]]:
-    """`state` with `records` (newest first) undone: each change's `before` put back."""
-    out = dict(state)
-    for record in records:
-        for ch in record["changes"]:
-            ident = (ch["kind"], ch["namespace"], ch["name"])
-            if ch["before"] is None:
-                out.pop(ident, None)
-            else:
-                out[ident] = ch["before"]
-    return out
+    except ConfigError as e:
+        raise PolicyError(e.problems) from None
+    return changes_between(current, result)
 
 
 # --- the store ------------------------------------------------------------------------
@@ -367,7 +250,7 @@ class PolicyStore:
         items = self._cached()
         return [
             items[ident]
-            for ident in sorted(items, key=_kind_order)
+            for ident in sorted(items, key=kind_order)
             if (kind is None or ident[0] == kind) and (namespace is None or ident[1] == namespace)
         ]
 

@@ -128,7 +128,7 @@ async def test_one_object_twice_in_a_bundle_is_refused(control: Control) -> None
         await control.policies.apply(docs(dest(), dest(timeout="5s"), source="d.yaml"), who="a")
     assert [str(p) for p in info.value.problems] == [
         "d.yaml:11: metadata.name: DestinationPolicy/default/dialog is also given at d.yaml:1: "
-        "one apply sets each object once"
+        "each object is set once"
     ]
 
 
