@@ -48,6 +48,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(keep=args.keep)
 
 
+def _cmd_control(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from lepton_mesh.control.auth import KeyFileError
+    from lepton_mesh.control.daemon import OptionError, run_control
+    from lepton_mesh.control.store import StoreError
+
+    try:
+        return asyncio.run(run_control(args))
+    except (OptionError, KeyFileError) as exc:
+        print(f"lepton-mesh control: {exc}", file=sys.stderr)
+        return 2
+    except (StoreError, OSError) as exc:  # etcd refused us (auth, TLS) or a port is taken
+        print(f"lepton-mesh control: {exc}", file=sys.stderr)
+        return 1
+
+
 # --- certs: the mesh CA's files (lepton_mesh.identity) ---------------------------
 
 _CERTS_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -194,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the example mesh end to end and print a summary")
     p.add_argument("--keep", action="store_true", help="leave the mesh running for exploration")
     p.set_defaults(func=_cmd_demo)
+
+    from lepton_mesh.control.daemon import add_control_arguments
+
+    p = sub.add_parser("control", help="run a control daemon replica (etcd-backed)")
+    add_control_arguments(p)
+    p.set_defaults(func=_cmd_control)
 
     _add_certs_parser(sub)
     return parser

@@ -267,29 +267,28 @@ async def run_control(args: argparse.Namespace) -> int:
 
 # --- flags ---------------------------------------------------------------------
 
-# flag -> (env variable, help); every flag can also come from its LEPTON_* variable.
-_FLAGS: dict[str, tuple[str, str]] = {
-    "--etcd": ("LEPTON_ETCD", "etcd endpoints, comma-separated (host:port or http[s]://host:port)"),
-    "--etcd-ca": ("LEPTON_ETCD_CA", "CA bundle to verify etcd's certificate (turns TLS on)"),
-    "--etcd-cert": ("LEPTON_ETCD_CERT", "client certificate for etcd"),
-    "--etcd-key": ("LEPTON_ETCD_KEY", "client key for etcd"),
-    "--etcd-user": ("LEPTON_ETCD_USER", "etcd username"),
-    "--etcd-password": ("LEPTON_ETCD_PASSWORD", "etcd password"),
-    "--listen": ("LEPTON_LISTEN", "sidecar-facing address (default 0.0.0.0:15010)"),
-    "--admin": ("LEPTON_ADMIN", "admin API address (default 127.0.0.1:15011)"),
-    "--token-key": ("LEPTON_TOKEN_KEY", "EC P-256 key (PEM) that signs and checks admin tokens"),
-    "--history-depth": ("LEPTON_HISTORY_DEPTH", "policy history records to keep (default 1000)"),
-    "--lease-ttl": (
-        "LEPTON_LEASE_TTL",
-        "seconds a dead replica's sidecars stay registered (default 10)",
-    ),
-    "--id": ("LEPTON_ID", "this replica's name (default: host name and a random suffix)"),
+# flag -> (environment variable, metavar, help); each flag can come from its LEPTON_* variable.
+_FLAGS: dict[str, tuple[str, str, str]] = {
+    "--etcd": ("LEPTON_ETCD", "URL[,URL]", "etcd endpoints (host:port or http[s]://host:port)"),
+    "--etcd-ca": ("LEPTON_ETCD_CA", "FILE", "CA bundle to verify etcd with (turns TLS on)"),
+    "--etcd-cert": ("LEPTON_ETCD_CERT", "FILE", "client certificate for etcd"),
+    "--etcd-key": ("LEPTON_ETCD_KEY", "FILE", "client key for etcd"),
+    "--etcd-user": ("LEPTON_ETCD_USER", "USER", "etcd username"),
+    "--etcd-password": ("LEPTON_ETCD_PASSWORD", "PASSWORD", "etcd password"),
+    "--listen": ("LEPTON_LISTEN", "HOST:PORT", "sidecar-facing address (0.0.0.0:15010)"),
+    "--admin": ("LEPTON_ADMIN", "HOST:PORT", "admin API address (127.0.0.1:15011)"),
+    "--token-key": ("LEPTON_TOKEN_KEY", "FILE", "EC P-256 key (PEM) for admin tokens"),
+    "--history-depth": ("LEPTON_HISTORY_DEPTH", "N", "policy history records kept (1000)"),
+    "--lease-ttl": ("LEPTON_LEASE_TTL", "SECONDS", "a dead replica's sidecars expire after (10)"),
+    "--id": ("LEPTON_ID", "NAME", "this replica's name (host name and a random suffix)"),
 }
 
 
 def add_control_arguments(parser: argparse.ArgumentParser) -> None:
-    for flag, (env, help_text) in _FLAGS.items():
-        parser.add_argument(flag, default=os.environ.get(env), help=f"{help_text} [${env}]")
+    for flag, (env, metavar, help_text) in _FLAGS.items():
+        parser.add_argument(
+            flag, default=os.environ.get(env), metavar=metavar, help=f"{help_text} [${env}]"
+        )
 
 
 def options_from_args(args: argparse.Namespace) -> ControlOptions:

@@ -70,6 +70,7 @@ class Election:
         self._wake = asyncio.Event()
         self._job_tasks: list[asyncio.Task[None]] = []
         self.is_leader = False
+        self._resigned = False  # never campaign again (shutdown)
         self.terms = 0  # times this replica became leader
         cache.subscribe(self._on_cache_change)
 
@@ -85,7 +86,7 @@ class Election:
     async def run(self) -> None:
         """Campaign, lead, re-campaign, until cancelled (then stop jobs; see `resign`)."""
         try:
-            while True:
+            while not self._resigned:
                 self._wake.clear()
                 try:
                     await self._step()
@@ -106,13 +107,16 @@ class Election:
             self._lease = lease = await self._store.grant_lease(self._lease_ttl)
             lease.on_lost(self._lost)
             lease.keep_alive()
-        if self.is_leader:
+        if self.is_leader or self._resigned:
             return
         value = orjson.dumps({"replica": self.replica_id, "since": time.time()})
         result = await self._store.txn(
             [Compare.absent(LEADER_KEY)], [Put(LEADER_KEY, value, lease.id)]
         )
-        if result.succeeded:
+        if self._resigned:  # resigned while the campaign was in flight
+            with contextlib.suppress(StoreError):
+                await lease.revoke()
+        elif result.succeeded:
             self._become_leader()
         else:
             # A key bound to our own lease is ours: a txn whose answer was lost.
@@ -158,7 +162,9 @@ class Election:
             await asyncio.sleep(job.interval)  # the job's period (a timer)
 
     async def resign(self) -> None:
-        """Stop leading and let another replica take over now (shutdown)."""
+        """Stop leading and campaigning; another replica takes over now (shutdown)."""
+        self._resigned = True
+        self._wake.set()
         self._stop_jobs()
         self.is_leader = False
         lease, self._lease = self._lease, None
