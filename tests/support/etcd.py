@@ -20,6 +20,10 @@ Fixtures:
 - `etcd_cluster` (function): a 3-member `LocalEtcdCluster` (~1.5 s to start);
   `.leader()`, `.kill_leader()`, `.members[i].kill()/.start()`.
 - `etcd_store` (async, function): a `Store` connected to `etcd`, closed after.
+- `etcd_tls` (function): a `LocalEtcd` of the test's own serving TLS with client
+  certificates (`.tls` has the CA, and a client cert/key for `Store.connect`).
+
+`make_tls(directory)` writes a throwaway CA, server and client certificates.
 
 All members run with `fast=True` (short raft timers, no fsync: see
 lepton_mesh/control/etcd_local.py for why that is safe here).
@@ -30,14 +34,21 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import datetime
+import ipaddress
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from lepton_mesh.control.etcd_local import LocalEtcd, LocalEtcdCluster, cluster
+from lepton_mesh.control.etcd_local import EtcdTLS, LocalEtcd, LocalEtcdCluster, cluster
 from lepton_mesh.control.store import Store
 
 __all__ = [
@@ -47,7 +58,9 @@ __all__ = [
     "etcd_private",
     "etcd_server",
     "etcd_store",
+    "etcd_tls",
     "eventually",
+    "make_tls",
     "shared_etcd",
 ]
 
@@ -128,3 +141,80 @@ async def eventually(
         if time.monotonic() >= deadline:
             raise AssertionError(f"{what} not reached within {timeout} s")
         await asyncio.sleep(0.01)  # polling interval of a condition with a deadline
+
+
+@pytest.fixture
+def etcd_tls(tmp_path: Path) -> Iterator[LocalEtcd]:
+    server = LocalEtcd(tmp_path / "data", fast=True, tls=make_tls(tmp_path / "pki")).start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def make_tls(directory: Path, *, client_cn: str = "lepton-control") -> EtcdTLS:
+    """A CA, a server cert for 127.0.0.1/localhost and a client cert, as PEM files."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "lepton test etcd CA")])
+    ca = (
+        _builder(ca_name, ca_name, ca_key)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    def leaf(cn: str, usage: x509.ObjectIdentifier, sans: list[x509.GeneralName]):  # type: ignore[no-untyped-def]
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+        builder = _builder(name, ca_name, key).add_extension(
+            x509.ExtendedKeyUsage([usage]), critical=False
+        )
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        return builder.sign(ca_key, hashes.SHA256()), key
+
+    server, server_key = leaf(
+        "127.0.0.1",
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")],
+    )
+    client, client_key = leaf(client_cn, ExtendedKeyUsageOID.CLIENT_AUTH, [])
+    paths = {}
+    for name, cert, key in (
+        ("ca", ca, None),
+        ("server", server, server_key),
+        ("client", client, client_key),
+    ):
+        paths[name] = directory / f"{name}.pem"
+        paths[name].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        if key is not None:
+            paths[name + "_key"] = directory / f"{name}-key.pem"
+            paths[name + "_key"].write_bytes(
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            )
+    return EtcdTLS(
+        ca_file=paths["ca"],
+        cert_file=paths["server"],
+        key_file=paths["server_key"],
+        client_cert_file=paths["client"],
+        client_key_file=paths["client_key"],
+    )
+
+
+def _builder(
+    subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePrivateKey
+) -> x509.CertificateBuilder:
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+    )
