@@ -205,3 +205,20 @@ async def test_a_second_stream_for_one_node_supersedes_the_first(
     after = await store.get(INSTANCE.format("chat", "chat-9"))
     assert after is not None and after.lease == kv.lease  # the new owner's lease still holds
     assert orjson.loads(after.value)["healthy"] is True  # and the old one did not write
+
+
+async def test_sidecars_with_one_scope_share_one_build_per_revision(replicas: Replicas) -> None:
+    replica = await replicas()
+    assert replica.ctx is not None
+    push = replica.ctx.push
+    callers = [
+        await Peer.join(replica.listen_port, hello("chat", deps=("intent",))) for _ in range(20)
+    ] + [await Peer.join(replica.listen_port, hello("ops", deps=("dialog",))) for _ in range(20)]
+    assert push.groups() == 2 + 0  # chat's and ops's scopes (the callers' own)
+    builds, pushes = push.builds, push.pushes
+    await Peer.join(replica.listen_port, hello("intent"))
+    for peer in callers[:20]:
+        await peer.next_snapshot(lambda s: bool(endpoints(s, "intent")))
+    # intent's own (new) group, and chat's rebuilt once for all 20; ops's untouched.
+    assert push.builds - builds == 2
+    assert push.pushes - pushes == 20 + 1  # chat's callers, and intent's first snapshot
