@@ -48,6 +48,8 @@ from lepton_mesh.identity.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeId
 PRIVATE_MODE = 0o600
 PUBLIC_MODE = 0o644
 DIR_MODE = 0o700
+# Modes of CaFiles.pair_paths(): root cert, root key, CA cert, CA key.
+_PAIR_MODES = (PUBLIC_MODE, PRIVATE_MODE, PUBLIC_MODE, PRIVATE_MODE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,16 +264,17 @@ def rotate_activate(directory: str | Path) -> CaFiles:
             reason="rotation_in_progress",
         )
     _make_dir(prev.directory)
-    for src, dst in zip(files.pair_paths(), prev.pair_paths(), strict=True):
-        if src.exists():
-            os.link(src, dst)
-    # Each replace is atomic. A crash between two of them leaves a certificate
-    # and key that do not match, which `CertificateAuthority.load` refuses
-    # loudly; previous/ still holds the old pair to put back (docs/security.md).
-    for src, dst in zip(nxt.pair_paths(), files.pair_paths(), strict=True):
-        os.replace(src, dst)
-    _fsync_dir(files.directory)
-    nxt.directory.rmdir()
+    # Copies, never hard links: an operator restoring with `cp` writes into
+    # the file in place, and through a link would change both names.
+    for src, dst, mode in zip(files.pair_paths(), prev.pair_paths(), _PAIR_MODES, strict=True):
+        write_atomic(dst, src.read_bytes(), mode=mode, overwrite=False)
+    # Each replace is atomic; next/ stays complete until all four are done. A
+    # crash in between leaves a certificate and key that do not match, which
+    # `CertificateAuthority.load` refuses loudly; previous/ holds the old pair
+    # to put back before running activate again (docs/security.md).
+    for src, dst, mode in zip(nxt.pair_paths(), files.pair_paths(), _PAIR_MODES, strict=True):
+        write_atomic(dst, src.read_bytes(), mode=mode, overwrite=True)
+    shutil.rmtree(nxt.directory)
     return files
 
 

@@ -7,6 +7,7 @@ import base64
 import datetime as dt
 import os
 import re
+import shutil
 import stat
 from pathlib import Path
 
@@ -251,3 +252,35 @@ def test_a_backdated_certificate_does_not_verify(tmp_path: Path) -> None:
     assert issued.not_after < dt.datetime.now(dt.UTC)
     with pytest.raises(BundleError):
         ca.bundle.verify(load_certificates(issued.chain_pem))
+
+
+def test_interrupted_activate_is_refused_then_recovered_as_documented(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = init_ca(tmp_path)
+    rotate_prepare(tmp_path)
+    real_replace, calls = os.replace, []
+
+    def crash_after_three(src, dst):
+        calls.append(dst)
+        if len(calls) == 4:  # the intermediate key: after its certificate
+            raise OSError("crash")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_after_three)
+    with pytest.raises(OSError):
+        rotate_activate(tmp_path)
+    monkeypatch.undo()
+    with pytest.raises(CaError):  # new certificate, old key: refused, not used
+        files.load_authority()
+
+    # docs/security.md: copy previous/ back, delete it, activate again.
+    for src, dst in zip(files.previous.pair_paths(), files.pair_paths(), strict=True):
+        dst.write_bytes(src.read_bytes())
+    shutil.rmtree(files.previous.directory)
+    files.load_authority()
+    rotate_activate(tmp_path)
+    assert (
+        files.load_authority().certificate
+        != load_certificates(files.previous.ca_cert.read_bytes())[0]
+    )
