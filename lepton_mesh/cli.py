@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from lepton_mesh import __version__
+from lepton_mesh.cli_client import ClientError
 from lepton_mesh.policy.errors import ConfigError
 
 
@@ -25,21 +27,6 @@ def _cmd_sidecar(args: argparse.Namespace) -> int:
     except OSError as exc:  # a listener could not bind: say which, exit before serving
         print(f"lepton-mesh sidecar: cannot listen: {exc}", file=sys.stderr)
         return 1
-
-
-def _cmd_validate(args: argparse.Namespace) -> int:
-    from lepton_mesh.policy.sidecar_loader import load_sidecar_config
-
-    failed = 0
-    for path in args.paths:
-        try:
-            load_sidecar_config(path)
-        except ConfigError as err:
-            print(err, file=sys.stderr)
-            failed += 1
-        else:
-            print(f"{path}: ok")
-    return 2 if failed else 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -193,6 +180,507 @@ def _add_certs_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     c.set_defaults(certs_func=_certs_show)
 
 
+# --- policy as code: validate, diff, apply, get, history, rollback, login, token ----------
+#
+# Exit codes (docs/cli.md): 0 ok; 1 diff found changes; 2 invalid input (files,
+# flags, or the server's 400/404/410/413); 3 server or connection error; 4
+# authentication (no token, 401, 403); 5 conflict (409: someone applied first).
+
+_YAML_SUFFIXES = (".yaml", ".yml")
+
+
+def _yaml_files(paths: Sequence[str]) -> list[str]:
+    """Files as given, folders as every .yaml/.yml file below them (sorted, no hidden ones)."""
+    import os
+
+    from lepton_mesh.cli_client import EXIT_INVALID, ClientError
+
+    out: list[str] = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = []
+            for root, dirs, names in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                found += [os.path.join(root, n) for n in names if n.endswith(_YAML_SUFFIXES)]
+            if not found:
+                raise ClientError(f"{path}: no .yaml or .yml files in this folder", EXIT_INVALID)
+            out += sorted(found)
+        elif os.path.exists(path):
+            out.append(path)
+        else:
+            raise ClientError(f"{path}: no such file or folder", EXIT_INVALID)
+    return list(dict.fromkeys(out))  # a file named twice is read once
+
+
+def _is_manifest_file(docs: Sequence[Any]) -> bool:
+    """Policy manifests have a kind; a sidecar config is one mapping without one."""
+    return not docs or any(isinstance(d.data, dict) and "kind" in d.data for d in docs)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from lepton_mesh.policy.manifest_set import resulting_set
+    from lepton_mesh.policy.sidecar_loader import load_sidecar_config
+    from lepton_mesh.policy.yaml_source import load_file
+
+    files = _yaml_files(args.paths)
+    problems: list[Any] = []
+    bad: set[str] = set()
+    manifests: list[Any] = []
+    for path in files:
+        try:
+            docs = load_file(path)
+        except ConfigError as err:
+            problems += err.problems
+            bad.add(path)
+            continue
+        if _is_manifest_file(docs):
+            manifests += docs
+            continue
+        try:
+            load_sidecar_config(path)
+        except ConfigError as err:  # its problems may be in the policy files it names
+            problems += err.problems
+            bad.add(path)
+    if manifests:
+        # All manifests as one set, as an apply of these files would store them.
+        try:
+            resulting_set({}, manifests)
+        except ConfigError as err:
+            problems += err.problems
+            bad.update(p.file for p in err.problems)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    for path in files:
+        if path not in bad:
+            print(f"{path}: ok")
+    if bad:
+        print(f"{len(bad & set(files)) or len(bad)} file(s) with problems", file=sys.stderr)
+    return 2 if bad else 0
+
+
+def _read_bundle(paths: Sequence[str]) -> tuple[list[dict[str, str]], list[tuple[str, str, str]]]:
+    """The files to send (YAML text, so the server's problems name file and line)
+    and the objects they hold. YAML syntax errors stop here, offline."""
+    from lepton_mesh.policy.manifest_set import identity
+    from lepton_mesh.policy.yaml_source import load_documents
+
+    files: list[dict[str, str]] = []
+    idents: list[tuple[str, str, str]] = []
+    problems: list[Any] = []
+    for path in _yaml_files(paths):
+        try:
+            with open(path, encoding="utf-8-sig") as f:
+                text = f.read()
+            docs = load_documents(text, path)
+        except OSError as e:
+            problems.append(f"{path}: cannot read: {e.strerror or e}")
+            continue
+        except (ConfigError, UnicodeDecodeError) as err:
+            problems += [str(p) for p in getattr(err, "problems", [err])]
+            continue
+        files.append({"name": path, "content": text})
+        idents += [i for d in docs if (i := identity(d.data)) is not None]
+    if problems:
+        from lepton_mesh.cli_client import EXIT_INVALID, ClientError
+
+        raise ClientError("\n".join(map(str, problems)), EXIT_INVALID)
+    return files, idents
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from lepton_mesh.cli_client import AdminClient, resolve
+
+    return AdminClient(resolve(args.server, args.token), timeout=args.timeout)
+
+
+def _label(change: dict[str, Any]) -> str:
+    return f"{change['kind']}/{change['namespace']}/{change['name']}"
+
+
+def _verb(change: dict[str, Any]) -> str:
+    if change["op"] == "delete":
+        return "deleted"
+    return "created" if change["before"] is None else "configured"
+
+
+def _yaml_text(data: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+def _print_diff(change: dict[str, Any], revision: int) -> None:
+    import difflib
+
+    before = _yaml_text(change["before"]).splitlines(keepends=True) if change["before"] else []
+    after = _yaml_text(change["after"]).splitlines(keepends=True) if change["after"] else []
+    label = _label(change)
+    old = f"live/{label} (revision {revision})" if change["before"] else "/dev/null"
+    new = f"new/{label}" if change["after"] else "/dev/null"
+    sys.stdout.writelines(difflib.unified_diff(before, after, old, new))
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    from lepton_mesh.cli_client import EXIT_CHANGES
+
+    files, _ = _read_bundle(args.paths)
+    result = _client(args).request(
+        "POST", "/policies:diff", body={"files": files, "prune": args.prune}
+    )
+    for change in result["changes"]:
+        _print_diff(change, result["revision"])
+    if not result["changes"]:
+        print(f"no changes (policy revision {result['revision']})", file=sys.stderr)
+        return 0
+    print(f"{len(result['changes'])} object(s) would change", file=sys.stderr)
+    return EXIT_CHANGES
+
+
+def _print_changes(changes: list[dict[str, Any]], unchanged: Sequence[str] = ()) -> None:
+    for change in changes:
+        print(f"{_label(change)} {_verb(change)}")
+    for label in unchanged:
+        print(f"{label} unchanged")
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    files, idents = _read_bundle(args.paths)
+    body = {
+        "files": files,
+        "message": args.message,
+        "dry_run": args.dry_run,
+        "prune": args.prune,
+    }
+    if args.base_revision is not None:
+        body["base_revision"] = args.base_revision
+    result = _client(args).request("POST", "/policies:apply", body=body)
+    changed = {_label(c) for c in result["changes"]}
+    _print_changes(result["changes"], [x for x in map("/".join, idents) if x not in changed])
+    rev = result["revision"]
+    if args.dry_run:
+        print(f"dry run: {len(changed)} object(s) would change; nothing written (revision {rev})")
+    elif changed:
+        print(f"applied as policy revision {rev}")
+    else:
+        print(f"no changes: still policy revision {rev}")
+    return 0
+
+
+# Tables: what `get` prints per resource, as (header, how to get the cell).
+def _ago(when: Any) -> str:
+    import time
+
+    if not isinstance(when, (int, float)):
+        return "-"
+    seconds = max(0, int(time.time() - when))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _labels(value: Any) -> str:
+    if not isinstance(value, dict) or not value:
+        return "-"
+    return ",".join(f"{k}={v}" for k, v in sorted(value.items()))
+
+
+def _instance_status(i: dict[str, Any]) -> str:
+    if i.get("draining"):
+        return "draining"
+    return "healthy" if i.get("healthy", True) else "unhealthy"
+
+
+def _policy_target(m: dict[str, Any]) -> str:
+    spec = m.get("spec") or {}
+    return str(spec.get("destination") or spec.get("service") or "-")
+
+
+def _nack(s: dict[str, Any]) -> str:
+    nack = s.get("last_nack")
+    return f"v{nack.get('version')}: {nack.get('error')}" if isinstance(nack, dict) else "-"
+
+
+_COLUMNS: dict[str, list[tuple[str, Callable[[dict[str, Any]], Any]]]] = {
+    "services": [
+        ("NAMESPACE", lambda s: s["namespace"]),
+        ("NAME", lambda s: s["name"]),
+        ("INSTANCES", lambda s: s["instances"]),
+        ("HEALTHY", lambda s: s["healthy"]),
+    ],
+    "instances": [
+        ("NAMESPACE", lambda i: i.get("namespace")),
+        ("SERVICE", lambda i: i.get("service")),
+        ("ID", lambda i: i.get("id")),
+        ("ADDRESS", lambda i: i.get("address")),
+        ("PORTS", lambda i: _labels(i.get("ports"))),
+        ("LABELS", lambda i: _labels(i.get("labels"))),
+        ("WEIGHT", lambda i: i.get("weight")),
+        ("STATUS", _instance_status),
+    ],
+    "policies": [
+        ("KIND", lambda m: m["kind"]),
+        ("NAMESPACE", lambda m: m["metadata"].get("namespace", "default")),
+        ("NAME", lambda m: m["metadata"]["name"]),
+        ("FOR", _policy_target),
+    ],
+    "sidecars": [
+        ("NODE", lambda s: s.get("node_id")),
+        ("NAMESPACE", lambda s: s.get("namespace")),
+        ("SERVICE", lambda s: s.get("service")),
+        ("CONTROL", lambda s: s.get("control")),
+        ("APPLIED", lambda s: s.get("applied_version")),
+        ("LAST-SEEN", lambda s: _ago(s.get("last_seen"))),
+        ("LAST-NACK", _nack),
+    ],
+}
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Columns left-aligned, padded to the widest cell, three spaces apart (as kubectl)."""
+    cells = [list(headers)] + [["-" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = [
+        "   ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
+    return "\n".join(lines)
+
+
+def _output(data: Any, fmt: str, kind: str) -> None:
+    import json
+
+    if fmt == "json":
+        print(json.dumps(data, indent=2))
+    elif fmt == "yaml":
+        print(_yaml_text(data), end="")
+    else:
+        items = data if isinstance(data, list) else [data]
+        if not items:
+            print("no resources found", file=sys.stderr)
+            return
+        columns = _COLUMNS[kind]
+        print(_table([h for h, _ in columns], [[f(x) for _, f in columns] for x in items]))
+
+
+def _cmd_get(args: argparse.Namespace) -> int:
+    from lepton_mesh.cli_client import EXIT_INVALID, ClientError
+
+    client, name, ns = _client(args), args.name, args.namespace
+    query = {"namespace": ns}
+    if args.resource == "services":
+        if name:
+            detail = client.request("GET", f"/services/{_quote(name)}", query=query)
+            if args.output != "table":
+                _output(detail, args.output, "services")
+                return 0
+            _output(detail, "table", "services")
+            if detail.get("instance_list"):
+                print()
+                _output(detail["instance_list"], "table", "instances")
+            return 0
+        data = client.request("GET", "/services", query=query)["items"]
+    elif args.resource == "instances":
+        data = client.request("GET", "/instances", query=query | {"service": name})["items"]
+    elif args.resource == "policies":
+        data = client.request("GET", "/policies", query=query | {"kind": args.kind})["items"]
+        if name:
+            data = [m for m in data if m["metadata"]["name"] == name]
+    else:
+        data = client.request("GET", "/sidecars", query=query)["items"]
+        if name:
+            data = [s for s in data if name in (s.get("node_id"), s.get("service"))]
+    if name and not data:
+        raise ClientError(f"no {args.resource[:-1]} named {name!r}", EXIT_INVALID)
+    _output(data, args.output, args.resource)
+    return 0
+
+
+def _quote(name: str) -> str:
+    import urllib.parse
+
+    return urllib.parse.quote(name, safe="")
+
+
+def _when(t: Any) -> str:
+    import datetime as dt
+
+    if not isinstance(t, (int, float)):
+        return "-"
+    return dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _summary(record: dict[str, Any], width: int = 60) -> str:
+    parts = [f"{c['op']} {_label(c)}" for c in record.get("changes", [])]
+    text = ", ".join(parts)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _cmd_history(args: argparse.Namespace) -> int:
+    query = {"name": args.name, "limit": args.limit}
+    records = _client(args).request("GET", "/history", query=query)["items"]
+    if args.output != "table":
+        _output(records, args.output, "history")
+        return 0
+    if not records:
+        print("no history", file=sys.stderr)
+        return 0
+    rows = []
+    for r in records:
+        message = r.get("message") or ""
+        if r.get("rollback_of") is not None and f"rollback to {r['rollback_of']}" not in message:
+            message = f"{message} (rollback to {r['rollback_of']})".strip()
+        rows.append(
+            [r["revision"], _when(r.get("time")), r.get("who"), message or "-", _summary(r)]
+        )
+    print(_table(["REVISION", "TIME", "WHO", "MESSAGE", "CHANGES"], rows))
+    return 0
+
+
+def _cmd_rollback(args: argparse.Namespace) -> int:
+    body = {"revision": args.revision, "message": args.message}
+    result = _client(args).request("POST", "/rollback", body=body)
+    _print_changes(result["changes"])
+    if result["changes"]:
+        print(f"rolled back to policy revision {args.revision} as revision {result['revision']}")
+    else:
+        print(f"no changes: policy revision {result['revision']} is already that state")
+    return 0
+
+
+def _cmd_login(args: argparse.Namespace) -> int:
+    from lepton_mesh.cli_client import AdminClient, Settings, config_path, save_config
+
+    settings = Settings(args.server.rstrip("/"), args.token, "--token")
+    if not args.no_verify:
+        overview = AdminClient(settings, timeout=args.timeout).request("GET", "/overview")
+        print(
+            f"{args.server}: replica {overview['replica']}, policy revision "
+            f"{overview['policy_revision']}"
+        )
+    path = config_path()
+    save_config(path, args.server, args.token)
+    print(f"saved the server and token to {path}")
+    return 0
+
+
+def _ttl(text: str) -> float:
+    from lepton_mesh.policy.fields import to_seconds
+
+    seconds = to_seconds(text)
+    if seconds is None or seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: use a duration like 30m, 24h or 3600")
+    return seconds
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    from lepton_mesh.control.auth import KeyFileError, TokenIssuer, init_key, load_key
+
+    try:
+        if args.token_command == "init-key":
+            init_key(args.file)
+            print(f"created {args.file} (EC P-256, mode 0600): keep it secret", file=sys.stderr)
+            return 0
+        if args.role == "join" and not args.service:
+            raise ValueError("a join token needs --service (and --namespace, default 'default')")
+        subject = args.subject or _default_subject(args)
+        token = TokenIssuer(load_key(args.token_key)).create(
+            subject=subject,
+            role=args.role,
+            ttl=args.ttl,
+            service=args.service,
+            namespace=args.namespace if args.role == "join" else None,
+        )
+    except KeyFileError as err:
+        print(f"lepton-mesh token: {err}", file=sys.stderr)
+        return err.exit_code
+    except ValueError as err:
+        print(f"lepton-mesh token: {err}", file=sys.stderr)
+        return 2
+    print(token)
+    return 0
+
+
+def _default_subject(args: argparse.Namespace) -> str:
+    if args.role == "join":
+        return f"{args.namespace}/{args.service}"
+    import getpass
+
+    return getpass.getuser()
+
+
+def _connection_flags() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("connection")
+    g.add_argument("--server", metavar="URL", help="admin API (env LEPTON_SERVER, login)")
+    g.add_argument("--token", metavar="TOKEN", help="bearer token (env LEPTON_TOKEN, login)")
+    g.add_argument("--timeout", type=float, default=30.0, metavar="S", help="default 30")
+    return p
+
+
+def _add_policy_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    conn = _connection_flags()
+
+    p = sub.add_parser(
+        "validate",
+        help="check files offline: sidecar configs and policy manifests (files or folders)",
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("diff", parents=[conn], help="show what applying PATH... would change")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--prune", action="store_true", help="also show deletes of other objects")
+    p.set_defaults(func=_cmd_diff)
+
+    p = sub.add_parser("apply", parents=[conn], help="apply policy files: all of them or nothing")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--dry-run", action="store_true", help="validate and show, write nothing")
+    p.add_argument("-m", "--message", default="", help="why: kept in history")
+    p.add_argument("--base-revision", type=int, metavar="N", help="fail (exit 5) unless at N")
+    p.add_argument("--prune", action="store_true", help="delete stored objects not in PATH...")
+    p.set_defaults(func=_cmd_apply)
+
+    p = sub.add_parser("get", parents=[conn], help="list services, instances, policies, sidecars")
+    p.add_argument("resource", choices=("services", "instances", "policies", "sidecars"))
+    p.add_argument("name", nargs="?", metavar="NAME")
+    p.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
+    p.add_argument("-n", "--namespace", help="only this namespace")
+    p.add_argument("--kind", choices=("Route", "DestinationPolicy", "ExternalService"))
+    p.set_defaults(func=_cmd_get)
+
+    p = sub.add_parser("history", parents=[conn], help="policy changes, newest first")
+    p.add_argument("name", nargs="?", metavar="NAME", help="only changes to objects so named")
+    p.add_argument("--limit", type=int, default=50, metavar="N", help="default 50")
+    p.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
+    p.set_defaults(func=_cmd_history)
+
+    p = sub.add_parser("rollback", parents=[conn], help="restore the policies of a revision")
+    p.add_argument("revision", type=int, metavar="REVISION")
+    p.add_argument("-m", "--message", default="", help="why: kept in history")
+    p.set_defaults(func=_cmd_rollback)
+
+    p = sub.add_parser("login", help="save the admin API's URL and a token for later commands")
+    p.add_argument("--server", required=True, metavar="URL")
+    p.add_argument("--token", required=True, metavar="TOKEN")
+    p.add_argument("--no-verify", action="store_true", help="save without asking the server")
+    p.add_argument("--timeout", type=float, default=10.0, metavar="S")
+    p.set_defaults(func=_cmd_login)
+
+    p = sub.add_parser("token", help="the admin token key, and tokens signed with it")
+    tokens = p.add_subparsers(dest="token_command", required=True, metavar="STEP")
+    t = tokens.add_parser("init-key", help="create the EC P-256 token key (mode 0600)")
+    t.add_argument("file", metavar="FILE")
+    t.set_defaults(func=_cmd_token)
+    t = tokens.add_parser("create", help="print a token signed with --token-key")
+    t.add_argument("--role", required=True, choices=("read", "admin", "join"))
+    t.add_argument("--token-key", required=True, metavar="FILE")
+    t.add_argument("--subject", help="who (default: your user name; join: NAMESPACE/SERVICE)")
+    t.add_argument("--service", help="join tokens: the service the sidecar registers as")
+    t.add_argument("--namespace", default="default", help="join tokens (default: default)")
+    t.add_argument("--ttl", type=_ttl, default=_ttl("24h"), help="e.g. 30m, 24h (default 24h)")
+    t.set_defaults(func=_cmd_token)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lepton-mesh", description="A service mesh you can run.")
     parser.add_argument("--version", action="version", version=f"lepton-mesh {__version__}")
@@ -201,12 +689,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sidecar", help="run a sidecar proxy next to one service instance")
     p.add_argument("--config", required=True, metavar="FILE", help="static sidecar config (YAML)")
     p.set_defaults(func=_cmd_sidecar)
-
-    p = sub.add_parser(
-        "validate", help="check config files offline; errors name file, line and field"
-    )
-    p.add_argument("paths", nargs="+", metavar="PATH")
-    p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("demo", help="run the example mesh end to end and print a summary")
     p.add_argument("--keep", action="store_true", help="leave the mesh running for exploration")
@@ -219,6 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_control)
 
     _add_certs_parser(sub)
+    _add_policy_parsers(sub)
     return parser
 
 
@@ -228,6 +711,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as err:
         print(err, file=sys.stderr)
+        return err.exit_code
+    except ClientError as err:
+        print(f"lepton-mesh {args.command}: {err}", file=sys.stderr)
+        for problem in err.problems:
+            print(problem.get("text") or problem, file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         return 130
