@@ -18,46 +18,15 @@ from lepton_mesh.control.admin_api import AdminServer, start_admin_api
 from lepton_mesh.control.auth import TokenIssuer, TokenVerifier, init_key
 from lepton_mesh.control.etcd_local import LocalEtcd
 from lepton_mesh.control.policy_store import PolicyStore
+from lepton_mesh.control.registry import Registry
 from lepton_mesh.control.store import Store
 from lepton_mesh.control.watch_cache import WatchCache
 from tests.policy_store.policy_support import Control, open_control
 
-__all__ = ["Api", "CacheRegistry", "Reply", "api", "instance", "open_api", "put_instance"]
+__all__ = ["Api", "Reply", "api", "instance", "open_api", "put_instance"]
 
 INSTANCES = "/lepton/v1/instances/"
 SIDECARS = "/lepton/v1/sidecars/"
-
-
-class CacheRegistry:
-    """The query side of control/registry.py's Registry (not committed yet): the
-    same answers, from the same cache keys. Switch to the real one once it lands."""
-
-    def __init__(self, cache: WatchCache) -> None:
-        self._cache = cache
-
-    def _values(self, prefix: str) -> list[dict[str, Any]]:
-        items = self._cache.items
-        return [orjson.loads(items[k]) for k in sorted(items) if k.startswith(prefix)]
-
-    def services(self) -> list[dict[str, Any]]:
-        by: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        for inst in self._values(INSTANCES):
-            by.setdefault((inst["namespace"], inst["service"]), []).append(inst)
-        return [
-            {
-                "name": svc,
-                "namespace": ns,
-                "instances": len(insts),
-                "healthy": sum(1 for i in insts if i["healthy"] and not i["draining"]),
-            }
-            for (ns, svc), insts in sorted(by.items())
-        ]
-
-    def instances(self, service: str | None = None) -> list[dict[str, Any]]:
-        return [i for i in self._values(INSTANCES) if service in (None, i["service"])]
-
-    def sidecars(self) -> list[dict[str, Any]]:
-        return self._values(SIDECARS)
 
 
 @dataclass
@@ -66,7 +35,7 @@ class Context:
 
     store: Store
     cache: WatchCache
-    registry: CacheRegistry
+    registry: Registry
     policies: PolicyStore
     token_verifier: TokenVerifier | None
     replica_id: str = "replica-test"
@@ -131,7 +100,7 @@ async def open_api(
         ctx = Context(
             ctl.store,
             ctl.cache,
-            CacheRegistry(ctl.cache),
+            Registry(ctl.store, ctl.cache, replica_id="replica-test"),
             ctl.policies,
             TokenVerifier(key.public_key()) if auth else None,
         )
