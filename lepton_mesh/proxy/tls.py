@@ -88,7 +88,11 @@ class PeerIdentityError(Exception):
 
 # --- contexts -----------------------------------------------------------------
 
-_RESUME: ContextVar[ssl.SSLSession | None] = ContextVar("lepton_tls_resume", default=None)
+# (the context the session belongs to, the session): Python refuses a session
+# from another context, so a mismatched pair is ignored rather than fatal.
+_RESUME: ContextVar[tuple[ssl.SSLContext, ssl.SSLSession] | None] = ContextVar(
+    "lepton_tls_resume", default=None
+)
 
 
 class MeshClientContext(ssl.SSLContext):
@@ -108,7 +112,9 @@ class MeshClientContext(ssl.SSLContext):
         session: ssl.SSLSession | None = None,
     ) -> ssl.SSLObject:
         if session is None and not server_side:
-            session = _RESUME.get()
+            offered = _RESUME.get()
+            if offered is not None and offered[0] is self:
+                session = offered[1]
         return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
 
 
@@ -281,9 +287,10 @@ class SessionCache:
     def resuming(self, endpoint: Hashable) -> Iterator[ssl.SSLSession | None]:
         """Within the block, connections made with this cache's context (a
         MeshClientContext) offer `endpoint`'s session. Yields the session."""
-        token = _RESUME.set(self.get(endpoint))
+        session = self.get(endpoint)
+        token = _RESUME.set(None if session is None else (self.context, session))
         try:
-            yield _RESUME.get()
+            yield session
         finally:
             _RESUME.reset(token)
 

@@ -101,3 +101,16 @@ def test_expired_session_is_not_offered(pki: Pki) -> None:
 def test_cache_needs_a_positive_bound(pki: Pki) -> None:
     with pytest.raises(ValueError):
         tls.SessionCache(client_ctx(pki.creds("web"), pki.bundle_pem), max_entries=0)
+
+
+async def test_a_session_offered_to_another_context_is_ignored(pki: Pki, servers) -> None:
+    srv = await servers(server_ctx(pki.creds("chat"), pki.bundle_pem))
+    ctx = client_ctx(pki.creds("web"), pki.bundle_pem)
+    cache = tls.SessionCache(ctx)
+    await connect(srv.port, ctx, cache=cache)
+    other = client_ctx(pki.creds("web"), pki.bundle_pem)
+    with cache.resuming("endpoint") as offered:
+        assert offered is not None
+        # A connection on another context in the same block: full handshake, no error.
+        result = await connect(srv.port, other)
+    assert not result.reused
