@@ -176,8 +176,10 @@ class ControlDaemon:
             if opts.admin is not None:
                 await self._start_admin(ctx, *opts.admin)
         except BaseException:
-            await self._cancel_tasks()
-            await store.close()
+            if self.ctx is not None:
+                await self.stop()
+            else:
+                await store.close()
             raise
         return ctx
 
@@ -206,7 +208,8 @@ class ControlDaemon:
         if ctx is None:
             return
         self.ctx = None
-        await ctx.store.close()  # first: no keep-alive, revoke or write gets out any more
+        ctx.registry.abandon()
+        await ctx.store.close()  # no keep-alive, revoke or write gets out any more
         await ctx.push.close()
         await self._close_admin()
         await self._cancel_tasks()

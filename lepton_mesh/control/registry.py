@@ -383,6 +383,13 @@ class Registry:
         reg.due = 0.0
         self._wake.set()
 
+    def abandon(self) -> None:
+        """The replica is dying: forget every registration without revoking,
+        so their leases expire within the TTL (what a crash does; for tests)."""
+        for reg in self._local.values():
+            reg.closed = True
+        self._local.clear()
+
     async def close(self) -> None:
         """Revoke every local registration's lease (shutdown)."""
         regs = list(self._local.values())
