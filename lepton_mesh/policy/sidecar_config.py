@@ -112,6 +112,43 @@ class AccessLogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class InstanceConfig:
+    """What this sidecar registers with the control daemon.
+
+    `id` None: `<service>-<random>`, chosen once when the sidecar starts.
+    `address` None: the inbound listener's host, a wildcard one (`0.0.0.0`,
+    `::`) read as loopback. Both are resolved at run time, not at load, so
+    loading the same file twice gives equal configs.
+    """
+
+    id: str | None = None
+    address: str | None = None
+    labels: Mapping[str, str] = field(default_factory=_empty)
+    weight: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ControlConfig:
+    """Where the control daemon is. Present: the sidecar is fed by control; absent: static.
+
+    `addresses` are tried in order, moving to the next on failure (never
+    empty). `state_dir` holds `last-known-good.json`; None keeps nothing.
+    """
+
+    addresses: tuple[Address, ...]
+    state_dir: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheckConfig:
+    """The local app's health endpoint, checked every `interval` (`timeout` <= `interval`)."""
+
+    path: str = "/healthz"
+    interval: float = 2.0
+    timeout: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
 class SidecarConfig:
     """Everything one sidecar needs to run. `source` names where it came from."""
 
@@ -126,4 +163,12 @@ class SidecarConfig:
     access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
     # Routes and destination policies, from the files under `policies:`.
     traffic: TrafficPolicies = field(default_factory=TrafficPolicies)
+    # Services this sidecar calls (`("*",)`: all of them, explicitly): with
+    # `control`, the only services it is sent.
+    dependencies: tuple[str, ...] = ()
+    instance: InstanceConfig = field(default_factory=InstanceConfig)
+    # With `control`, `services` and `traffic` above are only the starting
+    # point: each snapshot from control replaces both.
+    control: ControlConfig | None = None
+    health_check: HealthCheckConfig | None = None
     source: str = "<memory>"

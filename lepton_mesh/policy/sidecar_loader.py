@@ -11,6 +11,12 @@ the config file's folder) or holds manifests inline; they are validated
 together by `traffic_loader` into `SidecarConfig.traffic`, and checked
 against `services` (a route may only send to services this sidecar knows).
 
+`dependencies`, `instance`, `control` and `health_check` are for a sidecar
+fed by the control daemon (docs/control-plane.md): with `control` set, the
+file's `services` and `policies` are the starting point and each snapshot
+replaces them (`proxy/control_client.py` builds the new config through
+`sidecar_config_from_mapping`, so a snapshot is validated exactly as a file).
+
 Validation never stops at the first problem: every parser below records what
 is wrong and returns None, the caller keeps the model's default, and one
 `ConfigError` lists everything at the end. A config with any problem is never
@@ -40,13 +46,17 @@ from lepton_mesh.policy.fields import (
     parse_fields,
     parse_labels,
     parse_name,
+    parse_string,
     section,
     size,
 )
 from lepton_mesh.policy.sidecar_config import (
     AccessLogConfig,
     Address,
+    ControlConfig,
     Endpoint,
+    HealthCheckConfig,
+    InstanceConfig,
     Limits,
     Listeners,
     PoolConfig,
@@ -279,6 +289,158 @@ def _endpoint(c: Checker, value: Any, path: Path) -> Endpoint | None:
     return Endpoint(address, weight, MappingProxyType(labels), healthy)
 
 
+# --- a sidecar fed by control: dependencies, instance, control, health_check --
+
+_WILDCARD = "*"
+
+
+def _dependencies(c: Checker, value: Any, path: Path) -> tuple[str, ...] | None:
+    """Service names, or `["*"]` alone: every service, as an explicit opt-in."""
+    if not isinstance(value, (list, tuple)):
+        expected(c, path, "a list of service names, or ['*'] for all", value)
+        return None
+    out: list[str] = []
+    seen: dict[str, int] = {}
+    for i, item in enumerate(value):
+        if item == _WILDCARD:
+            if len(value) > 1:
+                c.error((*path, i), "'*' means every service: list it alone")
+                return None
+            return (_WILDCARD,)
+        name = parse_name(c, item, (*path, i))
+        if name is None:
+            continue
+        if name in seen:
+            c.error((*path, i), f"{name!r} is already listed at [{seen[name]}]")
+            continue
+        seen[name] = i
+        out.append(name)
+    return tuple(out)
+
+
+# A DNS subdomain (as Kubernetes pod names are): it becomes part of etcd keys.
+_INSTANCE_ID = re.compile(r"[a-z0-9]([-.a-z0-9]*[a-z0-9])?")
+
+
+def _instance_id(c: Checker, value: Any, path: Path) -> str | None:
+    text = parse_string(c, value, path)
+    if text is None:
+        return None
+    if len(text) > 253 or not _INSTANCE_ID.fullmatch(text):
+        c.error(
+            path,
+            f"invalid instance id {text!r}: use lowercase letters, digits, '-' and '.', "
+            "starting and ending with a letter or digit, at most 253 characters",
+        )
+        return None
+    return text
+
+
+def _host(c: Checker, value: Any, path: Path) -> str | None:
+    """A host callers can dial: an IP literal (IPv6 without brackets) or a DNS name."""
+    text = parse_string(c, value, path)
+    if text is None:
+        return None
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        if not _valid_host(text):
+            c.error(path, f"{text!r} is not an IP address or host name (no port here)")
+            return None
+        return text
+    if ip.is_unspecified:
+        c.error(path, f"{text!r} is a wildcard: give the address callers reach this instance at")
+        return None
+    return text
+
+
+def _frozen_labels(c: Checker, value: Any, path: Path) -> Mapping[str, str] | None:
+    labels = parse_labels(c, value, path)
+    return None if labels is None else MappingProxyType(labels)
+
+
+_instance_section = section(
+    InstanceConfig,
+    {"id": _instance_id, "address": _host, "labels": _frozen_labels, "weight": _weight},
+)
+
+
+def _control(c: Checker, value: Any, base_dir: str) -> ControlConfig | None:
+    """`addresses` (one at least, no repeats) and `state_dir` (relative to the file's folder)."""
+    path: Path = ("control",)
+    m = check_mapping(c, value, path, ("addresses", "state_dir"))
+    if m is None:
+        return None
+    addresses = _control_addresses(c, m.get("addresses"), (*path, "addresses"))
+    state_dir = None
+    if "state_dir" in m:
+        text = parse_string(c, m["state_dir"], (*path, "state_dir"))
+        if text == "":
+            c.error((*path, "state_dir"), "must not be empty (leave it out to keep no state)")
+        elif text is not None:
+            state_dir = os.path.normpath(os.path.join(base_dir, text))
+    if addresses is None:
+        return None
+    return ControlConfig(addresses=addresses, state_dir=state_dir)
+
+
+def _control_addresses(c: Checker, value: Any, path: Path) -> tuple[Address, ...] | None:
+    if value is None:
+        c.error(path, "required field is missing: the control daemon's 'host:port' addresses")
+        return None
+    if not isinstance(value, (list, tuple)):
+        expected(c, path, "a list of 'host:port' addresses", value)
+        return None
+    if not value:
+        c.error(path, "must list at least one address")
+        return None
+    out: list[Address] = []
+    seen: dict[Address, int] = {}
+    for i, item in enumerate(value):
+        address = _endpoint_address(c, item, (*path, i))
+        if address is None:
+            continue
+        if address in seen:
+            c.error((*path, i), f"{address} is already listed at [{seen[address]}]")
+            continue
+        seen[address] = i
+        out.append(address)
+    return tuple(out) if len(out) == len(value) else None
+
+
+_HEALTH_PATH = re.compile(r"/[!-~]*")  # printable ASCII, no spaces: goes on a request line
+
+
+def _health_path(c: Checker, value: Any, path: Path) -> str | None:
+    text = parse_string(c, value, path)
+    if text is None:
+        return None
+    if not _HEALTH_PATH.fullmatch(text):
+        c.error(path, f"expected a request path like '/healthz', found {text!r}")
+        return None
+    return text
+
+
+_health_check_fields: dict[str, Parser] = {
+    "path": _health_path,
+    "interval": duration(zero_ok=False),
+    "timeout": duration(zero_ok=False),
+}
+
+
+def _health_check(c: Checker, value: Any, path: Path) -> HealthCheckConfig | None:
+    m = check_mapping(c, value, path, _health_check_fields)
+    if m is None:
+        return None
+    hc = HealthCheckConfig(**parse_fields(c, m, path, _health_check_fields))
+    if hc.timeout > hc.interval:
+        c.error(
+            (*path, "timeout"),
+            f"must not exceed interval ({hc.interval:g}s), found {hc.timeout:g}s",
+        )
+    return hc
+
+
 # --- the top level ---------------------------------------------------------
 
 _TOP_FIELDS: dict[str, Parser] = {
@@ -317,10 +479,22 @@ _TOP_FIELDS: dict[str, Parser] = {
     ),
     "access_log": _access_log,
     "services": _services,
+    "dependencies": _dependencies,
+    "instance": _instance_section,
+    "health_check": _health_check,
 }
 _REQUIRED = ("service", "app")
-# `policies` reads files, so it is parsed apart from the plain fields.
-_ALLOWED = (*_TOP_FIELDS, "policies")
+_ABSENT = object()
+# `policies` reads files and `control` resolves a path against the file's
+# folder, so both are parsed apart from the plain fields.
+_ALLOWED = (
+    *(k for k in _TOP_FIELDS if k not in ("dependencies", "instance", "health_check")),
+    "policies",
+    "dependencies",
+    "instance",
+    "control",
+    "health_check",
+)
 
 
 def _sidecar(c: Checker, data: Any, base_dir: str) -> SidecarConfig | None:
@@ -333,7 +507,10 @@ def _sidecar(c: Checker, data: Any, base_dir: str) -> SidecarConfig | None:
         if key not in m:
             c.error((key,), "required field is missing")
     policies = m.pop("policies", None)
+    control = m.pop("control", _ABSENT)  # `control:` with nothing under it is an error
     fields = parse_fields(c, m, (), _TOP_FIELDS)
+    if control is not _ABSENT:
+        fields["control"] = _control(c, control, base_dir)
     services = fields.get("services", {})
     _check_binds(c, fields.get("app"), fields.get("listeners", Listeners()), services)
     if policies is not None:
@@ -479,7 +656,7 @@ def sidecar_config_to_json(cfg: SidecarConfig) -> dict[str, Any]:
     (routes and destination policies come back with their own `source`
     naming the new origin).
     """
-    return {
+    out = {
         "source": cfg.source,
         "service": cfg.service,
         "namespace": cfg.namespace,
@@ -508,6 +685,34 @@ def sidecar_config_to_json(cfg: SidecarConfig) -> dict[str, Any]:
         "access_log": {"enabled": cfg.access_log.enabled},
         "services": {name: _service_json(svc) for name, svc in cfg.services.items()},
     } | _policies_json(cfg.traffic)
+    return out | _control_json(cfg)
+
+
+def _control_json(cfg: SidecarConfig) -> dict[str, Any]:
+    """The keys of a sidecar fed by control; each absent while it has its default."""
+    out: dict[str, Any] = {}
+    if cfg.dependencies:
+        out["dependencies"] = list(cfg.dependencies)
+    inst = cfg.instance
+    if inst != InstanceConfig():
+        out["instance"] = {
+            k: v
+            for k, v in (
+                ("id", inst.id),
+                ("address", inst.address),
+                ("labels", dict(inst.labels)),
+                ("weight", inst.weight),
+            )
+            if v is not None
+        }
+    if cfg.control is not None:
+        out["control"] = {"addresses": [str(a) for a in cfg.control.addresses]}
+        if cfg.control.state_dir is not None:
+            out["control"]["state_dir"] = cfg.control.state_dir
+    if cfg.health_check is not None:
+        hc = cfg.health_check
+        out["health_check"] = {"path": hc.path, "interval": hc.interval, "timeout": hc.timeout}
+    return out
 
 
 def _policies_json(traffic: TrafficPolicies) -> dict[str, Any]:
