@@ -5,6 +5,10 @@ anything), then the sidecar is ready. `swap_config()` replaces the snapshot
 in one assignment. `drain()` stops accepting, lets in-flight requests finish
 (responses say `Connection: close`), and closes what is left when the drain
 timeout passes. `stop()` closes everything at once.
+
+With `control` in its config, a `ControlClient` feeds the sidecar: ready
+only once a snapshot from control (or the last-known-good one) is applied,
+and `drain()` tells control before it stops accepting.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from lepton_mesh.policy.sidecar_loader import sidecar_config_to_json
 from lepton_mesh.proxy.access_log import AccessLog
 from lepton_mesh.proxy.admin import start_admin_server
 from lepton_mesh.proxy.clusters import Cluster, ServiceStates
+from lepton_mesh.proxy.control_client import ControlClient
 from lepton_mesh.proxy.listeners import HttpListener
 from lepton_mesh.proxy.metrics import ProxyMetrics
 from lepton_mesh.proxy.pool import Pools
@@ -42,6 +47,8 @@ class Sidecar:
         self._drain_task: asyncio.Task[None] | None = None
         self._stopped: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        # Created here so that its settings (`control.timing`) can be adjusted before start().
+        self.control = ControlClient(self, cfg) if cfg.control is not None else None
 
     # -- start / config ------------------------------------------------------
 
@@ -75,7 +82,10 @@ class Sidecar:
         except BaseException:
             await self.stop()
             raise
-        self.ready = True
+        # With control: ready once a snapshot (or last-known-good) is applied.
+        self.ready = self.control is None
+        if self.control is not None:
+            self.control.start()
 
     def _bound(self, name: str, server: asyncio.AbstractServer) -> None:
         self._servers.append(server)
@@ -112,6 +122,8 @@ class Sidecar:
             await self._drained.wait()  # type: ignore[union-attr]
             return
         self.draining = True
+        if self.control is not None:
+            self.control.send_draining()  # first: callers stop sending before we stop accepting
         timeout = self.snapshot.cfg.timeouts.drain
         for listener in (self.outbound, self.inbound):
             listener.start_drain()
@@ -139,6 +151,8 @@ class Sidecar:
 
     async def stop(self) -> None:
         self.ready = False
+        if self.control is not None:
+            await self.control.aclose()
         for server in self._servers:
             server.close()
         for listener in (getattr(self, "outbound", None), getattr(self, "inbound", None)):
@@ -166,11 +180,14 @@ class Sidecar:
         if self.draining:
             return False, "draining"
         if not self.ready:
-            return False, "starting"
+            return False, self.control.not_ready_reason() if self.control else "starting"
         return True, ""
 
     def config_json(self) -> dict[str, Any]:
-        return sidecar_config_to_json(self.snapshot.cfg)
+        out = sidecar_config_to_json(self.snapshot.cfg)
+        if self.control is not None:
+            out["control_status"] = self.control.status_json()
+        return out
 
     def clusters_json(self) -> dict[str, Any]:
         """Every destination: its backends, endpoints with load and ejection, pools, breaker, budget."""
