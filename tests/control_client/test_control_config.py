@@ -176,3 +176,15 @@ def test_json_view_round_trips_and_leaves_defaults_out(tmp_path: Path) -> None:
     assert sidecar_config_from_mapping(data, source) == cfg
     static = sidecar_config_to_json(SidecarConfig(service="chat", app=Address("a", 1)))
     assert not {"dependencies", "instance", "control", "health_check"} & set(static)
+
+
+def test_reference_doc_example_loads(tmp_path: Path) -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "sidecar-config.md").read_text()
+    section = doc.split("## Fed by the control daemon\n", 1)[1]
+    example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "chat.yaml"
+    path.write_text(example)
+    cfg = load_sidecar_config(path)
+    assert cfg.dependencies == ("intent", "dialog")
+    assert cfg.control is not None and len(cfg.control.addresses) == 2
+    assert cfg.health_check == HealthCheckConfig()
