@@ -167,7 +167,10 @@ def _ident_of_key(key: str) -> Ident | None:
 
 
 def _dumps(value: Any) -> bytes:
-    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    # Keys keep the order they were written in: `etcdctl get` and `lepton-mesh
+    # diff` then show a manifest as its author wrote it. Equality (no-op
+    # detection) compares parsed values, so order never counts as a change.
+    return orjson.dumps(value)
 
 
 def _loads(key: str, value: bytes) -> Any:

@@ -44,6 +44,10 @@ async def test_apply_writes_policies_revision_and_history_in_one_revision(contro
         "DestinationPolicy/default/dialog",
         "Route/default/dialog",
     ]
+    raw = await control.store.get(POLICIES_PREFIX + "DestinationPolicy/default/dialog")
+    assert raw is not None  # stored in the author's key order, for etcdctl and diffs
+    assert raw.value.startswith(b'{"apiVersion":"lepton-mesh/v1","kind":"DestinationPolicy"')
+    assert b'"spec":{"service":"dialog","subsets":' in raw.value
     record = control.policies.record(1)
     assert record is not None
     assert {k: record[k] for k in ("revision", "who", "message", "rollback_of")} == {
