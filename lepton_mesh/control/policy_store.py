@@ -397,7 +397,10 @@ class PolicyStore:
         if not who:
             raise BadRequest("a write must name who made it")
         write_id = uuid.uuid4().hex  # finds this write in history when its outcome is unknown
-        unknown_since: int | None = None  # the revision read before a txn of unknown outcome
+        # The revision read before the first transaction of unknown outcome: if
+        # any of them landed, its record is after it.
+        unknown_since: int | None = None
+        unknown: UnknownOutcome | None = None  # the last attempt's, if it was unknown
         for attempt in range(_RACE_RETRIES):
             if attempt:
                 await asyncio.sleep(random.uniform(0, _RACE_BACKOFF * attempt))  # retry backoff
@@ -423,15 +426,20 @@ class PolicyStore:
             ops = _ops(changes, record)
             try:
                 result = await self._store.txn([Compare.mod(REVISION_KEY, state.revision_mod)], ops)
-            except UnknownOutcome:
+            except UnknownOutcome as e:
                 _log.warning("policy write %s: outcome unknown; re-reading to find out", write_id)
-                unknown_since = state.revision
+                unknown = e
+                if unknown_since is None:
+                    unknown_since = state.revision
                 continue
+            unknown = None
             if result.succeeded:
                 await self._catch_up(result.revision)
                 return _result(record["revision"], changes)
             if base_revision is not None:
                 raise _conflict(base_revision, (await self._read()).revision)
+        if unknown is not None:
+            raise unknown  # still cannot tell: 503, and the caller is told to check history
         raise RevisionConflict(
             f"the policies kept changing during this write ({_RACE_RETRIES} attempts); retry",
             current=self.revision(),

@@ -268,23 +268,24 @@ async def test_too_many_changes_is_refused_before_etcd(control: Control) -> None
 
 
 class _Flaky:
-    """The real store, except that one transaction reports an unknown outcome.
+    """The real store, except that transactions report an unknown outcome.
 
-    `applied` says whether that transaction really went through first (the
-    reply was lost) or never reached etcd.
+    `applied` says whether such a transaction really went through first (the
+    reply was lost) or never reached etcd; `times` how many trip (None: all).
     """
 
-    def __init__(self, store, *, applied: bool) -> None:
+    def __init__(self, store, *, applied: bool, times: int | None = 1) -> None:
         self._store = store
         self._applied = applied
-        self.tripped = False
+        self._times = times
+        self.tripped = 0
 
     def __getattr__(self, name):
         return getattr(self._store, name)
 
     async def txn(self, compares, success, failure=()):
-        if not self.tripped:
-            self.tripped = True
+        if self._times is None or self.tripped < self._times:
+            self.tripped += 1
             if self._applied:
                 await self._store.txn(compares, success, failure)
             raise UnknownOutcome("etcd txn: DEADLINE_EXCEEDED; it may have been applied")
@@ -301,3 +302,12 @@ async def test_unknown_outcome_is_resolved_by_re_reading(control: Control, appli
     assert len(kvs) == 1  # applied exactly once either way
     rev = orjson.loads((await control.store.get(REVISION_KEY)).value)
     assert rev == {"revision": 1}
+
+
+async def test_an_outcome_that_stays_unknown_is_reported_as_such(control: Control) -> None:
+    flaky = _Flaky(control.store, applied=False, times=None)
+    policies = PolicyStore(flaky, control.cache)  # type: ignore[arg-type]
+    with pytest.raises(UnknownOutcome) as info:
+        await policies.apply(docs(dest()), who="alice")
+    assert (info.value.status, info.value.reason) == (503, "store_unknown_outcome")
+    assert await stored(control) == {}
