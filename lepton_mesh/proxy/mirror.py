@@ -74,6 +74,7 @@ def _shadow_host(host: bytes) -> bytes:
 class MirrorCall:
     __slots__ = (
         "_conn",
+        "_connect_timeout",
         "_listener",
         "_pool",
         "_task",
