@@ -224,6 +224,14 @@ _ENVELOPE = ("apiVersion", "kind", "metadata", "spec")
 _METADATA = ("name", "namespace", "labels", "annotations")
 
 
+# People arrive from Istio: name our kind for theirs instead of a spelling guess.
+_ISTIO_KINDS = {
+    "VirtualService": "Route",
+    "DestinationRule": "DestinationPolicy",
+    "ServiceEntry": "ExternalService",
+}
+
+
 def _manifest(col: _Collector, c: Checker, data: Any) -> None:
     if not isinstance(data, Mapping):
         expected(c, (), "a manifest (a mapping with apiVersion, kind, metadata, spec)", data)
@@ -239,7 +247,9 @@ def _manifest(col: _Collector, c: Checker, data: Any) -> None:
     if "kind" in m and kind not in KINDS:
         known = f"the kinds of {API_VERSION} are {', '.join(KINDS[:-1])} and {KINDS[-1]}"
         if isinstance(kind, str):
-            c.error(("kind",), f"unknown kind {kind!r}{did_you_mean(kind, KINDS)}; {known}")
+            hint = _ISTIO_KINDS.get(kind)
+            hint = f" (Istio's {kind} is our {hint})" if hint else did_you_mean(kind, KINDS)
+            c.error(("kind",), f"unknown kind {kind!r}{hint}; {known}")
         else:
             c.error(("kind",), f"expected a kind name, found {describe(kind)}; {known}")
         return

@@ -392,8 +392,8 @@ BAD: list[tuple[str, str, list[tuple[int, str, str]]]] = [
             (
                 2,
                 "kind",
-                "unknown kind 'VirtualService'; the kinds of lepton-mesh/v1 are Route, "
-                "DestinationPolicy and ExternalService",
+                "unknown kind 'VirtualService' (Istio's VirtualService is our Route); "
+                "the kinds of lepton-mesh/v1 are Route, DestinationPolicy and ExternalService",
             )
         ],
     ),
