@@ -9,9 +9,11 @@ import time
 from proxy_harness import (
     RawClient,
     assert_lepton_error,
+    http,
     outbound,
     read_response,
     request_bytes,
+    response_bytes,
     wait_for,
 )
 from traffic_support import (
@@ -25,7 +27,7 @@ from traffic_support import (
     start_backend,
 )
 
-from lepton_mesh.policy.traffic import CircuitLimits, RetryPolicy
+from lepton_mesh.policy.traffic import Backoff, CircuitLimits, RetryPolicy
 from lepton_mesh.proxy.errors import Reason
 
 
@@ -141,3 +143,46 @@ async def test_max_connections_overflow(sidecars, upstreams) -> None:
     assert metric(samples, "lepton_circuit_overflows_total", **labels) == 1
     # The connection that exists is reused: the next request is served.
     assert (await call(outbound(sc), target="/third")).status == 200
+
+
+async def test_max_retries_limits_concurrent_retries(sidecars, upstreams) -> None:
+    """max_retries 1: of two requests failing at once, one retries and the other
+    gets its 503 as is (a `limit` refusal, counted), instead of piling on."""
+    released = asyncio.Event()
+    seen: list[str] = []
+
+    async def app(req, conn) -> None:  # type: ignore[no-untyped-def]
+        seen.append(req.target)
+        if len(seen) <= 2:  # both first tries fail at once
+            await conn.send(response_bytes(503, b"busy", [("x-served-by", "up")]))
+            return
+        await released.wait()  # the one retry waits until the test has looked
+        await conn.send(response_bytes(200, b"ok", [("x-served-by", "up")]))
+
+    up = await upstreams(http(app))
+    policy = RetryPolicy(
+        attempts=3, retry_on=frozenset({"5xx"}), backoff=Backoff(base=0.001, max=0.001)
+    )
+    cfg = mesh_config(
+        {"svc": [up.address]},
+        destinations=[
+            destination("svc", limits=CircuitLimits(max_retries=1), retry=policy, outlier=None)
+        ],
+    )
+    sc = await sidecars(cfg)
+    tasks = [asyncio.ensure_future(call(outbound(sc), target=f"/r{i}")) for i in range(2)]
+    await wait_for(lambda: len(seen) == 3, what="two failures and one retry upstream")
+    await wait_for(lambda: any(t.done() for t in tasks), what="the refused request's answer")
+    (refused,) = [t.result() for t in tasks if t.done()]
+    assert (refused.status, refused.attempts, refused.response.body) == (503, 1, b"busy")
+    circuit = (await clusters(sc))["svc"]["circuit"]["retries"]
+    assert circuit == {"used": 1, "max": 1, "open": True, "overflows": 1}
+    released.set()
+    results = await asyncio.gather(*tasks)
+    assert sorted((r.status, r.attempts) for r in results) == [(200, 2), (503, 1)]
+    samples = await scrape(sc)
+    labels = {"destination_service": "svc"}
+    assert metric(samples, "lepton_retries_total", **labels, outcome="limit") == 1
+    assert metric(samples, "lepton_retries_total", **labels, outcome="attempted") == 1
+    assert metric(samples, "lepton_circuit_overflows_total", **labels, limit="retries") == 1
+    assert (await clusters(sc))["svc"]["circuit"]["retries"]["used"] == 0
