@@ -26,18 +26,6 @@ from traffic_support import (
 
 from lepton_mesh.policy.traffic import Backend, Mirror, PathMatch, RouteMatch, RouteRule
 
-# Every mirrored request currently fails before anything is sent: mirror.py's
-# MirrorCall.__init__ assigns self._connect_timeout, which is not in its
-# __slots__ (since c1b008f). The AttributeError is raised from start_mirror;
-# from the loop callback it only loses the copy, but for a pipelined request
-# (started whole, so mirrored inside Exchange.begin) it escapes begin() and
-# the client never gets an answer. Remove this mark when mirror.py is fixed.
-pytestmark = pytest.mark.xfail(
-    strict=True,
-    reason="MirrorCall sets _connect_timeout, missing from its __slots__: "
-    "AttributeError in start_mirror, no copy is ever sent",
-)
-
 
 def mirrored(percent: float = 100.0, timeout: float | None = None) -> RouteRule:
     return RouteRule(
