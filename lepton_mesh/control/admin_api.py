@@ -323,18 +323,17 @@ async def get_service(request: web.Request) -> web.StreamResponse:
     if not found:
         where = f" in namespace {ns!r}" if ns else ""
         raise ApiError(404, "not_found", f"no service {name!r}{where}")
-    out = []
-    for svc in found:
-        instances = [
-            i for i in ctx.registry.instances(name) if i.get("namespace") == svc["namespace"]
-        ]
-        policies = [
-            m
-            for m in ctx.policies.list(namespace=svc["namespace"])
-            if name in (m["spec"].get("destination"), m["spec"].get("service"))
-        ]
-        out.append(svc | {"instance_list": instances, "policies": policies})
-    return _json(out[0] if len(out) == 1 else {"items": out})
+    if len(found) > 1:
+        spaces = ", ".join(sorted(s["namespace"] for s in found))
+        raise _bad(f"service {name!r} exists in namespaces {spaces}: give ?namespace=")
+    (svc,) = found
+    instances = [i for i in ctx.registry.instances(name) if i.get("namespace") == svc["namespace"]]
+    policies = [
+        m
+        for m in ctx.policies.list(namespace=svc["namespace"])
+        if name in (m["spec"].get("destination"), m["spec"].get("service"))
+    ]
+    return _json(svc | {"instance_list": instances, "policies": policies})
 
 
 async def list_instances(request: web.Request) -> web.StreamResponse:
@@ -393,8 +392,9 @@ async def put_policy(request: web.Request) -> web.StreamResponse:
     ctx, kind = _ctx(request), _kind(request)
     ns, name = request.match_info["namespace"], request.match_info["name"]
     manifest = await _body(request)
-    meta = manifest.get("metadata")
-    meta = meta if isinstance(meta, dict) else {}
+    meta = manifest.get("metadata", {})
+    if not isinstance(meta, dict):
+        raise _bad("metadata: expected an object")
     for field, want, got in (
         ("kind", kind, manifest.get("kind", kind)),
         ("metadata.namespace", ns, meta.get("namespace", ns)),

@@ -330,7 +330,7 @@ _PATHS: dict[str, Any] = {
             "one service: its instances and the policies about it",
             "read",
             _ref("ServiceDetail"),
-            errors=("404",),
+            errors=("400", "404"),
             params=[_path("name", "service name"), _NAMESPACE],
         ),
     },

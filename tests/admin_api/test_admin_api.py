@@ -332,12 +332,18 @@ async def test_services_instances_sidecars_overview(api: Api) -> None:
     assert sorted(m["kind"] for m in one["policies"]) == ["DestinationPolicy", "Route"]
     missing = await api.call("GET", "/api/v1/services/nope", token="read")
     assert (missing.status, missing.body["reason"]) == (404, "not_found")
+    await put_instance(api.ctl, instance("dialog", "dialog-9", namespace="staging"))
+    twice = await api.call("GET", "/api/v1/services/dialog", token="read")
+    assert (twice.status, twice.body["reason"]) == (400, "bad_request")
+    assert "exists in namespaces default, staging" in twice.body["error"]
+    one = await api.call("GET", "/api/v1/services/dialog?namespace=staging", token="read")
+    assert [i["id"] for i in one.body["instance_list"]] == ["dialog-9"]
 
     instances = await api.call("GET", "/api/v1/instances", token="read", params={"service": "chat"})
     assert [i["id"] for i in instances.body["items"]] == ["chat-1"]
 
     sidecars = (await api.call("GET", "/api/v1/sidecars", token="read")).body["items"]
-    assert {s["node_id"] for s in sidecars} == {"chat-1", "dialog-1", "dialog-2"}
+    assert {s["node_id"] for s in sidecars} == {"chat-1", "dialog-1", "dialog-2", "dialog-9"}
     chat = (await api.call("GET", "/api/v1/sidecars/chat-1", token="read")).body
     assert chat["last_nack"] == {"version": 8, "error": "bad route"}
     assert (await api.call("GET", "/api/v1/sidecars/nope", token="read")).status == 404
@@ -346,10 +352,10 @@ async def test_services_instances_sidecars_overview(api: Api) -> None:
     assert overview["policy_revision"] == 1
     assert overview["store"]["healthy"] is True
     assert overview["counts"] | {"policies": None} == {
-        "services": 2,
-        "instances": 3,
-        "healthy_instances": 2,
-        "sidecars": 3,
+        "services": 3,
+        "instances": 4,
+        "healthy_instances": 3,
+        "sidecars": 4,
         "sidecars_with_nack": 1,
         "policies": None,
     }
