@@ -222,3 +222,24 @@ async def test_sidecars_with_one_scope_share_one_build_per_revision(replicas: Re
     # intent's own (new) group, and chat's rebuilt once for all 20; ops's untouched.
     assert push.builds - builds == 2
     assert push.pushes - pushes == 20 + 1  # chat's callers, and intent's first snapshot
+
+
+async def test_keys_deleted_behind_the_registrys_back_are_written_again(
+    replicas: Replicas, store: Store
+) -> None:
+    replica = await replicas()
+    peer = await Peer.join(replica.listen_port, hello("chat", "chat-5"))
+    key = INSTANCE.format("chat", "chat-5")
+    before = await store.get(key)
+    assert before is not None
+    await store.delete(key)  # e.g. an operator with etcdctl
+    peer.send(mp.Health(False))  # the next write finds the key gone and re-creates it
+
+    async def back() -> bool:
+        kv = await store.get(key)
+        return kv is not None and orjson.loads(kv.value)["healthy"] is False
+
+    await eventually(back, what="instance re-created")
+    kv = await store.get(key)
+    assert kv is not None and kv.lease == before.lease
+    await peer.ping()  # not mistaken for a takeover: the stream stays
