@@ -204,3 +204,43 @@ async def test_get_tables_and_formats(api: Api, cli_env, tmp_path: Path) -> None
     assert missing.code == EXIT_INVALID
     empty = await run_cli(env, "get", "policies")
     assert (empty.code, empty.out, empty.err) == (EXIT_OK, "", "no resources found\n")
+
+
+async def test_cli_against_the_control_daemon(mesh_etcd, cli_env, tmp_path: Path) -> None:
+    """The same CLI against a whole control replica (its own context and token key)."""
+    from lepton_mesh.control.daemon import ControlDaemon, ControlOptions
+
+    key = str(tmp_path / "token.key")
+    assert (await run_cli(cli_env, "token", "init-key", key)).code == EXIT_OK
+    token = await run_cli(cli_env, "token", "create", "--role", "admin", "--token-key", key)
+    daemon = ControlDaemon(
+        ControlOptions(
+            etcd=tuple(mesh_etcd.endpoints),
+            listen=("127.0.0.1", 0),
+            admin=("127.0.0.1", 0),
+            token_key=key,
+            replica_id="replica-cli",
+        )
+    )
+    await daemon.start()
+    try:
+        env = cli_env | {
+            "LEPTON_SERVER": f"http://127.0.0.1:{daemon.admin_port}",
+            "LEPTON_TOKEN": token.out.strip(),
+        }
+        # --prune: the module's etcd may hold other tests' policies; the files are the set.
+        result = await run_cli(env, "apply", "examples/mesh", "--prune", "-m", "examples")
+        assert result.code == EXIT_OK, result.err
+        got = await run_cli(env, "get", "policies", "-o", "json")
+        names = sorted((m["kind"], m["metadata"]["name"]) for m in json.loads(got.out))
+        assert names == [
+            ("DestinationPolicy", "dialog"),
+            ("DestinationPolicy", "intent"),
+            ("Route", "dialog"),
+            ("Route", "intent"),
+        ]
+        assert (await run_cli(env, "diff", "examples/mesh")).code == EXIT_OK
+        history = json.loads((await run_cli(env, "history", "-o", "json", "--limit", "1")).out)
+        assert history[0]["message"] == "examples"
+    finally:
+        await daemon.stop()
