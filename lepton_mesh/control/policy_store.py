@@ -301,6 +301,12 @@ class PolicyStore:
         current one when nothing changed or for a dry run.
         """
         docs = as_documents(manifests)
+        if prune and not docs:
+            # Most likely an empty folder or a wrong path, not a wish to delete everything.
+            raise BadRequest(
+                "prune with no manifests would delete every policy: refusing "
+                "(to clear them all, roll back to revision 0)"
+            )
 
         async def planner(state: _State) -> list[Change]:
             return plan(state.policies, docs, prune=prune)

@@ -201,6 +201,8 @@ async def test_delete_and_prune(control: Control) -> None:
     result = await control.policies.apply(docs(dest("b")), who="alice", prune=True)
     assert [(c["op"], c["name"]) for c in result["changes"]] == [("delete", "c")]
     assert sorted(await stored(control)) == ["DestinationPolicy/default/b"]
+    with pytest.raises(BadRequest, match="would delete every policy"):
+        await control.policies.apply([], who="alice", prune=True)
 
 
 async def test_deleting_what_a_route_needs_is_refused(control: Control) -> None:
