@@ -36,7 +36,9 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
+import traceback
 from random import random
 from typing import TYPE_CHECKING
 
@@ -194,6 +196,13 @@ class Exchange:
             self._route()
         except ProxyError as err:
             self.respond_error(err)
+        except Exception as exc:  # a bug of ours: never leak it into the caller's callbacks
+            traceback.print_exception(exc, file=sys.stderr)
+            self.respond_error(
+                ProxyError(
+                    500, Reason.INTERNAL, f"internal error: {type(exc).__name__}", close=True
+                )
+            )
 
     def _route(self) -> None:
         down = self.down
@@ -209,8 +218,6 @@ class Exchange:
             remove=rt.req_remove,
             extra=down.listener.peer_header,
         )
-        if rt.mirror is not None and mirror_decision(rt.mirror, random()):
-            self._mirror_when_complete()
         if rt.fault is not None:
             delay, abort = fault_decision(rt.fault, random(), random(), FactsView(facts).header)
             if delay > 0:
@@ -236,6 +243,10 @@ class Exchange:
     def _choose_backend(self) -> None:
         rt = self.rt
         assert rt is not None
+        # Mirrored only when the request goes on to a backend: as Envoy's fault
+        # filter runs before its router, an aborted request is not copied.
+        if rt.mirror is not None and mirror_decision(rt.mirror, random()):
+            self._mirror_when_complete()
         backends = rt.backends
         backend = backends[0] if len(backends) == 1 else choose_backend(backends, random())
         cluster = self.cluster = self.down.listener.cluster_for(self.snap, backend)
@@ -595,7 +606,11 @@ class Exchange:
         rt = self.rt
         if rt is None or rt.mirror is None or self.replay is None or not self.req_done:
             return
-        start_mirror(self.down.listener, self.snap, self.facts, rt, self.replay)
+        try:
+            start_mirror(self.down.listener, self.snap, self.facts, rt, self.replay)
+        except Exception as exc:  # a mirror never fails the primary request
+            traceback.print_exception(exc, file=sys.stderr)
+            self.down.listener.observe_mirror(rt.mirror.backend.service, "failed")
 
     # -- upgrade ------------------------------------------------------------------
 

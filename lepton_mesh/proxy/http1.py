@@ -20,9 +20,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from http import HTTPStatus
-from random import getrandbits
+from random import Random
 
 from lepton_mesh.proxy.errors import ProxyError, Reason, bad_request
+
+# Ids come from a generator of our own, seeded by the OS: whoever seeds the
+# process-global `random` (tests, libraries) must not make request ids repeat.
+_ids = Random()
+getrandbits = _ids.getrandbits
 
 Headers = list[tuple[bytes, bytes]]
 

@@ -32,17 +32,19 @@ class Snapshot:
         self.cfg = cfg
         traffic = cfg.traffic
         self.targets: dict[str, ServiceTarget] = {}
+        # Locality-aware balancing prefers endpoints in our own zone (instance label).
+        zone = cfg.instance.labels.get("zone")
         self.clusters: dict[tuple[str, str | None], Cluster] = {}
         for name, svc in cfg.services.items():
             if svc.protocol != "http":
                 continue
             policy = traffic.destinations.get(name) or self._default_policy(name)
             state, endpoints = states.sync(name, policy, svc.endpoints)
-            self.clusters[(name, None)] = Cluster(name, None, state, endpoints, policy, None)
+            self.clusters[(name, None)] = Cluster(name, None, state, endpoints, policy, zone)
             for subset in policy.subsets:
                 eps = subset_endpoints(endpoints, subset)
                 self.clusters[(name, subset.name)] = Cluster(
-                    name, subset.name, state, eps, policy, None
+                    name, subset.name, state, eps, policy, zone
                 )
             self.targets[name] = ServiceTarget(name, policy, traffic.routes.get(name))
         local_policy = replace(self._default_policy(cfg.service), retry=_NO_RETRY, outlier=None)

@@ -183,23 +183,7 @@ async def test_mirror_of_pipelined_requests(sidecars, upstreams) -> None:
     assert sorted(r.body for r in shadow.requests) == [b"p%d" % i for i in range(n)]
 
 
-@pytest.mark.parametrize(
-    "pipelined",
-    [
-        False,
-        pytest.param(
-            True,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="Exchange._route calls start_mirror synchronously when the request is "
-                "already whole (a pipelined one, started from DownstreamProtocol._start after "
-                "the previous exchange); begin() catches only ProxyError, so the exception "
-                "escapes into the previous response's upstream callbacks and this request "
-                "waits for its request timeout (60 s by default)",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("pipelined", [False, True])
 async def test_a_failing_mirror_setup_never_fails_the_primary(
     sidecars, upstreams, monkeypatch, pipelined
 ) -> None:
