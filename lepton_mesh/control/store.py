@@ -182,11 +182,15 @@ class TxnResult:
 # ---- gRPC error classification -----------------------------------------------
 
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-# gRPC says this when no connection could be made at all: the request never left.
-_NOT_SENT_MARKERS = ("failed to connect to all addresses", "connection refused")
+# gRPC says these when no connection was ready to carry the call: it never left.
+# (The wording differs between gRPC versions and load-balancing states.)
+_NOT_SENT_MARKERS = (
+    "failed to connect to all addresses",
+    "connections to all backends failing",
+    "connection refused",
+)
 # etcd's own word that a revision is gone (KV.Range at a compacted revision).
 _COMPACTED_MARKER = "required revision has been compacted"
-_FUTURE_MARKER = "required revision is a future revision"
 _TOKEN_MARKERS = ("invalid auth token", "user name is empty")
 
 _CMP_RESULT = {"==": 0, ">": 1, "<": 2, "!=": 3}  # etcd Compare.CompareResult
@@ -216,21 +220,37 @@ def _details(exc: grpc.aio.AioRpcError) -> str:
     return exc.details() or ""
 
 
-def _not_sent(exc: grpc.aio.AioRpcError) -> bool:
-    if exc.code() != grpc.StatusCode.UNAVAILABLE:
-        return False
-    text = _details(exc).lower()
-    return any(m in text for m in _NOT_SENT_MARKERS)
-
-
-def _is_compacted(exc: grpc.aio.AioRpcError) -> bool:
-    return _COMPACTED_MARKER in _details(exc)
-
-
 def _is_token_error(exc: grpc.aio.AioRpcError) -> bool:
     return exc.code() == grpc.StatusCode.UNAUTHENTICATED or any(
         m in _details(exc) for m in _TOKEN_MARKERS
     )
+
+
+Verdict = Literal["token", "denied", "compacted", "error", "unknown", "retry"]
+
+
+def classify(code: grpc.StatusCode, details: str, *, idempotent: bool) -> Verdict:
+    """What a failed unary call means (pure; the table in test_errors.py drives it).
+
+    token: our token is missing or expired (re-authenticate once, then "denied");
+    denied: credentials or permissions refused; compacted: the revision is gone;
+    error: etcd refused the request itself; unknown: a non-repeatable write may
+    have been applied; retry: nothing was applied or a repeat is harmless.
+    """
+    if code == grpc.StatusCode.UNAUTHENTICATED or any(m in details for m in _TOKEN_MARKERS):
+        return "token"
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return "denied"
+    if _COMPACTED_MARKER in details:
+        return "compacted"
+    if code not in _RETRYABLE:
+        return "error"
+    never_left = code == grpc.StatusCode.UNAVAILABLE and any(
+        m in details.lower() for m in _NOT_SENT_MARKERS
+    )
+    if not (idempotent or never_left):
+        return "unknown"
+    return "retry"
 
 
 def _kv(msg: Any) -> KV:
@@ -390,6 +410,10 @@ class Store:
                 raise
         return store
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     async def close(self) -> None:
         if self._closed:
             return
@@ -446,20 +470,20 @@ class Store:
             try:
                 return await method(request, metadata=self._metadata(), timeout=attempt)
             except grpc.aio.AioRpcError as exc:
-                if self._username is not None and _is_token_error(exc) and not reauthed:
+                verdict = classify(exc.code(), _details(exc), idempotent=idempotent)
+                text = f"etcd {what}: {exc.code().name}: {_details(exc)}"
+                if verdict == "token" and self._username is not None and not reauthed:
                     reauthed = True
                     await self._authenticate(token)
                     continue
-                if _is_compacted(exc):
-                    raise Compacted(f"etcd {what}: {_details(exc)}") from exc
-                if exc.code() == grpc.StatusCode.PERMISSION_DENIED or _is_token_error(exc):
-                    raise StoreAuthFailed(f"etcd {what}: {_details(exc)}") from exc
-                if exc.code() not in _RETRYABLE:
-                    raise StoreError(f"etcd {what}: {exc.code().name}: {_details(exc)}") from exc
-                if not (idempotent or _not_sent(exc)):
-                    raise UnknownOutcome(
-                        f"etcd {what}: {exc.code().name} ({_details(exc)}); it may have been applied"
-                    ) from exc
+                if verdict in ("token", "denied"):
+                    raise StoreAuthFailed(text) from exc
+                if verdict == "compacted":
+                    raise Compacted(text) from exc
+                if verdict == "error":
+                    raise StoreError(text) from exc
+                if verdict == "unknown":
+                    raise UnknownOutcome(f"{text}; it may have been applied") from exc
                 if time.monotonic() + backoff >= deadline:
                     raise StoreUnavailable(
                         f"etcd {what}: {exc.code().name}: {_details(exc)}"
@@ -617,30 +641,42 @@ class Store:
         """
         key = prefix.encode()
         end = prefix_range_end(key)
-        next_rev = start_revision
+        cursor = _Cursor(start_revision)
         window = self.timeout if retry_for is None else retry_for
         down_since: float | None = None
         backoff = 0.05
+        reauthed = False
         while not self._closed:
             token = self._token
             closed = asyncio.Event()
-            stream = self._open_watch(key, end, next_rev, closed)
+            stream = self._open_watch(key, end, cursor.next_rev, closed)
             try:
-                async for batch in self._watch_stream(stream, on_created):
+                async for batch in self._watch_stream(stream, cursor, on_created):
                     down_since = None
                     backoff = 0.05
-                    next_rev = batch[-1].revision + 1
+                    reauthed = False
+                    cursor.next_rev = batch[-1].revision + 1
                     yield batch
                 # The server ended the stream cleanly (shutdown): reconnect.
             except grpc.aio.AioRpcError as exc:
-                if self._username is not None and _is_token_error(exc):
+                if _is_token_error(exc) or exc.code() == grpc.StatusCode.PERMISSION_DENIED:
+                    if self._username is None or reauthed:
+                        raise StoreAuthFailed(f"etcd watch: {_details(exc)}") from exc
+                    reauthed = True
                     await self._authenticate(token)
                     continue
                 if exc.code() not in _RETRYABLE and exc.code() != grpc.StatusCode.CANCELLED:
                     raise StoreError(f"etcd watch: {exc.code().name}: {_details(exc)}") from exc
-                _log.info("watch %s: %s, resuming at %d", prefix, exc.code().name, next_rev)
+                _log.info("watch %s: %s, resuming at %d", prefix, exc.code().name, cursor.next_rev)
             except _WatchLost as exc:
-                _log.info("watch %s: %s, resuming at %d", prefix, exc, next_rev)
+                _log.info("watch %s: %s, resuming at %d", prefix, exc, cursor.next_rev)
+            except asyncio.CancelledError:
+                # gRPC raises CancelledError for a call cancelled under it (the channel
+                # closed); only a cancellation of our own task must propagate.
+                task = asyncio.current_task()
+                if (task is not None and task.cancelling()) or not self._closed:
+                    raise
+                return
             finally:
                 closed.set()  # ends our request generator, so nothing is left running
                 stream.cancel()
@@ -663,7 +699,7 @@ class Store:
         return self._watch.Watch(requests(), metadata=self._metadata(_HAS_LEADER))
 
     async def _watch_stream(
-        self, stream: Any, on_created: Callable[[], None] | None
+        self, stream: Any, cursor: _Cursor, on_created: Callable[[], None] | None
     ) -> AsyncIterator[list[Event]]:
         """The batches of one watch stream; bounded wait for etcd's 'created' answer."""
         responses = stream.__aiter__()
@@ -674,11 +710,15 @@ class Store:
             raise _WatchLost("no 'created' answer within timeout") from None
         except StopAsyncIteration:
             return
-        async for batch in self._batches(first, responses, on_created):
+        async for batch in self._batches(first, responses, cursor, on_created):
             yield batch
 
     async def _batches(
-        self, first: Any, responses: Any, on_created: Callable[[], None] | None
+        self,
+        first: Any,
+        responses: Any,
+        cursor: _Cursor,
+        on_created: Callable[[], None] | None,
     ) -> AsyncIterator[list[Event]]:
         resp = first
         while True:
@@ -688,15 +728,31 @@ class Store:
                     resp.compact_revision,
                 )
             if resp.canceled:
-                raise _WatchLost(f"etcd canceled the watch: {resp.cancel_reason or 'no reason'}")
-            if resp.created and on_created is not None:
-                on_created()
+                reason = resp.cancel_reason or "no reason"
+                if "permission denied" in reason:
+                    raise StoreAuthFailed(f"etcd watch: {reason}")
+                raise _WatchLost(f"etcd canceled the watch: {reason}")
+            if resp.created:
+                if cursor.next_rev <= 0:
+                    # "From now": pin it, so a reconnect resumes here, not at a later now.
+                    cursor.next_rev = resp.header.revision + 1
+                if on_created is not None:
+                    on_created()
             for batch in _by_revision(resp.events):
                 yield batch
             try:
                 resp = await anext(responses)
             except StopAsyncIteration:
                 return
+
+
+class _Cursor:
+    """Where a watch resumes: the last delivered event's revision + 1."""
+
+    __slots__ = ("next_rev",)
+
+    def __init__(self, next_rev: int) -> None:
+        self.next_rev = next_rev
 
 
 class _WatchLost(Exception):

@@ -81,10 +81,11 @@ class WatchCache:
                 self._waiters.remove(entry)
 
     async def run(self) -> None:
-        """Mirror the prefix until cancelled. Never raises StoreError: retries with backoff."""
+        """Mirror the prefix until cancelled or the store is closed. Never raises
+        StoreError: retries with backoff."""
         backoff = _BACKOFF_MIN
         need_read = True
-        while True:
+        while not self.store.closed:
             try:
                 if need_read:
                     await self._full_read()

@@ -116,3 +116,31 @@ async def _read(store: Store, key: str) -> tuple[int, int] | None:
         return None
     assert kv is not None
     return int(kv.value), kv.mod_revision
+
+
+async def test_watch_from_now_resumes_from_where_it_started(
+    etcd_cluster: LocalEtcdCluster,
+) -> None:
+    """start_revision 0 ('from now') is pinned at creation: a write made while the
+    watcher's member was down is still delivered after it comes back."""
+    leader = etcd_cluster.leader()
+    member = next(m for m in etcd_cluster.members if m is not leader)
+    others = [ep for m in etcd_cluster.members if m is not member for ep in m.endpoints]
+    watcher = await Store.connect(member.endpoints, timeout=5.0)
+    writer = await Store.connect(others, timeout=5.0)
+    try:
+        created = asyncio.Event()
+        watch = watcher.watch_prefix("/now/", 0, on_created=created.set)
+        first = asyncio.ensure_future(anext(watch))
+        async with asyncio.timeout(5):
+            await created.wait()
+        member.kill()
+        missed = await writer.put("/now/a", b"while down")
+        await asyncio.to_thread(member.start)
+        async with asyncio.timeout(10):
+            batch = await first
+        assert batch == [Event("put", "/now/a", b"while down", missed)]
+        await watch.aclose()
+    finally:
+        await watcher.close()
+        await writer.close()

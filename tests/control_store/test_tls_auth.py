@@ -96,6 +96,9 @@ async def test_username_password_and_token_refresh(etcd_auth: LocalEtcd) -> None
         assert (await anext(watch))[0].revision == rev2
         with pytest.raises(StoreAuthFailed):
             await store.put("/elsewhere", b"no")  # outside the role's prefix
+        with pytest.raises(StoreAuthFailed):
+            async with asyncio.timeout(5):
+                await anext(store.watch_prefix("/elsewhere/", 1))
         await lease.revoke()
         await watch.aclose()
     finally:

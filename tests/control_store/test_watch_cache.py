@@ -158,3 +158,14 @@ async def test_resyncs_after_its_resume_point_was_compacted(
     finally:
         await store.close()
         await writer.close()
+
+
+async def test_run_returns_when_its_store_is_closed(etcd: EtcdTarget) -> None:
+    store = await Store.connect(etcd.endpoints)
+    cache = WatchCache(store, etcd.prefix)
+    task = asyncio.create_task(cache.run())
+    async with asyncio.timeout(5):
+        await cache.ready.wait()
+    await store.close()
+    async with asyncio.timeout(5):
+        await task
