@@ -8,6 +8,8 @@ the star import does that):
 
 `tests` is importable because pytest runs as `python -m pytest` from the repo
 root (the Makefile, CI and the docs all do), which puts the root on sys.path.
+For a bare `pytest` too, insert the root first (tests/control_store/conftest.py
+shows how), or set `pythonpath = ["."]` in pytest's config.
 
 Fixtures:
 - `etcd_server` (session): one etcd for the whole run, started on first use and
