@@ -14,46 +14,19 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
 
+from lepton_mesh.policy.endpoints import Address, Endpoint
 from lepton_mesh.policy.traffic import TrafficPolicies
+
+__all__ = [
+    "Address",
+    "Endpoint",
+]  # re-exported: the model of where services are, shared with policies
 
 Protocol = Literal["http", "tcp"]
 
 
 def _empty() -> Mapping[str, str]:
     return MappingProxyType({})
-
-
-@dataclass(frozen=True, slots=True)
-class Address:
-    """A host and port. `host` is an IP literal or a DNS name, never empty."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """One instance of a service, as the caller's sidecar reaches it.
-
-    `labels` carry `version`, `zone`, `region` and anything a subset selects on.
-    `healthy` is what the registry reports; outlier detection is tracked apart.
-    """
-
-    address: Address
-    weight: int = 1
-    labels: Mapping[str, str] = field(default_factory=_empty)
-    healthy: bool = True
-
-    @property
-    def zone(self) -> str | None:
-        return self.labels.get("zone")
-
-    @property
-    def region(self) -> str | None:
-        return self.labels.get("region")
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,10 +28,16 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
+from lepton_mesh.policy.endpoint_fields import (
+    address_parser,
+    endpoint_address,
+    parse_endpoints,
+    valid_host,
+)
 from lepton_mesh.policy.errors import ConfigError, Path, Problem, format_path
 from lepton_mesh.policy.fields import (
     Checker,
@@ -54,7 +60,6 @@ from lepton_mesh.policy.sidecar_config import (
     AccessLogConfig,
     Address,
     ControlConfig,
-    Endpoint,
     HealthCheckConfig,
     InstanceConfig,
     Limits,
@@ -123,67 +128,6 @@ def _build(
     return cfg
 
 
-# --- addresses --------------------------------------------------------------
-
-_HOST_LABEL = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?")
-
-
-def _address(*, port_zero_ok: bool) -> Callable[[Checker, Any, Path], Address | None]:
-    """'host:port' or '[v6]:port'. Port 0 (pick a free port) only where we listen."""
-
-    def parse(c: Checker, value: Any, path: Path) -> Address | None:
-        if not isinstance(value, str):
-            expected(c, path, "an address 'host:port'", value)
-            return None
-        problem, address = _parse_address(value)
-        if problem is None and address is not None:
-            low = 0 if port_zero_ok else 1
-            if not low <= address.port <= 65535:
-                problem = f"port must be between {low} and 65535, found {address.port}"
-        if problem is not None:
-            c.error(path, f"invalid address {value!r}: {problem}")
-            return None
-        return address
-
-    return parse
-
-
-def _parse_address(text: str) -> tuple[str | None, Address | None]:
-    """(problem, None) or (None, address); the port range is the caller's rule."""
-    if text.startswith("["):
-        host, sep, port = text[1:].partition("]:")
-        if not sep:
-            return "expected '[ipv6]:port'", None
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            return f"{host!r} is not an IPv6 address", None
-    else:
-        host, sep, port = text.rpartition(":")
-        if not sep:
-            return "missing ':port'", None
-        if ":" in host:
-            return "put IPv6 addresses in brackets: '[::1]:8080'", None
-        if not _valid_host(host):
-            return f"{host!r} is not an IPv4 address or host name", None
-    if not port.isascii() or not port.isdigit():
-        return f"port {port!r} is not a number", None
-    return None, Address(host, int(port))
-
-
-def _valid_host(host: str) -> bool:
-    if not host or len(host) > 253:
-        return False
-    labels = host.rstrip(".").split(".")
-    if all(label.isdigit() for label in labels):  # looks numeric: must be a real IPv4
-        try:
-            ipaddress.IPv4Address(host)
-        except ValueError:
-            return False
-        return True
-    return all(len(label) <= 63 and _HOST_LABEL.fullmatch(label) for label in labels)
-
-
 # --- sections ---------------------------------------------------------------
 
 _access_log_section = section(AccessLogConfig, {"enabled": parse_boolean})
@@ -201,11 +145,9 @@ def _access_log(c: Checker, value: Any, path: Path) -> AccessLogConfig | None:
 # --- services and endpoints -------------------------------------------------
 
 _SERVICE_FIELDS = ("protocol", "listen", "endpoints")
-_ENDPOINT_FIELDS = ("address", "weight", "labels", "healthy")
 _PROTOCOLS = ("http", "tcp")
+_listen_address = address_parser(port_zero_ok=True)
 _weight = integer(1, 10_000)
-_endpoint_address = _address(port_zero_ok=False)
-_listen_address = _address(port_zero_ok=True)
 
 
 def _services(c: Checker, value: Any, path: Path) -> Mapping[str, ServiceConfig] | None:
@@ -244,49 +186,8 @@ def _service(c: Checker, name: str, value: Any, path: Path) -> ServiceConfig | N
             )
     elif protocol == "tcp":
         c.error((*path, "listen"), "required for protocol tcp (the local address the app dials)")
-    endpoints = _endpoints(c, m["endpoints"], (*path, "endpoints")) if "endpoints" in m else ()
+    endpoints = parse_endpoints(c, m["endpoints"], (*path, "endpoints")) if "endpoints" in m else ()
     return ServiceConfig(name=name, protocol=protocol, endpoints=endpoints, listen=listen)
-
-
-def _endpoints(c: Checker, value: Any, path: Path) -> tuple[Endpoint, ...]:
-    # An empty list is fine (the proxy answers 503 no_healthy_endpoint);
-    # anything but a list is not, a lone "host:port" included.
-    if not isinstance(value, (list, tuple)):
-        expected(c, path, "a list of endpoints", value)
-        return ()
-    out: list[Endpoint] = []
-    seen: dict[Address, int] = {}
-    for i, item in enumerate(value):
-        ep = _endpoint(c, item, (*path, i))
-        if ep is None:
-            continue
-        if ep.address in seen:
-            c.error((*path, i), f"duplicate endpoint {ep.address} (also at [{seen[ep.address]}])")
-            continue
-        seen[ep.address] = i
-        out.append(ep)
-    return tuple(out)
-
-
-def _endpoint(c: Checker, value: Any, path: Path) -> Endpoint | None:
-    if isinstance(value, str):
-        address = _endpoint_address(c, value, path)
-        return Endpoint(address) if address is not None else None
-    if not isinstance(value, Mapping):
-        expected(c, path, "'host:port' or a mapping with 'address'", value)
-        return None
-    m = check_mapping(c, value, path, _ENDPOINT_FIELDS)
-    assert m is not None
-    if "address" not in m:
-        c.error((*path, "address"), "required field is missing")
-        return None
-    address = _endpoint_address(c, m["address"], (*path, "address"))
-    weight = _weight(c, m["weight"], (*path, "weight")) if "weight" in m else 1
-    labels = parse_labels(c, m["labels"], (*path, "labels")) if "labels" in m else {}
-    healthy = parse_boolean(c, m["healthy"], (*path, "healthy")) if "healthy" in m else True
-    if address is None or weight is None or labels is None or healthy is None:
-        return None
-    return Endpoint(address, weight, MappingProxyType(labels), healthy)
 
 
 # --- a sidecar fed by control: dependencies, instance, control, health_check --
@@ -344,7 +245,7 @@ def _host(c: Checker, value: Any, path: Path) -> str | None:
     try:
         ip = ipaddress.ip_address(text)
     except ValueError:
-        if not _valid_host(text):
+        if not valid_host(text):
             c.error(path, f"{text!r} is not an IP address or host name (no port here)")
             return None
         return text
@@ -397,7 +298,7 @@ def _control_addresses(c: Checker, value: Any, path: Path) -> tuple[Address, ...
     out: list[Address] = []
     seen: dict[Address, int] = {}
     for i, item in enumerate(value):
-        address = _endpoint_address(c, item, (*path, i))
+        address = endpoint_address(c, item, (*path, i))
         if address is None:
             continue
         if address in seen:
@@ -446,7 +347,7 @@ def _health_check(c: Checker, value: Any, path: Path) -> HealthCheckConfig | Non
 _TOP_FIELDS: dict[str, Parser] = {
     "service": parse_name,
     "namespace": parse_name,
-    "app": _address(port_zero_ok=False),
+    "app": address_parser(port_zero_ok=False),
     "listeners": section(
         Listeners,
         {

@@ -28,7 +28,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:  # sidecar_config imports this module: the name is only needed for typing
-    from lepton_mesh.policy.sidecar_config import Endpoint
+    from lepton_mesh.policy.endpoints import Endpoint
 
 PathKind = Literal["exact", "prefix", "regex"]
 ValueKind = Literal["exact", "regex", "present"]

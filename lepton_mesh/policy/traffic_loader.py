@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from lepton_mesh.policy.endpoint_fields import parse_endpoints
 from lepton_mesh.policy.errors import ConfigError, Path, Problem
 from lepton_mesh.policy.fields import (
     Checker,
@@ -1039,7 +1040,6 @@ def _external_service(
     # Endpoints are written exactly as a sidecar config's static endpoints
     # ('host:port' or {address, weight, labels, healthy}): one syntax, one
     # parser. Imported here because sidecar_loader imports this module.
-    from lepton_mesh.policy.sidecar_loader import _endpoints
 
     path: Path = ("spec",)
     m = check_mapping(c, value, path, _EXTERNAL_FIELDS)
@@ -1056,7 +1056,7 @@ def _external_service(
         c.error((*path, "endpoints"), "required field is missing")
     else:
         before = len(c.problems)
-        endpoints = _endpoints(c, m["endpoints"], (*path, "endpoints"))
+        endpoints = parse_endpoints(c, m["endpoints"], (*path, "endpoints"))
         if not endpoints and len(c.problems) == before:
             c.error(
                 (*path, "endpoints"),
