@@ -26,7 +26,6 @@ class Reason:
     UPSTREAM_PROTOCOL_ERROR = "upstream_protocol_error"
     NO_HEALTHY_ENDPOINT = "no_healthy_endpoint"
     OVERFLOW = "overflow"
-    DRAINING = "draining"
     DOWNSTREAM_RESET = "downstream_reset"
     INTERNAL = "internal_error"
     RETRY_BUDGET_EXHAUSTED = "retry_budget_exhausted"
