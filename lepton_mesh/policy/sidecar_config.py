@@ -121,6 +121,33 @@ class HealthCheckConfig:
     timeout: float = 1.0
 
 
+TlsMode = Literal["STRICT", "PERMISSIVE", "DISABLE"]
+TLS_MODES: tuple[TlsMode, ...] = ("STRICT", "PERMISSIVE", "DISABLE")
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """mTLS between sidecars (docs/security.md, "The data plane").
+
+    `mode` is the inbound listener's, as Istio's PeerAuthentication: STRICT
+    accepts mTLS only, PERMISSIVE mTLS and plaintext on one port, DISABLE
+    plaintext only. Outbound, every endpoint not labelled
+    `lepton.io/tls: disabled` is called over mTLS whatever the mode.
+    `cert` (leaf then intermediates), `key` and `bundle` (trust roots) are
+    absolute paths (the loader resolves them against the config file's
+    folder); the sidecar reads them when it starts, nothing here does.
+    `tcp_app`: where L4 tunnels from peer sidecars go (None: refused).
+    """
+
+    cert: str
+    key: str
+    bundle: str
+    mode: TlsMode = "STRICT"
+    trust_domain: str = "cluster.local"
+    tcp_app: Address | None = None
+    max_handshakes: int = 256
+
+
 @dataclass(frozen=True, slots=True)
 class SidecarConfig:
     """Everything one sidecar needs to run. `source` names where it came from."""
@@ -144,4 +171,6 @@ class SidecarConfig:
     # point: each snapshot from control replaces both.
     control: ControlConfig | None = None
     health_check: HealthCheckConfig | None = None
+    # None: no mTLS, every connection plaintext (the default before mTLS existed).
+    tls: TlsConfig | None = None
     source: str = "<memory>"

@@ -11,6 +11,10 @@ the config file's folder) or holds manifests inline; they are validated
 together by `traffic_loader` into `SidecarConfig.traffic`, and checked
 against `services` (a route may only send to services this sidecar knows).
 
+`tls` turns on mTLS between sidecars (docs/security.md): its certificate,
+key and bundle paths are resolved against the config file's folder and read
+by the sidecar when it starts, not here.
+
 `dependencies`, `instance`, `control` and `health_check` are for a sidecar
 fed by the control daemon (docs/control-plane.md): with `control` set, the
 file's `services` and `policies` are the starting point and each snapshot
@@ -57,6 +61,7 @@ from lepton_mesh.policy.fields import (
     size,
 )
 from lepton_mesh.policy.sidecar_config import (
+    TLS_MODES,
     AccessLogConfig,
     Address,
     ControlConfig,
@@ -68,6 +73,7 @@ from lepton_mesh.policy.sidecar_config import (
     ServiceConfig,
     SidecarConfig,
     Timeouts,
+    TlsConfig,
 )
 from lepton_mesh.policy.traffic import Route, TrafficPolicies
 from lepton_mesh.policy.traffic_loader import collect_traffic, traffic_to_manifests
@@ -342,6 +348,68 @@ def _health_check(c: Checker, value: Any, path: Path) -> HealthCheckConfig | Non
     return hc
 
 
+# --- tls: mTLS between sidecars ---------------------------------------------
+
+_TLS_FILES = ("cert", "key", "bundle")
+# The SPIFFE rule for trust domains (identity.spiffe, which this package may
+# not import: it needs `cryptography`).
+_TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}")
+
+
+def _tls_mode(c: Checker, value: Any, path: Path) -> str | None:
+    if value in TLS_MODES:
+        return str(value)
+    hint = did_you_mean(value, TLS_MODES) if isinstance(value, str) else ""
+    c.error(path, f"expected STRICT, PERMISSIVE or DISABLE, found {describe(value)}{hint}")
+    return None
+
+
+def _trust_domain(c: Checker, value: Any, path: Path) -> str | None:
+    td = parse_string(c, value, path)
+    if td is not None and (not _TRUST_DOMAIN.fullmatch(td) or td.strip(".") != td):
+        c.error(
+            path,
+            f"invalid trust domain {td!r}: use lowercase letters, digits, '.', '-' and '_', "
+            "not starting or ending with '.'",
+        )
+        return None
+    return td
+
+
+_TLS_SETTINGS: dict[str, Parser] = {
+    "mode": _tls_mode,
+    "trust_domain": _trust_domain,
+    "tcp_app": address_parser(port_zero_ok=False),
+    "max_handshakes": integer(1, 65_536),
+}
+
+
+def _tls(c: Checker, value: Any, base_dir: str) -> TlsConfig | None:
+    """The `tls` section: three files (relative to the file's folder) and settings.
+
+    The files are not read here (loading is the sidecar's step, and a config
+    rebuilt from a snapshot must not depend on the disk); the sidecar refuses
+    to start when they cannot be read or do not belong together.
+    """
+    path: Path = ("tls",)
+    m = check_mapping(c, value, path, (*_TLS_SETTINGS, *_TLS_FILES))
+    if m is None:
+        return None
+    before = len(c.problems)
+    files: dict[str, str] = {}
+    for key in _TLS_FILES:
+        if key not in m:
+            c.error((*path, key), "required field is missing")
+            continue
+        text = parse_string(c, m.pop(key), (*path, key))
+        if text == "":
+            c.error((*path, key), "must not be empty")
+        elif text is not None:
+            files[key] = os.path.normpath(os.path.join(base_dir, text))
+    settings = parse_fields(c, m, path, _TLS_SETTINGS)
+    return TlsConfig(**files, **settings) if len(c.problems) == before else None
+
+
 # --- the top level ---------------------------------------------------------
 
 _TOP_FIELDS: dict[str, Parser] = {
@@ -395,6 +463,7 @@ _ALLOWED = (
     "instance",
     "control",
     "health_check",
+    "tls",
 )
 
 
@@ -409,11 +478,17 @@ def _sidecar(c: Checker, data: Any, base_dir: str) -> SidecarConfig | None:
             c.error((key,), "required field is missing")
     policies = m.pop("policies", None)
     control = m.pop("control", _ABSENT)  # `control:` with nothing under it is an error
+    tls = m.pop("tls", _ABSENT)
     fields = parse_fields(c, m, (), _TOP_FIELDS)
     if control is not _ABSENT:
         fields["control"] = _control(c, control, base_dir)
+    if tls is not _ABSENT:
+        fields["tls"] = _tls(c, tls, base_dir)
     services = fields.get("services", {})
-    _check_binds(c, fields.get("app"), fields.get("listeners", Listeners()), services)
+    listeners = fields.get("listeners", Listeners())
+    _check_binds(c, fields.get("app"), listeners, services)
+    if fields.get("tls") is not None and fields["tls"].tcp_app is not None:
+        _check_not_ours(c, ("tls", "tcp_app"), fields["tls"].tcp_app, listeners, services)
     if policies is not None:
         traffic = _policies(c, policies, base_dir)
         _check_routes_reach_services(c, traffic, services)
@@ -509,13 +584,10 @@ def _overlap(a: Address, b: Address) -> bool:
     return a.host == b.host or a.host in _WILDCARDS or b.host in _WILDCARDS
 
 
-def _check_binds(
-    c: Checker,
-    app: Address | None,
-    listeners: Listeners,
-    services: Mapping[str, ServiceConfig],
-) -> None:
-    """Every address the sidecar listens on is distinct; the app is none of them."""
+def _binds(
+    listeners: Listeners, services: Mapping[str, ServiceConfig]
+) -> list[tuple[Path, Address]]:
+    """Every address the sidecar listens on, with the field that names it."""
     binds: list[tuple[Path, Address]] = [
         (("listeners", "outbound"), listeners.outbound),
         (("listeners", "inbound"), listeners.inbound),
@@ -526,6 +598,17 @@ def _check_binds(
         for name, svc in services.items()
         if svc.protocol == "tcp" and svc.listen is not None
     ]
+    return binds
+
+
+def _check_binds(
+    c: Checker,
+    app: Address | None,
+    listeners: Listeners,
+    services: Mapping[str, ServiceConfig],
+) -> None:
+    """Every address the sidecar listens on is distinct; the app is none of them."""
+    binds = _binds(listeners, services)
     for i, (path, address) in enumerate(binds):
         for other_path, other in binds[:i]:
             if _overlap(address, other):
@@ -535,12 +618,23 @@ def _check_binds(
                     "two listeners cannot bind the same port",
                 )
                 break
-    if app is None:
-        return
-    for path, address in binds:
-        if _overlap(app, address):
+    if app is not None:
+        _check_not_ours(c, ("app",), app, listeners, services)
+
+
+def _check_not_ours(
+    c: Checker,
+    path: Path,
+    target: Address,
+    listeners: Listeners,
+    services: Mapping[str, ServiceConfig],
+) -> None:
+    """A local address the sidecar forwards to is not one it listens on."""
+    for bind_path, address in _binds(listeners, services):
+        if _overlap(target, address):
             c.error(
-                ("app",), f"{app} is also {format_path(path)}: the sidecar would forward to itself"
+                path,
+                f"{target} is also {format_path(bind_path)}: the sidecar would forward to itself",
             )
             break
 
@@ -613,6 +707,23 @@ def _control_json(cfg: SidecarConfig) -> dict[str, Any]:
     if cfg.health_check is not None:
         hc = cfg.health_check
         out["health_check"] = {"path": hc.path, "interval": hc.interval, "timeout": hc.timeout}
+    if cfg.tls is not None:
+        out["tls"] = _tls_json(cfg.tls)
+    return out
+
+
+def _tls_json(tls: TlsConfig) -> dict[str, Any]:
+    """File paths, never file contents: the key's path is config, its bytes are not."""
+    out: dict[str, Any] = {
+        "mode": tls.mode,
+        "trust_domain": tls.trust_domain,
+        "cert": tls.cert,
+        "key": tls.key,
+        "bundle": tls.bundle,
+        "max_handshakes": tls.max_handshakes,
+    }
+    if tls.tcp_app is not None:
+        out["tcp_app"] = str(tls.tcp_app)
     return out
 
 
