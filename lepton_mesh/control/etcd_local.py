@@ -8,7 +8,10 @@ this is how the project gets an etcd without installing one.
 Invariants:
 - Every process started here runs in its own process group and is registered
   for an atexit kill, so neither a failed start nor a crashed test run leaves an
-  etcd behind. A failed start kills what it started before raising.
+  etcd behind. A failed start kills what it started before raising. On Linux,
+  a member spawned from the main thread also gets a parent-death signal
+  (`setpriv --pdeathsig KILL`), so even a SIGKILLed Python takes its etcd with
+  it. (Not from other threads: that signal follows the spawning *thread*.)
 - A member keeps its ports and data dir for its whole life, so `restart()` and
   `start()` after `kill()` bring back the same member at the same endpoints
   (clients reconnect by themselves).
@@ -30,7 +33,9 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -109,6 +114,15 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _pdeathsig_prefix() -> list[str]:
+    if not sys.platform.startswith("linux"):
+        return []
+    if threading.current_thread() is not threading.main_thread():
+        return []
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
 
 
 def _kill_group(proc: subprocess.Popen[bytes], sig: int) -> None:
@@ -231,7 +245,7 @@ class LocalEtcd:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed below
         try:
             self._proc = subprocess.Popen(
-                self.command(),
+                _pdeathsig_prefix() + self.command(),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -257,7 +271,7 @@ class LocalEtcd:
         while True:
             if self._proc is None or self._proc.poll() is not None:
                 raise EtcdStartError(f"etcd {self.name} exited during start\n{self.log_tail()}")
-            if self.healthy(timeout=1.0):
+            if self.healthy(timeout=1.0) and self._answered_by_us():
                 return
             if time.monotonic() >= deadline:
                 raise EtcdStartError(
@@ -272,6 +286,21 @@ class LocalEtcd:
         except (OSError, urllib.error.URLError, ValueError, ssl.SSLError):
             return False
         return body.get("health") == "true"
+
+    def _answered_by_us(self) -> bool:
+        """The member answering on our client port is ours (its peer URL is ours),
+        not another process that took the port between free_port() and spawn."""
+        try:
+            body = _http_json(f"{self.client_url}/v3/cluster/member/list", b"{}", 2.0, self._ssl)
+        except urllib.error.HTTPError:
+            return True  # it answered but won't list members (auth): can't tell, trust it
+        except (OSError, urllib.error.URLError, ValueError, ssl.SSLError):
+            return False
+        me = body.get("header", {}).get("member_id")
+        return any(
+            m.get("ID") == me and self.peer_url in m.get("peerURLs", [])
+            for m in body.get("members", [])
+        )
 
     def status(self, timeout: float = 2.0) -> dict:
         """Maintenance.Status through etcd's JSON gateway: member_id, leader, revision..."""
