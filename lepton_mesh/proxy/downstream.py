@@ -12,8 +12,9 @@ next queued request starts.
 
 Timers: one `Deadline` per connection. Idle between requests (`idle`), then
 `header_read` from the first byte of a request until its head is parsed
-(slowloris -> 408), and none while an exchange runs: a long response is
-governed by the exchange's own request timeout, never by an idle timer.
+(slowloris -> 408), and while an exchange runs, that exchange's overall
+timeout (the route's): a long response is governed by it, never by an idle
+timer. One loop handle serves all three, moved by float stores.
 """
 
 from __future__ import annotations
@@ -472,8 +473,15 @@ class DownstreamProtocol(asyncio.Protocol):
             err, req.method if req else b"", req.url if req else b"", self.client_ip_str, rid
         )
 
+    def arm_deadline(self, seconds: float) -> None:
+        """While an exchange runs, the connection's deadline is its overall timeout."""
+        self.deadline.arm(seconds)
+
     def _on_deadline(self) -> None:
-        if self.current is not None or self.transport is None:
+        if self.transport is None:
+            return
+        if self.current is not None:
+            self.current.on_timeout()
             return
         if self.req is not None or self.backlog:
             timeout = self.listener.snapshot.cfg.timeouts.header_read

@@ -135,7 +135,6 @@ class Exchange:
         "start",
         "start_wall",
         "upstream_start",
-        "_timer",
         "done",
     )
 
@@ -167,7 +166,6 @@ class Exchange:
         self.ep_started: float | None = None  # when the current try began; None = no try running
         self._connecting: asyncio.Task[None] | None = None
         self._reused = False
-        self._timer: asyncio.TimerHandle | None = None
         self._try_timer: asyncio.TimerHandle | None = None
         self._wait_timer: asyncio.TimerHandle | None = None
         self._holds_request = False
@@ -210,7 +208,10 @@ class Exchange:
         target = self.target = down.listener.route(self.snap, facts)
         rt = self.rt = target.select(facts)
         if rt.timeout > 0:
-            self._timer = down.loop.call_later(rt.timeout, self._on_timeout)
+            # The client connection's own deadline times the exchange: moving it
+            # costs a float store, where a loop timer per request costs a
+            # create and a cancel. It calls `on_timeout` when it passes.
+            down.arm_deadline(rt.timeout)
         self.head = render_request_head(
             facts,
             set_headers=rt.req_set,
@@ -703,8 +704,8 @@ class Exchange:
         )
         self._finish()
 
-    def _on_timeout(self) -> None:
-        self._timer = None
+    def on_timeout(self) -> None:
+        """The overall timeout passed (called by the client connection's deadline)."""
         timeout = self.rt.timeout if self.rt is not None else 0
         self.fail(
             ProxyError(
@@ -740,10 +741,10 @@ class Exchange:
 
     def _finish(self, *, abort: bool = False, tunneled: bool = False, notify: bool = True) -> None:
         self.done = True
-        for timer in (self._timer, self._try_timer, self._wait_timer):
+        for timer in (self._try_timer, self._wait_timer):
             if timer is not None:
                 timer.cancel()
-        self._timer = self._try_timer = self._wait_timer = None
+        self._try_timer = self._wait_timer = None
         cluster = self.cluster
         if cluster is not None:
             breaker = cluster.state.breaker
