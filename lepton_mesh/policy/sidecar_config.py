@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import Literal
 
 from lepton_mesh.policy.endpoints import Address, Endpoint
+from lepton_mesh.policy.security import SecurityPolicies
 from lepton_mesh.policy.traffic import TrafficPolicies
 
 __all__ = [
@@ -163,6 +164,10 @@ class SidecarConfig:
     access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
     # Routes and destination policies, from the files under `policies:`.
     traffic: TrafficPolicies = field(default_factory=TrafficPolicies)
+    # What this sidecar's inbound side enforces: the RequestAuthentication,
+    # AuthorizationPolicies and RateLimit for its own `service` (from
+    # `policies:`, or from control's snapshots, which replace them too).
+    security: SecurityPolicies = field(default_factory=SecurityPolicies)
     # Services this sidecar calls (`("*",)`: all of them, explicitly): with
     # `control`, the only services it is sent.
     dependencies: tuple[str, ...] = ()
