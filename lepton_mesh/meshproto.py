@@ -38,6 +38,13 @@ their envelope (an object of objects, a list of objects). Their content is
 configuration, validated by the sidecar's config loaders, so a bad
 snapshot is answered with a `Nack` naming the problem instead of breaking
 the stream.
+
+Workload identity (docs/security.md) adds three messages, all ignored by a
+peer that predates them: `csr` (sidecar to control: sign this request),
+`certificate` (the signed chain, with the trust bundle it verifies under)
+and `trust` (the trust bundle and the issuing CA, sent after Welcome and
+whenever either changes). A CSR carries a public key only: the private key
+never leaves the sidecar.
 """
 
 from __future__ import annotations
@@ -57,6 +64,8 @@ __all__ = [
     "MAX_FRAME",
     "PROTOCOL_VERSION",
     "Ack",
+    "Certificate",
+    "Csr",
     "Draining",
     "Error",
     "FrameDecoder",
@@ -70,6 +79,7 @@ __all__ = [
     "ProtocolError",
     "Reason",
     "Snapshot",
+    "Trust",
     "Unknown",
     "Welcome",
     "encode",
@@ -93,6 +103,13 @@ class Reason:
     BAD_HELLO = "bad_hello"
     INVALID_TOKEN = "invalid_token"
     UNEXPECTED_MESSAGE = "unexpected_message"  # a valid message at the wrong time
+    # Identity (docs/security.md). A refused CSR's `Error` carries the CA's own
+    # reason instead (`identity.errors.CsrReason`: malformed_csr, ...).
+    MISSING_TOKEN = "missing_token"  # no certificate and no join token
+    EXPIRED_TOKEN = "expired_token"
+    IDENTITY_MISMATCH = "identity_mismatch"  # token or certificate names another workload
+    CA_UNAVAILABLE = "ca_unavailable"  # a CSR to a control daemon without a CA
+    TOO_MANY_CSRS = "too_many_csrs"
 
 
 class ProtocolError(Exception):
@@ -177,6 +194,18 @@ class Ping:
     time: float
 
 
+@dataclass(frozen=True, slots=True)
+class Csr:
+    """Sign a certificate for this sidecar: a PEM CSR for its SPIFFE ID.
+
+    Control signs only the identity the stream proved (join token or client
+    certificate), never one the CSR merely asks for.
+    """
+
+    TYPE: ClassVar[str] = "csr"
+    csr_pem: str
+
+
 # Control to sidecar.
 
 
@@ -203,6 +232,28 @@ class Snapshot:
 
 
 @dataclass(frozen=True, slots=True)
+class Certificate:
+    """The answer to a `Csr`: the chain (leaf first, then the intermediate), the
+    trust bundle (PEM roots) to install with it, and the leaf's expiry (Unix time)."""
+
+    TYPE: ClassVar[str] = "certificate"
+    chain_pem: str
+    bundle_pem: str
+    not_after: float
+
+
+@dataclass(frozen=True, slots=True)
+class Trust:
+    """The roots to accept, and `issuer`: the SHA-256 fingerprint (hex) of the CA
+    certificate control issues from. Sent after Welcome and on every change; a
+    sidecar whose bundle or issuer differs asks for a new certificate at once."""
+
+    TYPE: ClassVar[str] = "trust"
+    bundle_pem: str
+    issuer: str
+
+
+@dataclass(frozen=True, slots=True)
 class Pong:
     TYPE: ClassVar[str] = "pong"
     time: float
@@ -226,7 +277,20 @@ class Unknown:
 
 
 Message = (
-    Hello | Ack | Nack | Health | Draining | Ping | Welcome | Snapshot | Pong | Error | Unknown
+    Hello
+    | Ack
+    | Nack
+    | Health
+    | Draining
+    | Ping
+    | Csr
+    | Welcome
+    | Snapshot
+    | Certificate
+    | Trust
+    | Pong
+    | Error
+    | Unknown
 )
 
 
@@ -337,8 +401,12 @@ _CHECKS: dict[type, tuple[tuple[str, Check], ...]] = {
     Health: (("healthy", _bool), ("detail", _str)),
     Draining: (),
     Ping: (("time", _time),),
+    Csr: (("csr_pem", _nonempty_str),),
     Welcome: (("control_id", _str), ("protocol", _uint)),
     Snapshot: (("version", _uint), ("services", _objects_by_name), ("policies", _object_list)),
+    Certificate: (("chain_pem", _nonempty_str), ("bundle_pem", _nonempty_str),
+                  ("not_after", _time)),
+    Trust: (("bundle_pem", _nonempty_str), ("issuer", _nonempty_str)),
     Pong: (("time", _time),),
     Error: (("reason", _str), ("detail", _str)),
 }  # fmt: skip
