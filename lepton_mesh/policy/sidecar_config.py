@@ -107,10 +107,16 @@ class ControlConfig:
 
     `addresses` are tried in order, moving to the next on failure (never
     empty). `state_dir` holds `last-known-good.json`; None keeps nothing.
+    `ca_bundle` (a path): the stream is TLS, the control daemon's certificate
+    verified against these roots; None: plaintext. `token_file` (a path):
+    the join token sent until the sidecar holds a certificate (else the
+    `LEPTON_JOIN_TOKEN` environment variable). Both are read at run time.
     """
 
     addresses: tuple[Address, ...]
     state_dir: str | None = None
+    ca_bundle: str | None = None
+    token_file: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +130,8 @@ class HealthCheckConfig:
 
 TlsMode = Literal["STRICT", "PERMISSIVE", "DISABLE"]
 TLS_MODES: tuple[TlsMode, ...] = ("STRICT", "PERMISSIVE", "DISABLE")
+TlsSource = Literal["files", "control"]
+TLS_SOURCES: tuple[TlsSource, ...] = ("files", "control")
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,15 +146,21 @@ class TlsConfig:
     absolute paths (the loader resolves them against the config file's
     folder); the sidecar reads them when it starts, nothing here does.
     `tcp_app`: where L4 tunnels from peer sidecars go (None: refused).
+
+    `source` says where the certificate comes from: `files` (the three paths
+    above, all required) or `control` (none of them: the sidecar makes its
+    key in memory, gets its certificate and bundle over the control stream
+    and rotates them; needs `control.ca_bundle`).
     """
 
-    cert: str
-    key: str
-    bundle: str
+    cert: str | None = None
+    key: str | None = None
+    bundle: str | None = None
     mode: TlsMode = "STRICT"
     trust_domain: str = "cluster.local"
     tcp_app: Address | None = None
     max_handshakes: int = 256
+    source: TlsSource = "files"
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,9 @@ against `services` (a route may only send to services this sidecar knows).
 
 `tls` turns on mTLS between sidecars (docs/security.md): its certificate,
 key and bundle paths are resolved against the config file's folder and read
-by the sidecar when it starts, not here.
+by the sidecar when it starts, not here. With `source: control` there are no
+such files: the certificate comes over the control stream, which then needs
+`control.ca_bundle` (so that the bootstrap is server-authenticated).
 
 `dependencies`, `instance`, `control` and `health_check` are for a sidecar
 fed by the control daemon (docs/control-plane.md): with `control` set, the
@@ -62,6 +64,7 @@ from lepton_mesh.policy.fields import (
 )
 from lepton_mesh.policy.sidecar_config import (
     TLS_MODES,
+    TLS_SOURCES,
     AccessLogConfig,
     Address,
     ControlConfig,
@@ -272,23 +275,33 @@ _instance_section = section(
 )
 
 
+_CONTROL_PATHS = {
+    "state_dir": "leave it out to keep no state",
+    "ca_bundle": "leave it out for a plaintext stream",
+    "token_file": "leave it out to use $LEPTON_JOIN_TOKEN",
+}
+
+
 def _control(c: Checker, value: Any, base_dir: str) -> ControlConfig | None:
-    """`addresses` (one at least, no repeats) and `state_dir` (relative to the file's folder)."""
+    """`addresses` (one at least, no repeats); `state_dir`, `ca_bundle` and
+    `token_file` (paths relative to the file's folder)."""
     path: Path = ("control",)
-    m = check_mapping(c, value, path, ("addresses", "state_dir"))
+    m = check_mapping(c, value, path, ("addresses", *_CONTROL_PATHS))
     if m is None:
         return None
     addresses = _control_addresses(c, m.get("addresses"), (*path, "addresses"))
-    state_dir = None
-    if "state_dir" in m:
-        text = parse_string(c, m["state_dir"], (*path, "state_dir"))
+    paths: dict[str, str] = {}
+    for key, if_empty in _CONTROL_PATHS.items():
+        if key not in m:
+            continue
+        text = parse_string(c, m[key], (*path, key))
         if text == "":
-            c.error((*path, "state_dir"), "must not be empty (leave it out to keep no state)")
+            c.error((*path, key), f"must not be empty ({if_empty})")
         elif text is not None:
-            state_dir = os.path.normpath(os.path.join(base_dir, text))
+            paths[key] = os.path.normpath(os.path.join(base_dir, text))
     if addresses is None:
         return None
-    return ControlConfig(addresses=addresses, state_dir=state_dir)
+    return ControlConfig(addresses=addresses, **paths)
 
 
 def _control_addresses(c: Checker, value: Any, path: Path) -> tuple[Address, ...] | None:
@@ -376,7 +389,16 @@ def _trust_domain(c: Checker, value: Any, path: Path) -> str | None:
     return td
 
 
+def _tls_source(c: Checker, value: Any, path: Path) -> str | None:
+    if value in TLS_SOURCES:
+        return str(value)
+    hint = did_you_mean(value, TLS_SOURCES) if isinstance(value, str) else ""
+    c.error(path, f"expected files or control, found {describe(value)}{hint}")
+    return None
+
+
 _TLS_SETTINGS: dict[str, Parser] = {
+    "source": _tls_source,
     "mode": _tls_mode,
     "trust_domain": _trust_domain,
     "tcp_app": address_parser(port_zero_ok=False),
@@ -396,8 +418,17 @@ def _tls(c: Checker, value: Any, base_dir: str) -> TlsConfig | None:
     if m is None:
         return None
     before = len(c.problems)
+    from_control = m.get("source") == "control"
     files: dict[str, str] = {}
     for key in _TLS_FILES:
+        if from_control:
+            if key in m:
+                m.pop(key)
+                c.error(
+                    (*path, key),
+                    "not with source: control (the certificate and bundle come from control)",
+                )
+            continue
         if key not in m:
             c.error((*path, key), "required field is missing")
             continue
@@ -489,6 +520,7 @@ def _sidecar(c: Checker, data: Any, base_dir: str) -> SidecarConfig | None:
     _check_binds(c, fields.get("app"), listeners, services)
     if fields.get("tls") is not None and fields["tls"].tcp_app is not None:
         _check_not_ours(c, ("tls", "tcp_app"), fields["tls"].tcp_app, listeners, services)
+    _check_tls_source(c, fields.get("tls"), fields.get("control"), control is not _ABSENT)
     if policies is not None:
         traffic = _policies(c, policies, base_dir)
         _check_routes_reach_services(c, traffic, services)
@@ -496,6 +528,22 @@ def _sidecar(c: Checker, data: Any, base_dir: str) -> SidecarConfig | None:
     if c.problems:
         return None
     return SidecarConfig(**fields, source=c.source)
+
+
+def _check_tls_source(
+    c: Checker, tls: TlsConfig | None, control: ControlConfig | None, has_control: bool
+) -> None:
+    """A certificate from control needs a control stream that authenticates the
+    control daemon (its bundle), or the bootstrap could be answered by anyone."""
+    if tls is None or tls.source != "control" or (has_control and control is None):
+        return  # no such source, or `control` is wrong already (reported)
+    if control is None:
+        c.error(("tls", "source"), "source: control needs a 'control' section")
+    elif control.ca_bundle is None:
+        c.error(
+            ("control", "ca_bundle"),
+            "required with tls.source: control: the roots to verify the control daemon with",
+        )
 
 
 # --- policies: Route and DestinationPolicy manifests -------------------------
@@ -702,8 +750,10 @@ def _control_json(cfg: SidecarConfig) -> dict[str, Any]:
         }
     if cfg.control is not None:
         out["control"] = {"addresses": [str(a) for a in cfg.control.addresses]}
-        if cfg.control.state_dir is not None:
-            out["control"]["state_dir"] = cfg.control.state_dir
+        for key in _CONTROL_PATHS:
+            value = getattr(cfg.control, key)
+            if value is not None:
+                out["control"][key] = value
     if cfg.health_check is not None:
         hc = cfg.health_check
         out["health_check"] = {"path": hc.path, "interval": hc.interval, "timeout": hc.timeout}
@@ -715,11 +765,10 @@ def _control_json(cfg: SidecarConfig) -> dict[str, Any]:
 def _tls_json(tls: TlsConfig) -> dict[str, Any]:
     """File paths, never file contents: the key's path is config, its bytes are not."""
     out: dict[str, Any] = {
+        "source": tls.source,
         "mode": tls.mode,
         "trust_domain": tls.trust_domain,
-        "cert": tls.cert,
-        "key": tls.key,
-        "bundle": tls.bundle,
+        **{key: getattr(tls, key) for key in _TLS_FILES if getattr(tls, key) is not None},
         "max_handshakes": tls.max_handshakes,
     }
     if tls.tcp_app is not None:
