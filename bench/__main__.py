@@ -42,6 +42,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--connections", type=int, default=d.connections, help="wrk -c")
     p.add_argument("--rate", type=int, default=d.rate, help="fixed rate of latency_1000rps")
     p.add_argument("--hold", type=int, default=d.hold_connections, help="rss_1000_conns count")
+    p.add_argument(
+        "--failover-rate", type=int, default=d.failover_rate, help="open-loop rate of failover"
+    )
     p.add_argument("--output", type=Path, default=RESULTS, help="where the JSON goes")
     p.add_argument("--no-install", action="store_true", help="fail instead of apt-get install")
     p.add_argument("--keep-workdir", action="store_true", help="keep configs and logs")
@@ -131,6 +134,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         connections=args.connections,
         rate=args.rate,
         hold_connections=args.hold,
+        failover_rate=args.failover_rate,
         quiet_wait_s=args.quiet_wait,
     )
 
@@ -146,6 +150,7 @@ def _meta(settings: Settings, pinning: Pinning) -> dict[str, object]:
             "rate": settings.rate,
             "rate_connections": settings.rate_connections,
             "hold_connections": settings.hold_connections,
+            "failover_rate": settings.failover_rate,
             "access_logs": ACCESS_LOGS,
         },
         "machine": report.machine(pinning, tools.versions()),

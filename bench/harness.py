@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from bench import nginx, sidecar, wrk
+from bench import control, nginx, sidecar, wrk
 from bench.procs import (
     BenchError,
     CpuSample,
@@ -33,7 +33,8 @@ from bench.procs import (
 # `bench` is not an installed package: its clients run from the directory holding it.
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
-Kind = Literal["throughput", "latency", "memory"]
+# Which comparisons make sense: rps ratios only between throughput runs.
+Kind = Literal["throughput", "latency", "memory", "resilience", "control"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +46,8 @@ class Settings:
     rate: int = 1000
     rate_connections: int = 20
     hold_connections: int = 1000
+    failover_rate: int = 5000  # open-loop rate of the failover run
+    mtls_churn_s: float = 60.0  # seconds of new mTLS connections in mtls_churn
     ready_timeout_s: float = 20.0
     quiet_wait_s: float = 0.0  # before each run, wait up to this for others' load to drop
 
@@ -136,6 +139,24 @@ class Bench:
         ) as running:
             yield running
 
+    @contextmanager
+    def control_plane(self) -> Iterator[control.ControlPlane]:
+        """etcd (on the load core) and one control daemon (on the proxy core)."""
+        with control.serve(
+            self.workdir, self.pinning.proxy(), self.settings.ready_timeout_s
+        ) as running:
+            yield running
+
+    @contextmanager
+    def upstream_nginx(self, label: str) -> Iterator[nginx.Nginx]:
+        """Another upstream like the shared one (pinned with the load), for runs that kill one."""
+        prefix, port = self.workdir / label, free_port()
+        conf = nginx.upstream_conf(prefix, port)
+        with nginx.serve(
+            label, prefix, conf, port, self.pinning.load(), self.settings.ready_timeout_s
+        ) as running:
+            yield running
+
     def wrk(self, port: int, host: str | None, duration_s: float) -> wrk.WrkResult:
         argv = wrk.command(
             url=f"http://127.0.0.1:{port}/",
@@ -197,6 +218,15 @@ class Tool:
                 f"{self.label} said {line!r}, expected {prefix!r} (exit {code})\n{tail(self.stderr)}"
             )
         return line[len(prefix) :]
+
+    def say(self, line: str) -> None:
+        """One line to its stdin (clients that take commands, e.g. `openloop --phases`)."""
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(line.encode() + b"\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError as exc:
+            raise BenchError(f"{self.label} exited early\n{tail(self.stderr)}") from exc
 
     def finish(self, timeout_s: float = 30.0) -> None:
         """Close its stdin (the signal to end) and wait for it to exit."""

@@ -12,12 +12,25 @@ everything due at once, and each request's clock starts at its dispatch.
 Run as `python -m bench.openloop --port P --host-header upstream --rate 1000`;
 prints MEASURE_START and MEASURE_END around the measured part, then one JSON
 line with exact percentiles (all latencies are kept and sorted).
+
+With `--phases`, the bench names parts of the measured time: a line
+`phase NAME` on stdin starts phase NAME (the client answers `PHASE NAME` on
+stdout once it has, so the bench can act, e.g. kill an endpoint, knowing
+that every request dispatched from then on counts in the new phase). A
+request belongs to the phase it was dispatched in; the JSON then holds a
+summary per phase under `phases`. The measured part starts in phase `all`.
+
+Every request dispatched in the measured part is counted once: answered 2xx
+(its latency is kept), answered with another status, or never answered (its
+connection was lost, or it was still in flight at the end: `unfinished`).
+`failed` is dispatched minus 2xx, whatever the cause.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import collections
 import json
 import sys
@@ -29,6 +42,8 @@ import uvloop
 
 MEASURE_START = "MEASURE_START"
 MEASURE_END = "MEASURE_END"
+PHASE = "PHASE "
+FIRST_PHASE = "all"
 _REQUEST = "GET / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: lepton-bench\r\n\r\n"
 
 
@@ -62,12 +77,26 @@ class _Conn(asyncio.Protocol):
             self.transport.close()  # type: ignore[union-attr]
 
     def on_message_complete(self) -> None:
-        self.client.complete(
-            self, time.perf_counter() - self._sent_at, self._parser.get_status_code()
-        )
+        self.client.complete(self, self._sent_at, self._parser.get_status_code())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.client.lost(self)
+
+
+class Tally:
+    """What happened to the requests dispatched in one phase."""
+
+    __slots__ = ("dispatched", "errors", "latencies")
+
+    def __init__(self) -> None:
+        self.dispatched = 0
+        self.latencies: list[float] = []  # seconds, 2xx answers only
+        self.errors: collections.Counter[str] = collections.Counter()
+
+    def merge(self, other: Tally) -> None:
+        self.dispatched += other.dispatched
+        self.latencies.extend(other.latencies)
+        self.errors.update(other.errors)
 
 
 class OpenLoop:
@@ -76,37 +105,72 @@ class OpenLoop:
         self.request = request
         self.idle: collections.deque[_Conn] = collections.deque()
         self.waiting: collections.deque[float] = collections.deque()
-        self.latencies: list[float] = []
-        self.recording = False
-        self.errors: collections.Counter[str] = collections.Counter()
         self.in_flight = 0
+        # The measured part: phases in the order they started, with the
+        # dispatch time each starts at (ascending), so a request is filed by
+        # its dispatch time even when it completes in a later phase.
+        self.recording_since: float | None = None
+        self.phase_starts: list[float] = []
+        self.phases: dict[str, Tally] = {}
+        self._tallies: list[Tally] = []  # phases' values, by index
+
+    def start_phase(self, name: str, at: float) -> None:
+        if name in self.phases:
+            raise ValueError(f"phase {name!r} already started")
+        if self.recording_since is None:
+            self.recording_since = at
+        self.phase_starts.append(at)
+        self.phases[name] = tally = Tally()
+        self._tallies.append(tally)
+
+    def stop_recording(self) -> None:
+        self.recording_since = None
+
+    def tally_at(self, at: float) -> Tally | None:
+        """The tally of the phase a request dispatched at `at` belongs to, if measured."""
+        if self.recording_since is None or at < self.phase_starts[0]:
+            return None
+        i = bisect.bisect_right(self.phase_starts, at) - 1
+        return self._tallies[i]
 
     def dispatch(self, at: float) -> None:
         self.in_flight += 1
+        tally = self.tally_at(at)
+        if tally is not None:
+            tally.dispatched += 1
         if self.idle:
             self.idle.popleft().send(at)
         else:
             self.waiting.append(at)
 
-    def complete(self, conn: _Conn, latency: float, status: int) -> None:
+    def complete(self, conn: _Conn, dispatched_at: float, status: int) -> None:
         self.in_flight -= 1
-        if self.recording:
+        tally = self.tally_at(dispatched_at)
+        if tally is not None:
             if 200 <= status < 300:
-                self.latencies.append(latency)
+                tally.latencies.append(time.perf_counter() - dispatched_at)
             else:
-                self.errors[f"status_{status}"] += 1
+                tally.errors[f"status_{status}"] += 1
         if self.waiting:
             conn.send(self.waiting.popleft())
         else:
             self.idle.append(conn)
 
     def fail(self, what: str) -> None:
-        self.errors[what] += 1
+        tally = self.tally_at(time.perf_counter())
+        if tally is not None:
+            tally.errors[what] += 1
 
     def lost(self, conn: _Conn) -> None:
         if conn in self.idle:
             self.idle.remove(conn)
-        self.errors["connection_lost"] += 1
+        self.fail("connection_lost")
+
+    def total(self) -> Tally:
+        out = Tally()
+        for tally in self.phases.values():
+            out.merge(tally)
+        return out
 
     async def pace(self, seconds: float) -> int:
         """Dispatch at `rate` for `seconds`; returns how many were dispatched."""
@@ -137,22 +201,45 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[int(rank) - 1]
 
 
-def summarize(latencies: list[float], seconds: float, errors: dict[str, int]) -> dict[str, object]:
-    values = sorted(latencies)
+def summarize(tally: Tally, seconds: float) -> dict[str, object]:
+    """Exact percentiles of the 2xx answers; every other dispatched request is `failed`."""
+    values = sorted(tally.latencies)
     ms = {
         f"p{q:g}".replace(".", ""): round(_percentile(values, q) * 1000, 3)
         for q in (50, 90, 99, 99.9)
     }
+    errors = dict(tally.errors)
+    failed = tally.dispatched - len(values)
+    answered_badly = sum(v for k, v in errors.items() if k.startswith("status_"))
+    if failed > answered_badly:
+        errors["unfinished"] = failed - answered_badly
     return {
         "requests": len(values),
+        "dispatched": tally.dispatched,
+        "failed": failed,
         "rps": round(len(values) / seconds, 1) if seconds else 0.0,
         "p50_ms": ms["p50"],
         "p90_ms": ms["p90"],
         "p99_ms": ms["p99"],
         "p999_ms": ms["p999"],
         "max_ms": round(values[-1] * 1000, 3) if values else 0.0,
-        "errors": dict(errors),
+        "errors": {k: v for k, v in errors.items() if v},
     }
+
+
+async def _follow_phases(client: OpenLoop) -> None:
+    """Read `phase NAME` lines from stdin until it closes; answer each on stdout."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while line := await reader.readline():
+        word, _, name = line.decode().strip().partition(" ")
+        measuring = client.recording_since is not None
+        if word != "phase" or not name or name in client.phases or not measuring:
+            print(f"IGNORED {line.decode().strip()!r}", flush=True)
+            continue
+        client.start_phase(name, time.perf_counter())
+        print(PHASE + name, flush=True)
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, object]:
@@ -167,16 +254,25 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         await _drain(client, 5.0)
     # The markers let the bench read the proxy's CPU around the measured part only.
     print(MEASURE_START, flush=True)
-    client.recording = True
     started = time.perf_counter()
+    client.start_phase(FIRST_PHASE, started)
+    follower = loop.create_task(_follow_phases(client)) if args.phases else None
     await client.pace(args.duration)
-    paced = time.perf_counter() - started
+    paced_until = time.perf_counter()
     await _drain(client, 5.0)
-    client.recording = False
+    if follower is not None:
+        follower.cancel()
+    client.stop_recording()
     print(MEASURE_END, flush=True)
-    if client.in_flight:
-        client.errors["unfinished"] += client.in_flight
-    result = summarize(client.latencies, paced, client.errors)
+    result = summarize(client.total(), paced_until - started)
+    if args.phases:
+        ends = [*client.phase_starts[1:], paced_until]
+        result["phases"] = {
+            name: summarize(tally, end - start) | {"seconds": round(end - start, 3)}
+            for (name, tally), start, end in zip(
+                client.phases.items(), client.phase_starts, ends, strict=True
+            )
+        }
     for conn in list(client.idle):
         conn.transport.close()  # type: ignore[union-attr]
     return result
@@ -191,6 +287,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--connections", type=int, default=20)
     p.add_argument("--duration", type=float, default=8.0, help="measured seconds")
     p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first")
+    p.add_argument("--phases", action="store_true", help="read `phase NAME` lines on stdin")
     return p.parse_args(argv)
 
 

@@ -88,7 +88,32 @@ TARGETS: tuple[Target, ...] = (
         True,
         lambda r: _figure(r, "rss_1000_conns", "rss_mb"),
     ),
+    Target(
+        "failover",
+        "failed % with an endpoint killed",
+        0.1,
+        True,
+        lambda r: _percent(_figure(r, "failover", "failed_share")),
+    ),
+    Target(
+        "propagation_100",
+        "slowest ACK ms after apply",
+        1000.0,
+        True,
+        lambda r: _figure(r, "propagation_100", "max_ms"),
+    ),
+    Target(
+        "propagation_1000",
+        "slowest ACK ms after apply",
+        1000.0,
+        True,
+        lambda r: _figure(r, "propagation_1000", "max_ms"),
+    ),
 )
+
+
+def _percent(share: float | None) -> float | None:
+    return None if share is None else share * 100
 
 
 def ratios(results: Results) -> None:

@@ -9,14 +9,26 @@ as `idle_rss_mb`, once the proxy is ready and before any traffic.
 
 from __future__ import annotations
 
+import contextlib
+import http.client
+import itertools
 import json
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from bench.harness import Bench, RunResult, fail_if_errors, per_request_us, register, rss_of
 from bench.holdconns import READY
-from bench.openloop import MEASURE_END, MEASURE_START
-from bench.procs import BenchError, CpuSample, open_fds, tree_cpu_seconds, tree_rss_mb
+from bench.meshclients import APPLIED, CHURNED, CONNECTED, GO, RESULT
+from bench.openloop import FIRST_PHASE, MEASURE_END, MEASURE_START, PHASE
+from bench.procs import (
+    BenchError,
+    CpuSample,
+    open_fds,
+    peak_rss_mb,
+    tree_cpu_seconds,
+    tree_rss_mb,
+)
 from bench.sidecar import SidecarSpec
 
 UPSTREAM_SERVICE = "upstream"
@@ -168,3 +180,205 @@ def rss_many_connections(bench: Bench) -> RunResult:
         rss_mb=loaded,
         extra={"connections": n, "idle_rss_mb": idle, "open_fds": fds, "client": ready},
     )
+
+
+# --- failure recovery -------------------------------------------------------------
+
+FAILOVER_ENDPOINTS = 3
+# Phases of the measured part, as shares of it: all endpoints up, then the
+# first seconds after one is killed (resets, retries, the ejection), then
+# the rest (the dead endpoint ejected).
+FAILOVER_KILL_AT = 0.25
+FAILOVER_FAULT_S = 2.0
+
+
+def failover_policy(service: str) -> dict[str, Any]:
+    """Retries on the failures a killed endpoint causes, and a quick ejection."""
+    return {
+        "apiVersion": "lepton-mesh/v1",
+        "kind": "DestinationPolicy",
+        "metadata": {"name": service},
+        "spec": {
+            "service": service,
+            "retry": {"attempts": 3, "retry_on": ["connect-failure", "reset", "gateway-error"]},
+            "outlier": {"consecutive_gateway_errors": 2, "base_ejection_time": "30s"},
+        },
+    }
+
+
+def failed_share(summary: Mapping[str, Any]) -> float:
+    """Requests that got no 2xx (an error status, a lost connection, no answer) / all sent."""
+    dispatched = int(summary["dispatched"])
+    return int(summary["failed"]) / dispatched if dispatched else 1.0
+
+
+def _get_json(port: int, path: str) -> Any:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", path)
+        return json.loads(conn.getresponse().read())
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        raise BenchError(f"GET {path} on port {port}: {exc}") from exc
+    finally:
+        conn.close()
+
+
+@register("failover")
+def failover(bench: Bench) -> RunResult:
+    """Open-loop load through one sidecar to 3 endpoints; one is SIGKILLed a quarter in."""
+    s = bench.settings
+    with contextlib.ExitStack() as stack:
+        ups = [
+            stack.enter_context(bench.upstream_nginx(f"failover-upstream-{i}"))
+            for i in range(FAILOVER_ENDPOINTS)
+        ]
+        spec = SidecarSpec(
+            label="sidecar-failover",
+            service="bench-client",
+            app_port=bench.upstream.port,
+            services={UPSTREAM_SERVICE: [u.port for u in ups]},
+            policies=[failover_policy(UPSTREAM_SERVICE)],
+        )
+        a = stack.enter_context(bench.sidecar(spec))
+        args = (f"--port={a.ports.outbound}", f"--host-header={UPSTREAM_SERVICE}")
+        args += (f"--rate={s.failover_rate}", f"--connections={s.connections}")
+        args += (f"--duration={s.duration_s}", f"--warmup={s.warmup_s}", "--phases")
+        with bench.tool("openloop-failover", "bench.openloop", *args) as client:
+            client.expect(MEASURE_START)
+            live = [a.pid, client.proc.pid, *(u.pid for u in ups)]
+            before, cpu0 = CpuSample.take(live), tree_cpu_seconds([a.pid])
+            time.sleep(s.duration_s * FAILOVER_KILL_AT)  # the schedule of the run
+            client.say("phase fault")
+            client.expect(PHASE + "fault")
+            ups[0].proc.kill()  # a crash: requests in flight are reset, then connects refused
+            ups[0].proc.wait()
+            time.sleep(FAILOVER_FAULT_S)
+            client.say("phase after")
+            client.expect(PHASE + "after")
+            client.expect(MEASURE_END)
+            after = CpuSample.take([a.pid, client.proc.pid, *(u.pid for u in ups[1:])])
+            cpu1 = tree_cpu_seconds([a.pid])
+            summary: dict[str, Any] = json.loads(client.expect(""))
+            client.finish()
+        clusters = _get_json(a.ports.admin, "/clusters")
+        rss = tree_rss_mb(a.pid)
+    phases = summary["phases"]
+    fault = phases["fault"]
+    return RunResult(
+        "failover",
+        "resilience",
+        rps=summary["rps"],
+        p50_ms=fault["p50_ms"],
+        p99_ms=fault["p99_ms"],
+        cpu_us_per_req=per_request_us(cpu1 - cpu0, int(summary["requests"])),
+        rss_mb=rss,
+        extra={
+            "failed_share": failed_share(summary),
+            "failed": summary["failed"],
+            "dispatched": summary["dispatched"],
+            "errors": summary["errors"],
+            "rate": s.failover_rate,
+            "connections": s.connections,
+            "fault_seconds": fault["seconds"],
+            "fault_failed": fault["failed"],
+            "fault_p999_ms": fault["p999_ms"],
+            "fault_max_ms": fault["max_ms"],
+            "before_p99_ms": phases[FIRST_PHASE]["p99_ms"],
+            "after_p99_ms": phases["after"]["p99_ms"],
+            "after_failed": phases["after"]["failed"],
+            "clusters": _ejections(clusters, UPSTREAM_SERVICE),
+            "background_cores": before.background_cores(after),
+        },
+    )
+
+
+def _ejections(clusters: Mapping[str, Any], service: str) -> dict[str, Any]:
+    """From the sidecar's /clusters: ejections, retry budget use, endpoints ejected now."""
+    c = clusters.get("clusters", {}).get(service, {})
+    budget = c.get("retry_budget", {})
+    return {
+        "ejections_total": c.get("ejections_total"),
+        "ejected_now": sum(1 for e in c.get("endpoints", []) if e.get("ejected")),
+        "retries_total": budget.get("retries_total"),
+        "retry_budget_exhausted_total": budget.get("exhausted_total"),
+    }
+
+
+# --- the control plane ------------------------------------------------------------
+
+PROPAGATION_ROUNDS = 5
+CHURN_BATCH_MAX = 200
+
+
+def _propagation(bench: Bench, name: str, clients: int) -> RunResult:
+    """N simulated sidecars on one control daemon: apply -> every ACK, then registry churn."""
+    services = max(1, clients // 10)  # 10 sidecars per service, as in a small real mesh
+    churn = min(clients, CHURN_BATCH_MAX)
+    with bench.control_plane() as cp:
+        idle_rss = tree_rss_mb(cp.pid)
+        args = (f"--port={cp.listen_port}", f"--admin-port={cp.admin_port}")
+        args += (f"--token-file={cp.token_file}", f"--clients={clients}")
+        args += (f"--services={services}", f"--rounds={PROPAGATION_ROUNDS}", f"--churn={churn}")
+        with bench.tool(f"meshclients-{clients}", "bench.meshclients", *args) as tool:
+            live = [cp.pid, tool.proc.pid, *([cp.etcd_pid] if cp.etcd_pid else [])]
+            first = CpuSample.take(live)
+            # The tool waits for GO after each phase: CPU and RSS are read between them.
+            marks, rss_at = [tree_cpu_seconds([cp.pid])], []
+            for prefix in (CONNECTED, APPLIED, CHURNED):
+                tool.expect(prefix)
+                marks.append(tree_cpu_seconds([cp.pid]))
+                rss_at.append(round(tree_rss_mb(cp.pid), 1))
+                tool.say(GO)
+            last = CpuSample.take(live)
+            result: dict[str, Any] = json.loads(tool.expect(RESULT))
+            tool.finish()
+        peak = peak_rss_mb(cp.pid)
+    if result["errors"]:
+        raise BenchError(f"{name}: {len(result['errors'])} stream errors: {result['errors'][:3]}")
+    connect_cpu, apply_cpu, churn_cpu = (b - a for a, b in itertools.pairwise(marks))
+    churned = result["churn"]
+    churn_s = churned["register_s"] + churned["remove_s"]
+    return RunResult(
+        name,
+        "control",
+        p50_ms=result["p50_ms"],
+        p99_ms=result["p99_ms"],
+        rss_mb=max(rss_at),
+        extra={
+            "control_rss_mb": max(rss_at),
+            "control_rss_mb_phases": rss_at,
+            "control_idle_rss_mb": idle_rss,
+            "control_peak_rss_mb": peak,
+            "clients": clients,
+            "services": services,
+            "rounds": result["rounds"],
+            "max_ms": result["max_ms"],
+            "p90_ms": result["p90_ms"],
+            "from_return_p50_ms": result["from_return_p50_ms"],
+            "from_return_p99_ms": result["from_return_p99_ms"],
+            "from_return_max_ms": result["from_return_max_ms"],
+            "before_return": result["before_return"],
+            "apply_ms": result["apply_ms"],
+            "round_max_ms": result["round_max_ms"],
+            "acks_recorded_ms": result["acks_recorded_ms"],
+            "connect_s": result["connect_s"],
+            "connected_per_s": result["connected_per_s"],
+            "control_cpu_s_connect": connect_cpu,
+            "control_cpu_ms_per_apply": apply_cpu * 1000 / result["rounds"],
+            "churn_batch": churned["batch"],
+            "registered_per_s": churned["registered_per_s"],
+            "removed_per_s": churned["removed_per_s"],
+            "control_cores_churn": churn_cpu / churn_s if churn_s else None,
+            "background_cores": first.background_cores(last),
+        },
+    )
+
+
+@register("propagation_100")
+def propagation_100(bench: Bench) -> RunResult:
+    return _propagation(bench, "propagation_100", 100)
+
+
+@register("propagation_1000")
+def propagation_1000(bench: Bench) -> RunResult:
+    return _propagation(bench, "propagation_1000", 1000)

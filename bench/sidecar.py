@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -41,11 +42,13 @@ class SidecarSpec:
     app_port: int
     services: Mapping[str, Sequence[int]]
     ports: SidecarPorts = field(default_factory=SidecarPorts.pick)
+    # Route / DestinationPolicy manifests, inline (docs/policy-reference.md).
+    policies: Sequence[Mapping[str, Any]] = ()
 
 
 def config(spec: SidecarSpec) -> dict[str, object]:
     """The YAML document the config loader reads (see the sidecar config docs)."""
-    return {
+    doc: dict[str, object] = {
         "service": spec.service,
         "app": f"127.0.0.1:{spec.app_port}",
         "listeners": {
@@ -59,6 +62,9 @@ def config(spec: SidecarSpec) -> dict[str, object]:
             for name, ports in spec.services.items()
         },
     }
+    if spec.policies:
+        doc["policies"] = [dict(p) for p in spec.policies]
+    return doc
 
 
 def binary() -> str:

@@ -68,18 +68,55 @@ def test_a_request_waits_for_a_free_connection_and_keeps_its_dispatch_time():
     client = openloop.OpenLoop(rate=1000, request=b"")
     conn = _FakeConn()
     client.idle.append(conn)
-    client.recording = True
+    client.start_phase(openloop.FIRST_PHASE, 0.0)
     client.dispatch(1.0)
     client.dispatch(2.0)  # no idle connection: queued with its dispatch time
     assert (conn.sent, list(client.waiting), client.in_flight) == ([1.0], [2.0], 2)
-    client.complete(conn, 0.001, 200)
+    client.complete(conn, 1.0, 200)
     assert (conn.sent, list(client.waiting), client.in_flight) == ([1.0, 2.0], [], 1)
-    client.complete(conn, 0.002, 503)
-    assert (client.latencies, dict(client.errors), list(client.idle)) == (
-        [0.001],
+    client.complete(conn, 2.0, 503)
+    total = client.total()
+    assert (len(total.latencies), dict(total.errors), list(client.idle)) == (
+        1,
         {"status_503": 1},
         [conn],
     )
+
+
+def test_requests_count_in_the_phase_they_were_dispatched_in():
+    client = openloop.OpenLoop(rate=1000, request=b"")
+    conn = _FakeConn()
+    client.dispatch(0.5)  # warm-up: before the measured part, not counted
+    client.complete(conn, 0.5, 200)
+    client.start_phase("all", 1.0)
+    client.dispatch(1.5)
+    client.start_phase("fault", 2.0)
+    client.dispatch(2.5)
+    client.dispatch(2.6)  # never answered: lost with its connection
+    client.complete(conn, 1.5, 200)  # completes during "fault", counts in "all"
+    client.complete(conn, 2.5, 502)
+    client.stop_recording()
+    client.complete(conn, 2.6, 200)  # after the end: not counted as an answer
+    phases = {
+        name: (t.dispatched, len(t.latencies), dict(t.errors)) for name, t in client.phases.items()
+    }
+    assert phases == {"all": (1, 1, {}), "fault": (2, 0, {"status_502": 1})}
+
+
+@pytest.mark.parametrize(
+    ("dispatched", "latencies", "errors", "expected"),
+    [
+        (3, [0.001, 0.002, 0.003], {}, (3, 0, {})),
+        (4, [0.001], {"status_503": 2}, (1, 3, {"status_503": 2, "unfinished": 1})),
+        (2, [], {"connection_lost": 1}, (0, 2, {"connection_lost": 1, "unfinished": 2})),
+    ],
+)
+def test_summary_counts_every_dispatched_request(dispatched, latencies, errors, expected):
+    tally = openloop.Tally()
+    tally.dispatched, tally.latencies = dispatched, list(latencies)
+    tally.errors.update(errors)
+    s = openloop.summarize(tally, 1.0)
+    assert (s["requests"], s["failed"], s["errors"]) == expected
 
 
 async def test_open_loop_paces_and_counts_every_answer(server):
@@ -91,6 +128,7 @@ async def test_open_loop_paces_and_counts_every_answer(server):
         connections=3,
         duration=0.2,
         warmup=0.0,
+        phases=False,
     )
     result = await openloop.main_async(args)
     assert result["requests"] == 100
