@@ -31,10 +31,12 @@ from lepton_mesh.proxy.errors import ProxyError, Reason, bad_request, error_body
 from lepton_mesh.proxy.exchange import Exchange
 from lepton_mesh.proxy.flow import BUFFERED, PEER_BACKPRESSURE, PIPELINE, ReadGate
 from lepton_mesh.proxy.http1 import Headers, error_response, inspect_request, new_request_id
+from lepton_mesh.proxy.mtls import XFCC
 from lepton_mesh.proxy.timers import Deadline
 
 if TYPE_CHECKING:
     from lepton_mesh.proxy.contracts import ListenerSide
+    from lepton_mesh.proxy.mtls import InboundTls
 
 
 class Incoming:
@@ -93,11 +95,18 @@ class DownstreamProtocol(asyncio.Protocol):
         "transport",
         "tunneled",
         "write_paused",
+        # mTLS inbound (None/False/b"" otherwise)
+        "inbound_tls",
+        "peer",
+        "secure",
+        "xfcc",
         # per request being parsed
         "req",
     )
 
-    def __init__(self, listener: ListenerSide) -> None:
+    def __init__(
+        self, listener: ListenerSide, tls: InboundTls | None = None, secure: bool = False
+    ) -> None:
         self.listener = listener
         self.loop = listener.loop
         self.parser = httptools.HttpRequestParser(self)
@@ -123,11 +132,24 @@ class DownstreamProtocol(asyncio.Protocol):
         self._head_bytes = 0
         self._stashed: ProxyError | None = None  # raised inside a parser callback
         self._deferred_error: ProxyError | None = None  # to answer after the in-flight exchange
+        # An inbound listener in STRICT or PERMISSIVE mode passes `tls`: the
+        # caller is then who the handshake proved (`peer`, its workload; b""
+        # for plaintext or no mesh identity), never what x-lepton-peer says,
+        # and `xfcc` (By=<us>;URI=<caller>) is added to each request for the app.
+        self.inbound_tls = tls
+        self.secure = secure  # this connection is TLS
+        self.peer = b""
+        self.xfcc = b""
 
     # -- asyncio callbacks -------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if self.secure:
+            found = self.inbound_tls.secured(transport)  # type: ignore[union-attr]
+            if found is None:
+                return  # an L4 tunnel (ALPN lepton-tcp/1): the TCP path owns it now
+            self.peer, self.xfcc = found
         self.gate.attach(transport)
         peer = transport.get_extra_info("peername")
         self.client_ip_str = peer[0] if peer else "unknown"
@@ -149,6 +171,8 @@ class DownstreamProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.listener.connection_closed(self)
         self.deadline.cancel()
+        if self.secure:
+            self.inbound_tls.identity.connection_closed()  # type: ignore[union-attr]
         self.backlog.clear()
         ex = self.current
         if ex is not None:
@@ -262,6 +286,8 @@ class DownstreamProtocol(asyncio.Protocol):
         req.head_size += len(url) + 16  # method, version, spaces and CRLF, roughly
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) == 23 and name.lower() == XFCC:
+            return  # only the inbound side sets it, from the verified certificate
         req = self.req
         assert req is not None
         if req.headers_done:
@@ -342,6 +368,10 @@ class DownstreamProtocol(asyncio.Protocol):
             )
         except ProxyError as err:
             return err
+        if self.inbound_tls is not None:
+            facts.peer = self.peer
+            if self.xfcc:
+                facts.kept.append((XFCC, XFCC, self.xfcc))
         ex = Exchange(self, snap, facts, req.version, req.keep_alive and not self.closing)
         self.current = ex
         req.exchange = ex

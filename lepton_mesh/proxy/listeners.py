@@ -4,6 +4,12 @@ Outbound (app -> mesh): the destination is the service the request names by
 its authority; metrics report `reporter="source"`. Inbound (mesh -> app): the
 destination is always the local app; `reporter="destination"`. Everything
 else (parsing, exchanges, pools) is shared.
+
+Inbound with mTLS in STRICT or PERMISSIVE mode, connections come through a
+`mtls.TlsAcceptor` instead of `create_server`, so each failed handshake is
+counted, and each connection knows its caller's verified identity. A
+connection that negotiated ALPN `lepton-tcp/1` is an L4 tunnel and goes to
+`tcp_proxy.InboundTunnels` (when `tls.tcp_app` is set).
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from lepton_mesh.proxy.downstream import DownstreamProtocol
 from lepton_mesh.proxy.errors import ProxyError
+from lepton_mesh.proxy.mtls import InboundTls, TlsAcceptor
+from lepton_mesh.proxy.tcp_proxy import InboundTunnels
 
 if TYPE_CHECKING:
     from lepton_mesh.policy.traffic import Backend
@@ -22,6 +30,7 @@ if TYPE_CHECKING:
     from lepton_mesh.proxy.exchange import Exchange
     from lepton_mesh.proxy.http1 import RequestFacts
     from lepton_mesh.proxy.metrics import ProxyMetrics
+    from lepton_mesh.proxy.mtls import MeshIdentity
     from lepton_mesh.proxy.pool import Pools
     from lepton_mesh.proxy.routing import ServiceTarget
     from lepton_mesh.proxy.snapshot import Snapshot
@@ -35,11 +44,13 @@ class SidecarSide(Protocol):
     pools: Pools
     metrics: ProxyMetrics
     access_log: AccessLog
+    identity: MeshIdentity | None
 
     def check_drained(self) -> None: ...
 
 
-# Until mTLS identities exist, an inbound request's caller is not known.
+# An inbound caller not known: no verified mesh identity (a plaintext caller
+# on a PERMISSIVE port), or, without mTLS, no usable x-lepton-peer.
 UNKNOWN_WORKLOAD = "unknown"
 
 
@@ -47,6 +58,7 @@ class HttpListener:
     __slots__ = (
         "connections",
         "draining",
+        "l4",
         "loop",
         "name",
         "outbound",
@@ -68,7 +80,8 @@ class HttpListener:
         self.connections: set[DownstreamProtocol] = set()
         self.tunnels = 0
         self.draining = False
-        self.server: asyncio.Server | None = None
+        self.server: asyncio.Server | TlsAcceptor | None = None
+        self.l4: InboundTunnels | None = None  # inbound L4 tunnels over mTLS
         # Outbound requests tell the callee's sidecar who calls (for its metrics).
         self.peer_header = (
             b"x-lepton-peer: " + sidecar.snapshot.cfg.service.encode() + b"\r\n"
@@ -76,11 +89,37 @@ class HttpListener:
             else b""
         )
 
-    async def start(self, host: str, port: int) -> asyncio.Server:
-        self.server = await self.loop.create_server(
+    async def start(self, host: str, port: int) -> asyncio.Server | TlsAcceptor:
+        identity = None if self.outbound else self.sidecar.identity
+        if identity is not None and identity.mode != "DISABLE":
+            self.server = await self._start_tls(identity, host, port)
+            return self.server
+        server = await self.loop.create_server(
             lambda: DownstreamProtocol(self), host, port, backlog=2048, reuse_address=True
         )
-        return self.server
+        self.server = server
+        return server
+
+    async def _start_tls(self, identity: MeshIdentity, host: str, port: int) -> TlsAcceptor:
+        sidecar = self.sidecar
+        if identity.tcp_app is not None:
+            self.l4 = InboundTunnels(
+                sidecar.snapshot.cfg.service,
+                identity.tcp_app,
+                sidecar.metrics,
+                identity,
+                connect_timeout=lambda: sidecar.snapshot.cfg.timeouts.connect,
+                on_open=self.tunnel_opened,
+                on_close=self.tunnel_closed,
+            )
+        tls = InboundTls(identity, self.l4.accept if self.l4 is not None else None)
+        acceptor = TlsAcceptor(
+            identity,
+            lambda secure: DownstreamProtocol(self, tls, secure),
+            permissive=identity.mode == "PERMISSIVE",
+            handshake_timeout=lambda: sidecar.snapshot.cfg.timeouts.header_read,
+        )
+        return await acceptor.start(host, port)
 
     def route(self, snap: Snapshot, facts: RequestFacts) -> ServiceTarget:
         """Logical: the service a request is for."""
@@ -183,9 +222,13 @@ class HttpListener:
         return len(self.connections) + self.tunnels
 
     def abort_all(self) -> None:
+        if isinstance(self.server, TlsAcceptor):
+            self.server.abort()  # handshakes under way too
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
+        if self.l4 is not None:
+            self.l4.abort_all()
 
 
 def _workload(peer: bytes) -> str:

@@ -38,6 +38,10 @@ Invariants:
   The mirror table (`observe_mirror`) is capped the same way; its overflow
   counter row appears on its first fold.
 
+TLS. Handshake counts and failures and the certificate's expiry live on the
+sidecar's identity (mtls.MeshIdentity) and are pulled at scrape time
+through `set_tls_source`; a handshake costs one dict increment there.
+
 Resilience. Outlier ejections, circuit-breaker state, retry outcomes and the
 retry budget live on the per-destination resilience objects (outlier.py,
 circuit.py, retry_budget.py); they are pulled at scrape time through one
@@ -53,7 +57,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry
 from prometheus_client.core import (
@@ -138,6 +142,14 @@ class ResilienceRow(NamedTuple):
 
 
 ResilienceSource = Callable[[], Iterable[ResilienceRow]]
+
+
+class TlsSource(Protocol):
+    """What the TLS families are read from at scrape time (mtls.MeshIdentity)."""
+
+    def failure_rows(self) -> Iterable[tuple[str, int]]: ...  # (reason, failures_total)
+    def handshake_rows(self) -> Iterable[tuple[str, str, int]]: ...  # (side, resumed, total)
+    def expiry_timestamp(self) -> float | None: ...  # the certificate's notAfter (None: none yet)
 
 
 def resilience_row(
@@ -280,6 +292,25 @@ MIRROR_REQUESTS = _Spec(
     "counter",
     OUTCOME_LABELS,
 )
+TLS_HANDSHAKE_FAILURES = _Spec(
+    "lepton_tls_handshake_failures_total",
+    "TLS handshakes that failed, inbound or outbound, by reason (unknown_ca, expired, "
+    "not_yet_valid, identity_mismatch, no_client_certificate, protocol_version, other).",
+    "counter",
+    ("reason",),
+)
+TLS_HANDSHAKES = _Spec(
+    "lepton_tls_handshakes_total",
+    "TLS handshakes completed, by side (inbound, outbound) and whether a session was resumed.",
+    "counter",
+    ("side", "resumed"),
+)
+CERT_EXPIRATION = _Spec(
+    "lepton_identity_cert_expiration_timestamp_seconds",
+    "When this sidecar's workload certificate expires, in Unix time.",
+    "gauge",
+    (),
+)
 LABEL_OVERFLOW = _Spec(
     "lepton_metrics_label_overflow_total",
     "Observations folded into destination_service=overflow because the label "
@@ -364,6 +395,7 @@ class ProxyMetrics:
         "_requests",
         "_resilience_source",
         "_tcp",
+        "_tls_source",
         "registry",
     )
 
@@ -379,6 +411,7 @@ class ProxyMetrics:
         self._pool_source: PoolSource | None = None
         self._listener_source: ListenerSource | None = None
         self._resilience_source: ResilienceSource | None = None
+        self._tls_source: TlsSource | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
 
@@ -401,6 +434,11 @@ class ProxyMetrics:
         `lambda: [resilience_row(svc, d.breaker, d.budget, d.detector) for svc, d in ...]`.
         """
         self._resilience_source = fn
+
+    def set_tls_source(self, source: TlsSource | None) -> None:
+        """Feeds lepton_tls_handshake_failures_total, lepton_tls_handshakes_total and
+        lepton_identity_cert_expiration_timestamp_seconds (see `TlsSource`)."""
+        self._tls_source = source
 
     # -- hot path ------------------------------------------------------------
 
@@ -538,6 +576,7 @@ class ProxyMetrics:
         )
         yield from self._resilience_families()
         yield MIRROR_REQUESTS, [(s.labels, s.count) for s in list(self._mirror.values())]
+        yield from self._tls_families()
         yield (
             LABEL_OVERFLOW,
             [(_Labels(OVERFLOW_LABELS, (table,)), n) for table, n in self._overflow.items()],
@@ -558,6 +597,25 @@ class ProxyMetrics:
             _log.exception("metrics resilience source gave a bad row; its metrics are left out")
             families = {spec: [] for spec in _RESILIENCE_SPECS}
         yield from families.items()
+
+    def _tls_families(self) -> Iterator[tuple[_Spec, list]]:
+        src = self._tls_source
+        yield (
+            TLS_HANDSHAKE_FAILURES,
+            [
+                (_Labels(("reason",), (r,)), n)
+                for r, n in _pull(_method(src, "failure_rows"), "tls")
+            ],
+        )
+        yield (
+            TLS_HANDSHAKES,
+            [
+                (_Labels(("side", "resumed"), (side, resumed)), n)
+                for side, resumed, n in _pull(_method(src, "handshake_rows"), "tls")
+            ],
+        )
+        expiry = _pull(_method(src, "expiry_timestamp", single=True), "tls")
+        yield CERT_EXPIRATION, [(_Labels((), ()), v) for v in expiry if v is not None]
 
     def _pools(self) -> list[PoolRow]:
         return _pull(self._pool_source, "pool")
@@ -596,6 +654,14 @@ def _add_resilience_row(families: dict[_Spec, list], row: ResilienceRow) -> None
         )
     )
     families[RETRY_BUDGET_AVAILABLE].append((service, available))
+
+
+def _method(obj: object, name: str, *, single: bool = False) -> Callable[[], Iterable] | None:
+    """`obj.name` as a row source for `_pull` (one value -> one row when `single`)."""
+    if obj is None:
+        return None
+    fn = getattr(obj, name)
+    return (lambda: (fn(),)) if single else fn
 
 
 def _pull(source: Callable[[], Iterable[tuple]] | None, what: str) -> list:

@@ -10,6 +10,10 @@ Invariants:
   once with 503 `overflow` (no unbounded queue).
 - Idle connections are reused LIFO (the warmest first) and closed after
   `idle_timeout` by one timer per pool, armed only while some are idle.
+- A pool whose `identity` is set opens mTLS connections (proxy/mtls.py): the
+  peer must be a sidecar of the pool's service, checked before the connection
+  is handed out. A connection verified under an older trust bundle is closed
+  instead of returning to `idle`.
 """
 
 from __future__ import annotations
@@ -22,10 +26,13 @@ from typing import TYPE_CHECKING
 
 from lepton_mesh.policy.sidecar_config import Address, PoolConfig
 from lepton_mesh.proxy.errors import ProxyError, Reason, UpstreamError
+from lepton_mesh.proxy.mtls import UPSTREAM_IDENTITY_MISMATCH, MeshTlsError, open_mesh_connection
+from lepton_mesh.proxy.tls import HandshakeFailure
 from lepton_mesh.proxy.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
     from lepton_mesh.proxy.circuit import CircuitBreaker
+    from lepton_mesh.proxy.mtls import MeshIdentity
 
 
 class EndpointPool:
@@ -37,16 +44,23 @@ class EndpointPool:
         "connecting",
         "idle",
         "idle_timeout",
+        "identity",
         "max_size",
         "service",
     )
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, address: Address, service: str, cfg: PoolConfig
+        self,
+        loop: asyncio.AbstractEventLoop,
+        address: Address,
+        service: str,
+        cfg: PoolConfig,
+        identity: MeshIdentity | None = None,
     ) -> None:
         self._loop = loop
         self.address = address
         self.service = service
+        self.identity = identity  # None: plaintext; else mTLS to a sidecar of `service`
         self.max_size = cfg.max_per_endpoint
         self.idle_timeout = cfg.idle_timeout
         self.idle: deque[UpstreamConnection] = deque()
@@ -88,9 +102,21 @@ class EndpointPool:
         self.connecting += 1
         try:
             async with asyncio.timeout(timeout):
-                _, conn = await self._loop.create_connection(
-                    lambda: UpstreamConnection(self), self.address.host, self.address.port
-                )
+                if self.identity is None:
+                    _, conn = await self._loop.create_connection(
+                        lambda: UpstreamConnection(self), self.address.host, self.address.port
+                    )
+                else:
+                    conn = await self._open_tls(self.identity)
+        except MeshTlsError as exc:
+            # Nothing was sent: as retriable as a refused connection.
+            mismatch = exc.reason == HandshakeFailure.IDENTITY_MISMATCH
+            raise UpstreamError(
+                503,
+                UPSTREAM_IDENTITY_MISMATCH if mismatch else Reason.UPSTREAM_CONNECT_FAILED,
+                exc.detail,
+                "connect_failure",
+            ) from None
         except TimeoutError:
             raise UpstreamError(
                 503,
@@ -114,10 +140,21 @@ class EndpointPool:
             conn.breaker = breaker
         return conn
 
+    async def _open_tls(self, identity: MeshIdentity) -> UpstreamConnection:
+        _, conn, creds = await open_mesh_connection(
+            identity, lambda: UpstreamConnection(self), self.address, self.service
+        )
+        conn.secured(identity, creds.http, creds.trust_generation)
+        return conn  # type: ignore[return-value]
+
     def release(self, conn: UpstreamConnection) -> None:
         """Return a connection whose exchange completed cleanly."""
         self.busy.discard(conn)
         if conn.closed:
+            return
+        tls = conn.tls
+        if tls is not None and conn.trust_generation != tls.trust_generation():
+            conn.close()  # verified under a bundle we no longer hold
             return
         conn.unbind()
         conn.idle_since = self._loop.time()
@@ -148,6 +185,10 @@ class EndpointPool:
         for conn in list(self.idle) + list(self.busy):
             conn.close()
 
+    def close_idle(self) -> None:
+        for conn in list(self.idle):
+            conn.close()
+
     def _close_expired(self) -> None:
         self._sweep = None
         cutoff = self._loop.time() - self.idle_timeout
@@ -167,32 +208,64 @@ def _os_reason(exc: OSError) -> str:
 
 
 class Pools:
-    """All endpoint pools of a sidecar, keyed by address; outlive config swaps."""
+    """All endpoint pools of a sidecar, keyed by address; outlive config swaps.
 
-    __slots__ = ("_loop", "by_address", "cfg")
+    With an `identity`, a new pool speaks mTLS unless its address is in
+    `plaintext` (mtls.plaintext_endpoints: the local app, endpoints without a
+    sidecar); `reconfigure` re-decides for existing pools.
+    """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, cfg: PoolConfig) -> None:
+    __slots__ = ("_loop", "by_address", "cfg", "identity", "plaintext")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        cfg: PoolConfig,
+        identity: MeshIdentity | None = None,
+        plaintext: frozenset[Address] = frozenset(),
+    ) -> None:
         self._loop = loop
         self.cfg = cfg
+        self.identity = identity
+        self.plaintext = plaintext
         self.by_address: dict[Address, EndpointPool] = {}
 
     def get(self, address: Address, service: str) -> EndpointPool:
         pool = self.by_address.get(address)
         if pool is None:
-            pool = self.by_address[address] = EndpointPool(self._loop, address, service, self.cfg)
+            pool = self.by_address[address] = EndpointPool(
+                self._loop, address, service, self.cfg, self._identity_for(address)
+            )
         return pool
 
-    def reconfigure(self, cfg: PoolConfig, live: set[Address]) -> None:
-        """Apply new pool limits; close idle connections to endpoints no longer configured."""
+    def _identity_for(self, address: Address) -> MeshIdentity | None:
+        return None if address in self.plaintext else self.identity
+
+    def reconfigure(
+        self, cfg: PoolConfig, live: set[Address], plaintext: frozenset[Address] | None = None
+    ) -> None:
+        """Apply new pool limits; close idle connections to endpoints no longer
+        configured, and to endpoints whose plaintext-or-mTLS decision changed."""
         self.cfg = cfg
+        if plaintext is not None:
+            self.plaintext = plaintext
         for address, pool in list(self.by_address.items()):
             pool.max_size = cfg.max_per_endpoint
             pool.idle_timeout = cfg.idle_timeout
+            identity = self._identity_for(address)
+            if pool.identity is not identity:
+                pool.identity = identity
+                pool.close_idle()
             if address not in live:
-                for conn in list(pool.idle):
-                    conn.close()
+                pool.close_idle()
                 if not pool.busy and not pool.connecting:
                     del self.by_address[address]
+
+    def close_idle_tls(self) -> None:
+        """The trust bundle changed: no idle mTLS connection verified under the old one stays."""
+        for pool in self.by_address.values():
+            if pool.identity is not None:
+                pool.close_idle()
 
     def stats(self) -> list[tuple[str, str, int, int, int]]:
         return [

@@ -9,6 +9,12 @@ timeout passes. `stop()` closes everything at once.
 With `control` in its config, a `ControlClient` feeds the sidecar: ready
 only once a snapshot from control (or the last-known-good one) is applied,
 and `drain()` tells control before it stops accepting.
+
+With `tls` in its config, `identity` (mtls.MeshIdentity) holds its
+certificate, read from the files when the sidecar is made (a file that cannot
+be read or does not check out is a ConfigError); `identity.reload(chain,
+key, bundle)` swaps it at run time. The inbound mode and `tcp_app` are fixed
+at start, as listener addresses are.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from lepton_mesh.proxy.clusters import Cluster, ServiceStates
 from lepton_mesh.proxy.control_client import ControlClient
 from lepton_mesh.proxy.listeners import HttpListener
 from lepton_mesh.proxy.metrics import ProxyMetrics
+from lepton_mesh.proxy.mtls import MeshIdentity, plaintext_endpoints
 from lepton_mesh.proxy.pool import Pools
 from lepton_mesh.proxy.snapshot import Snapshot
 from lepton_mesh.proxy.tcp_proxy import TcpProxy
@@ -49,6 +56,7 @@ class Sidecar:
         self.loop: asyncio.AbstractEventLoop | None = None
         # Created here so that its settings (`control.timing`) can be adjusted before start().
         self.control = ControlClient(self, cfg) if cfg.control is not None else None
+        self.identity = MeshIdentity.from_config(cfg) if cfg.tls is not None else None
 
     # -- start / config ------------------------------------------------------
 
@@ -59,7 +67,11 @@ class Sidecar:
         self.snapshot = Snapshot(cfg, self.states)
         self._stopped = asyncio.Event()
         self._drained = asyncio.Event()
-        self.pools = Pools(loop, cfg.pool)
+        identity = self.identity
+        self.pools = Pools(loop, cfg.pool, identity, self._plaintext(cfg))
+        if identity is not None:
+            identity.on_trust_change = self.pools.close_idle_tls
+            self.metrics.set_tls_source(identity)
         self.outbound = HttpListener("outbound", self, outbound=True)
         self.inbound = HttpListener("inbound", self, outbound=False)
         self.metrics.set_pool_source(self.pools.stats)
@@ -94,7 +106,7 @@ class Sidecar:
         self.addresses[name] = Address(host, port)
 
     async def _start_tcp(self, name: str, listen: Address) -> None:
-        proxy = TcpProxy(name, lambda: self.cfg, self.metrics)
+        proxy = TcpProxy(name, lambda: self.cfg, self.metrics, self.identity)
         proxy.on_idle = self.check_drained
         server = await proxy.start(listen.host, listen.port)
         self._tcp[name] = proxy
@@ -107,8 +119,12 @@ class Sidecar:
         self.snapshot = Snapshot(cfg, self.states)
         live = {e.address for svc in cfg.services.values() for e in svc.endpoints}
         live.add(cfg.app)
-        self.pools.reconfigure(cfg.pool, live)
+        self.pools.reconfigure(cfg.pool, live, self._plaintext(cfg))
         self.access_log.enabled = cfg.access_log.enabled
+
+    def _plaintext(self, cfg: SidecarConfig) -> frozenset[Address]:
+        """Endpoints called without TLS (all of them without an identity)."""
+        return plaintext_endpoints(cfg) if self.identity is not None else frozenset()
 
     # -- drain / stop -------------------------------------------------------
 
@@ -162,6 +178,8 @@ class Sidecar:
             await proxy.close()
         if hasattr(self, "pools"):
             self.pools.close()
+        if self.identity is not None:
+            self.identity.close()
         self.access_log.close()
         if self._stopped is not None:
             self._stopped.set()
@@ -187,6 +205,8 @@ class Sidecar:
         out = sidecar_config_to_json(self.snapshot.cfg)
         if self.control is not None:
             out["control_status"] = self.control.status_json()
+        if self.identity is not None:
+            out["identity"] = self.identity.describe()
         return out
 
     def clusters_json(self) -> dict[str, Any]:

@@ -18,18 +18,39 @@ Invariants:
   reset is: connecting stops and the connection is forgotten.
 - `metrics.tcp_opened` is counted once the upstream connection is made, and
   every opened connection is matched by exactly one `tcp_closed`.
+
+L4 over mTLS. With an identity (`tls` configured), an endpoint that is a
+peer sidecar (not labelled `lepton.io/tls: disabled`) is reached at its
+inbound listener over mTLS with ALPN `lepton-tcp/1`, and its certificate must
+name the service. The peer's inbound listener sees that ALPN and hands the
+connection to `InboundTunnels`, which pipes it to its local `tls.tcp_app`.
+Inside TLS the bytes travel in `lepton-tcp/1` frames (`FrameDecoder`): a
+4-byte big-endian length and that many bytes; length 0 ends one direction.
+The end frame is what carries a half-close across (TLS transports cannot
+write EOF and keep reading), so `nc -N`-style clients work as over plain TCP.
+A TLS connection that ends without the end frame was cut: the plaintext
+side is reset, never closed cleanly, so a truncated stream is not taken for
+a complete one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import struct
 import typing
 from collections.abc import Callable, Sequence
 
-from lepton_mesh.policy.sidecar_config import Endpoint, SidecarConfig
+from lepton_mesh.policy.sidecar_config import Address, Endpoint, SidecarConfig
 from lepton_mesh.proxy.errors import Reason
+from lepton_mesh.proxy.flow import PEER_BACKPRESSURE, ReadGate
+from lepton_mesh.proxy.mtls import MeshTlsError, open_mesh_connection, plaintext_endpoints
 from lepton_mesh.proxy.tunnel import splice
+
+if typing.TYPE_CHECKING:
+    from lepton_mesh.proxy.mtls import Credentials, MeshIdentity
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +91,17 @@ class TcpProxy:
     """One service's listener; see the module docstring."""
 
     def __init__(
-        self, service: str, get_config: Callable[[], SidecarConfig], metrics: TcpMetrics
+        self,
+        service: str,
+        get_config: Callable[[], SidecarConfig],
+        metrics: TcpMetrics,
+        identity: MeshIdentity | None = None,
     ) -> None:
         self.service = service
         self._get_config = get_config
         self._metrics = metrics
+        self._identity = identity  # None: every endpoint in plaintext
+        self._plaintext: tuple[SidecarConfig | None, frozenset[Address]] = (None, frozenset())
         self._server: asyncio.AbstractServer | None = None
         self._conns: set[_Conn] = set()
         self._turn = 0  # round-robin position, shared by all connections
@@ -148,22 +175,46 @@ class TcpProxy:
             return
         timeout = cfg.timeouts.connect if cfg.timeouts.connect > 0 else None
         loop = asyncio.get_running_loop()
+        identity = self._identity
+        plaintext = self._plaintext_for(cfg)
         errors: list[str] = []
         for ep in order:
+            creds: Credentials | None = None
             try:
                 async with asyncio.timeout(timeout):
-                    upstream, held = await loop.create_connection(
-                        lambda: _Held(None), ep.address.host, ep.address.port
-                    )
+                    if identity is None or ep.address in plaintext:
+                        upstream, held = await loop.create_connection(
+                            lambda: _Held(None), ep.address.host, ep.address.port
+                        )
+                    else:
+                        upstream, held, creds = await open_mesh_connection(  # type: ignore[assignment]
+                            identity, lambda: _Held(None), ep.address, self.service, tcp=True
+                        )
+            except MeshTlsError as e:
+                errors.append(e.detail)
+                continue
             except (OSError, TimeoutError) as e:
                 errors.append(f"{ep.address}: {_describe(e)}")
                 continue
             if conn.client.lost:
                 upstream.close()  # the app gave up while we were connecting
                 return
-            conn.tunnel(cfg.service, upstream, held)
+            if creds is None:
+                conn.tunnel(cfg.service, upstream, held)
+            else:
+                conn.tunnel_secure(cfg.service, upstream, held, creds, ep.address)
             return
         conn.fail(Reason.UPSTREAM_CONNECT_FAILED, "; ".join(errors))
+
+    def _plaintext_for(self, cfg: SidecarConfig) -> frozenset[Address]:
+        """The endpoints called without TLS, worked out once per config."""
+        if self._identity is None:
+            return frozenset()
+        seen, addresses = self._plaintext
+        if seen is not cfg:
+            addresses = plaintext_endpoints(cfg)
+            self._plaintext = (cfg, addresses)
+        return addresses
 
 
 class _Conn:
@@ -204,6 +255,44 @@ class _Conn:
             a_eof=c.eof,
             b_eof=held.eof,
             on_closed=closed,
+        )
+
+    def tunnel_secure(
+        self,
+        source: str,
+        upstream: asyncio.Transport,
+        held: _Held,
+        creds: Credentials,
+        address: Address,
+    ) -> None:
+        """The endpoint is a peer sidecar: frames inside mTLS (see the module docstring)."""
+        proxy = self.proxy
+        dest = proxy.service
+        identity = proxy._identity
+        self.upstream = upstream
+        proxy._metrics.tcp_opened("source", source, dest)
+        self.client.on_lost = None
+        sslobj = upstream.get_extra_info("ssl_object")
+
+        def keep_session() -> None:
+            creds.tcp.store(address, sslobj)
+
+        def closed(sent: int, received: int) -> None:
+            proxy._metrics.tcp_closed("source", source, dest, sent, received)
+            if identity is not None:
+                identity.connection_closed()
+            proxy._finished(self)
+
+        c = self.client
+        splice_framed(
+            c.transport,
+            upstream,
+            plain_pre=c.take(),
+            secure_pre=held.take(),
+            plain_eof=c.eof,
+            secure_eof=held.eof,
+            on_closed=closed,
+            on_secure_data=keep_session,
         )
 
     def fail(self, reason: str, detail: str) -> None:
@@ -286,3 +375,442 @@ def _describe(e: BaseException) -> str:
     if isinstance(e, TimeoutError):
         return "connect timeout"
     return f"{type(e).__name__}: {e}"
+
+
+# --- inbound L4 over mTLS ------------------------------------------------------------
+
+
+class InboundTunnels:
+    """L4 tunnels from peer sidecars, each piped to the local `target` (`tls.tcp_app`).
+
+    The inbound listener hands over a TLS connection that negotiated ALPN
+    `lepton-tcp/1` from inside its `connection_made` (`accept`); from then on
+    this class owns it. `on_open` / `on_close` pair up once per tunnel (the
+    listener counts them for drain); metrics report `reporter="destination"`
+    with the caller's verified workload.
+    """
+
+    def __init__(
+        self,
+        service: str,
+        target: Address,
+        metrics: TcpMetrics,
+        identity: MeshIdentity,
+        *,
+        connect_timeout: Callable[[], float],
+        on_open: Callable[[], None],
+        on_close: Callable[[], None],
+    ) -> None:
+        self.service = service
+        self.target = target
+        self._metrics = metrics
+        self._identity = identity
+        self._connect_timeout = connect_timeout
+        self._on_open = on_open
+        self._on_close = on_close
+        self._live: set[_Inbound] = set()
+
+    def active(self) -> int:
+        return len(self._live)
+
+    def accept(self, transport: asyncio.Transport, workload: str) -> None:
+        """Take over a secured transport (call from its protocol's connection_made)."""
+        held = _Held(None)
+        held.transport = transport
+        transport.set_protocol(held)  # reads pause after the first chunk, until spliced
+        t = _Inbound(self, held, workload)
+        self._live.add(t)
+        held.on_lost = t.client_lost
+        self._on_open()
+        t.task = asyncio.get_running_loop().create_task(self._connect(t))
+
+    async def _connect(self, t: _Inbound) -> None:
+        loop = asyncio.get_running_loop()
+        timeout = self._connect_timeout()
+        try:
+            async with asyncio.timeout(timeout if timeout > 0 else None):
+                app, held = await loop.create_connection(
+                    lambda: _Held(None), self.target.host, self.target.port
+                )
+        except (OSError, TimeoutError) as e:
+            t.fail(f"{self.target}: {_describe(e)}")
+            return
+        if t.client.lost:
+            app.close()
+            return
+        t.splice(app, held)
+
+    def _done(self, t: _Inbound) -> None:
+        if t in self._live:
+            self._live.discard(t)
+            self._identity.connection_closed()
+            self._on_close()
+
+    def abort_all(self) -> None:
+        for t in list(self._live):
+            t.abort()
+
+
+class _Inbound:
+    """One inbound L4 tunnel, from handover to close."""
+
+    __slots__ = ("app", "client", "owner", "task", "workload")
+
+    def __init__(self, owner: InboundTunnels, client: _Held, workload: str) -> None:
+        self.owner = owner
+        self.client = client
+        self.workload = workload
+        self.task: asyncio.Task[None] | None = None
+        self.app: asyncio.Transport | None = None
+
+    def splice(self, app: asyncio.Transport, held: _Held) -> None:
+        owner = self.owner
+        self.app = app
+        owner._metrics.tcp_opened("destination", self.workload, owner.service)
+        self.client.on_lost = None
+
+        def closed(to_peer: int, to_app: int) -> None:
+            owner._metrics.tcp_closed("destination", self.workload, owner.service, to_app, to_peer)
+            owner._done(self)
+
+        c = self.client
+        splice_framed(
+            app,
+            c.transport,
+            plain_pre=held.take(),
+            secure_pre=c.take(),
+            plain_eof=held.eof,
+            secure_eof=c.eof,
+            on_closed=closed,
+        )
+
+    def fail(self, detail: str) -> None:
+        peer = self.client.transport.get_extra_info("peername")
+        log.warning(
+            "tcp inbound service=%s client=%s workload=%s reason=%s detail=%s",
+            self.owner.service,
+            f"{peer[0]}:{peer[1]}" if peer else "?",
+            self.workload,
+            Reason.UPSTREAM_CONNECT_FAILED,
+            detail,
+        )
+        _reset(self.client.transport)  # the caller's app sees a reset, as with no listener
+        self.owner._done(self)
+
+    def client_lost(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        self.owner._done(self)
+
+    def abort(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        self.client.transport.abort()
+        if self.app is not None:
+            self.app.abort()
+        self.owner._done(self)
+
+
+# --- lepton-tcp/1: frames inside TLS ----------------------------------------------------
+
+FRAME_HEAD = struct.Struct(">I")
+END_FRAME = FRAME_HEAD.pack(0)
+# SO_LINGER on, timeout 0: close() sends RST instead of FIN.
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+class FrameError(Exception):
+    """The peer broke the framing (data after the end frame)."""
+
+
+class FrameDecoder:
+    """Sans-IO reader of `lepton-tcp/1` frames: a 4-byte big-endian length, then
+    that many bytes; length 0 is the end of the stream in this direction.
+
+    `feed(data)` returns the payload pieces `data` holds (the whole object or
+    memoryviews of it: never copied) and sets `ended` at the end frame. A frame
+    may span any number of feeds, and a feed may hold any number of frames.
+    """
+
+    __slots__ = ("_head", "_left", "ended")
+
+    def __init__(self) -> None:
+        self._head = b""  # a length prefix split across feeds
+        self._left = 0  # payload bytes still to come in the current frame
+        self.ended = False
+
+    def feed(self, data: bytes) -> list[bytes | memoryview]:
+        if self.ended:
+            if data:
+                raise FrameError("data after the end frame")
+            return []
+        out: list[bytes | memoryview] = []
+        n = len(data)
+        i = 0
+        view: memoryview | None = None
+        while i < n:
+            left = self._left
+            if left:
+                take = min(left, n - i)
+                if take == n:
+                    out.append(data)  # the common case: a whole read is payload
+                else:
+                    if view is None:
+                        view = memoryview(data)
+                    out.append(view[i : i + take])
+                self._left = left - take
+                i += take
+                continue
+            need = 4 - len(self._head)
+            self._head += data[i : i + need]
+            i += need
+            if len(self._head) < 4:
+                break
+            (length,) = FRAME_HEAD.unpack(self._head)
+            self._head = b""
+            if length == 0:
+                self.ended = True
+                if i < n:
+                    raise FrameError("data after the end frame")
+                break
+            self._left = length
+        return out
+
+
+def splice_framed(
+    plain: asyncio.Transport,
+    secure: asyncio.Transport,
+    *,
+    plain_pre: bytes = b"",
+    secure_pre: bytes = b"",
+    plain_eof: bool = False,
+    secure_eof: bool = False,
+    on_closed: Callable[[int, int], None] | None = None,
+    on_secure_data: Callable[[], None] | None = None,
+) -> None:
+    """Pipe a plaintext transport and a TLS one carrying `lepton-tcp/1` frames.
+
+    The handover rules are `tunnel.splice`'s (call with no await since the
+    previous protocols' last read; `*_pre` are bytes they read, `*_eof` an EOF
+    they saw). `on_closed(plain_to_secure, secure_to_plain)` runs once, when
+    both are closed, with payload byte counts. `on_secure_data` runs once, at
+    the first bytes from the TLS side (or at the end): the caller keeps the
+    TLS session then, its ticket having arrived.
+    """
+    p = _PlainEnd(plain)
+    q = _SecureEnd(secure, on_secure_data)
+    p.peer, q.peer = q, p
+    state = _Pair(p, q, on_closed)
+    p.pair = q.pair = state
+    plain.set_protocol(p)
+    secure.set_protocol(q)
+    if plain_pre:
+        p.data_received(plain_pre)
+    if secure_pre:
+        q.data_received(secure_pre)
+    if plain_eof:
+        p.eof_received()
+    if secure_eof:
+        q.eof_received()
+    if plain.is_closing():
+        state.lost(p, None)
+    if secure.is_closing():
+        state.lost(q, None)
+    p.take_reading()
+    q.take_reading()
+
+
+class _Pair:
+    """What both ends share: who is closed, and the one on_closed call."""
+
+    __slots__ = ("on_closed", "plain", "secure")
+
+    def __init__(
+        self, plain: _PlainEnd, secure: _SecureEnd, on_closed: Callable[[int, int], None] | None
+    ) -> None:
+        self.plain = plain
+        self.secure = secure
+        self.on_closed = on_closed
+
+    def both_ended(self) -> bool:
+        return self.plain.eof and self.secure.decoder.ended
+
+    def finish(self) -> None:
+        """Both directions ended: close both (each flushes what it holds first)."""
+        self.plain.transport.close()
+        self.secure.transport.close()
+
+    def lost(self, end: _PlainEnd | _SecureEnd, exc: BaseException | None) -> None:
+        if end.lost:
+            return
+        end.lost = True
+        other: _PlainEnd | _SecureEnd = self.secure if end is self.plain else self.plain
+        if not other.lost:
+            secure = self.secure
+            truncated = end is secure and (secure.broken or not secure.decoder.ended)
+            if exc is not None or truncated:
+                _reset(other.transport)
+            elif end is self.plain and not self.secure.sent_end:
+                self.secure.send_end()
+                other.transport.close()
+            else:
+                other.transport.close()
+            return
+        self.secure.data_seen()
+        on_closed, self.on_closed = self.on_closed, None
+        if on_closed is not None:
+            asyncio.get_running_loop().call_soon(on_closed, self.plain.nbytes, self.secure.nbytes)
+
+
+class _PlainEnd(asyncio.Protocol):
+    """The plaintext transport: what it reads goes out as frames on the TLS one."""
+
+    __slots__ = ("eof", "gate", "lost", "nbytes", "pair", "peer", "transport")
+
+    peer: _SecureEnd
+    pair: _Pair
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.gate = ReadGate()
+        self.eof = False
+        self.lost = False
+        self.nbytes = 0
+
+    def take_reading(self) -> None:
+        _take_reading(self.transport, self.gate, self.lost or self.eof, self.peer.transport)
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.peer
+        if peer.lost or peer.sent_end:
+            return
+        self.nbytes += len(data)
+        peer.transport.writelines((FRAME_HEAD.pack(len(data)), data))
+
+    def eof_received(self) -> bool:
+        if self.eof or self.lost:
+            return True
+        self.eof = True
+        peer = self.peer
+        if not peer.lost:
+            peer.send_end()
+            if self.pair.both_ended():
+                self.pair.finish()
+        return True  # stay open: the other direction may still flow into it
+
+    def pause_writing(self) -> None:
+        if not self.peer.decoder.ended:
+            self.peer.gate.pause(PEER_BACKPRESSURE)
+
+    def resume_writing(self) -> None:
+        if not self.peer.decoder.ended:
+            self.peer.gate.resume(PEER_BACKPRESSURE)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.pair.lost(self, exc)
+
+
+class _SecureEnd(asyncio.Protocol):
+    """The TLS transport: frames in, payload out to the plaintext one."""
+
+    __slots__ = (
+        "broken",
+        "decoder",
+        "first",
+        "gate",
+        "lost",
+        "nbytes",
+        "pair",
+        "peer",
+        "sent_end",
+        "transport",
+    )
+
+    peer: _PlainEnd
+    pair: _Pair
+
+    def __init__(self, transport: asyncio.Transport, first: Callable[[], None] | None) -> None:
+        self.transport = transport
+        self.first = first
+        self.gate = ReadGate()
+        self.decoder = FrameDecoder()
+        self.broken = False  # the peer broke the framing: the stream is not trusted
+        self.lost = False
+        self.sent_end = False
+        self.nbytes = 0
+
+    def take_reading(self) -> None:
+        _take_reading(
+            self.transport, self.gate, self.lost or self.decoder.ended, self.peer.transport
+        )
+
+    def send_end(self) -> None:
+        if not self.sent_end:
+            self.sent_end = True
+            self.transport.write(END_FRAME)
+
+    def data_seen(self) -> None:
+        first, self.first = self.first, None
+        if first is not None:
+            first()
+
+    def data_received(self, data: bytes) -> None:
+        if self.first is not None:
+            self.data_seen()
+        try:
+            pieces = self.decoder.feed(data)
+        except FrameError:
+            self.broken = True
+            _reset(self.transport)
+            return
+        peer = self.peer
+        if not peer.lost:
+            write = peer.transport.write
+            for piece in pieces:
+                self.nbytes += len(piece)
+                write(piece)
+        if self.decoder.ended and not peer.lost:
+            if self.pair.both_ended():
+                self.pair.finish()
+            elif not peer.transport.is_closing():
+                peer.transport.write_eof()  # the half-close, carried across
+
+    def eof_received(self) -> bool:
+        # TLS ended. After the end frame that is the peer closing; before it, the
+        # stream was cut, and connection_lost (which follows) resets the app side.
+        return False
+
+    def pause_writing(self) -> None:
+        if not self.peer.eof:
+            self.peer.gate.pause(PEER_BACKPRESSURE)
+
+    def resume_writing(self) -> None:
+        if not self.peer.eof:
+            self.peer.gate.resume(PEER_BACKPRESSURE)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.pair.lost(self, exc)
+
+
+def _take_reading(
+    t: asyncio.Transport, gate: ReadGate, done: bool, peer: asyncio.Transport
+) -> None:
+    """Own `t`'s reading from now on (tunnel.splice's handover rule)."""
+    if done or t.is_closing():
+        return
+    with contextlib.suppress(NotImplementedError):
+        low_high = peer.get_write_buffer_limits()
+        if peer.get_write_buffer_size() > low_high[1]:
+            gate.pause(PEER_BACKPRESSURE)
+    gate.attach(t)
+    if not gate.paused:
+        t.resume_reading()
+
+
+def _reset(t: asyncio.Transport) -> None:
+    """Abort `t` so that its peer sees a TCP reset, not a clean close."""
+    sock = t.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    t.abort()

@@ -5,6 +5,11 @@ they hand events to the exchange currently bound to the connection. While a
 connection sits idle in its pool nothing is bound; any byte or EOF then means
 the peer closed or broke the connection, so it is dropped from the pool and
 never handed out again.
+
+An mTLS connection (`secured`) also keeps its TLS session for the next
+connection to the endpoint once its first response is complete (a TLS 1.3
+ticket arrives after the handshake, before the response), and tells the
+identity when it closes (the memory trim timer, mtls.MallocTrimmer).
 """
 
 from __future__ import annotations
@@ -20,10 +25,14 @@ from lepton_mesh.proxy.http1 import Headers
 
 if TYPE_CHECKING:
     from lepton_mesh.proxy.circuit import CircuitBreaker
+    from lepton_mesh.proxy.mtls import MeshIdentity
+    from lepton_mesh.proxy.tls import SessionCache
 
 
 class ConnectionOwner(Protocol):
     """The pool a connection belongs to: told when the connection can no longer be used."""
+
+    address: object  # the endpoint: the key its TLS session is kept under
 
     def forget(self, conn: UpstreamConnection) -> None: ...
 
@@ -58,6 +67,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_headers",
         "_headers_done",
         "_keep_alive",
+        "_session_cache",
         "_status",
         "_trailers",
         "breaker",
@@ -69,7 +79,9 @@ class UpstreamConnection(asyncio.Protocol):
         "parser",
         "pool",
         "responded",
+        "tls",
         "transport",
+        "trust_generation",
         "write_paused",
     )
 
@@ -83,6 +95,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.breaker: CircuitBreaker | None = None  # counted there while open
         self.write_paused = False
         self.idle_since = 0.0
+        # mTLS (set by `secured`): None on a plaintext connection.
+        self.tls: MeshIdentity | None = None
+        self.trust_generation = 0
+        self._session_cache: SessionCache | None = None  # until the session is kept
         # per response
         self.head_request = False  # set by the exchange: a HEAD response has no body
         self.responded = False  # any response byte arrived for the bound exchange
@@ -104,6 +120,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = True
         ex = self.exchange
         self.pool.forget(self)
+        if self.tls is not None:
+            self.tls.connection_closed()
         if ex is not None:
             self.exchange = None
             ex.on_upstream_error(
@@ -209,6 +227,12 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- used by the exchange and the pool ---------------------------------
 
+    def secured(self, identity: MeshIdentity, cache: SessionCache, trust_generation: int) -> None:
+        """An mTLS connection whose peer was verified; its session goes to `cache`."""
+        self.tls = identity
+        self.trust_generation = trust_generation
+        self._session_cache = cache
+
     def bind(
         self, exchange: ResponseSink, head_request: bool, downstream_write_paused: bool
     ) -> None:
@@ -244,7 +268,16 @@ class UpstreamConnection(asyncio.Protocol):
         if ex is None:
             return
         self.exchange = None
+        if self._session_cache is not None:
+            self._keep_session()
         ex.on_response_complete(self._trailers, reusable)
+
+    def _keep_session(self) -> None:
+        """Once, after the first response: the endpoint's next connection resumes this session."""
+        cache, self._session_cache = self._session_cache, None
+        t = self.transport
+        if cache is not None and t is not None:
+            cache.store(self.pool.address, t.get_extra_info("ssl_object"))
 
     def _protocol_error(self, detail: str) -> None:
         ex = self.exchange
