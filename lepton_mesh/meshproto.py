@@ -61,6 +61,8 @@ import orjson
 from lepton_mesh.policy.fields import describe
 
 __all__ = [
+    "CONTROL_NAMESPACE",
+    "CONTROL_SERVICE",
     "MAX_FRAME",
     "PROTOCOL_VERSION",
     "Ack",
@@ -89,6 +91,10 @@ __all__ = [
 
 PROTOCOL_VERSION = 1
 MAX_FRAME = 16 * 1024 * 1024  # bytes of JSON in one frame, header not counted
+# The control daemon's own identity on a TLS stream: spiffe://<td>/ns/lepton-system/svc/control.
+# The namespace is reserved: no sidecar may join in it.
+CONTROL_NAMESPACE = "lepton-system"
+CONTROL_SERVICE = "control"
 _HEADER = struct.Struct(">I")
 
 

@@ -16,6 +16,10 @@ Lifecycle:
 - SIGTERM/SIGINT: stop accepting, close every stream and revoke its lease
   (so callers drop its endpoints at once rather than after the TTL), resign
   the leadership, exit 0.
+- `--ca-dir`: the CA is loaded before anything listens (a bad CA directory
+  is an exit 2 naming the file); sidecar streams are TLS and authenticated
+  (control/identity_service.py). The CA files are re-read when they change
+  (polled) and at once on SIGHUP.
 
 Heavy imports (gRPC, aiohttp) happen in `ControlDaemon.start`, so that the
 CLI can build its parser without loading them.
@@ -39,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from lepton_mesh.control.auth import TokenVerifier
     from lepton_mesh.control.election import Election
+    from lepton_mesh.control.identity_service import IdentityService
     from lepton_mesh.control.policy_store import PolicyStore
     from lepton_mesh.control.push import PushServer
     from lepton_mesh.control.registry import Registry
@@ -84,6 +89,9 @@ class ControlOptions:
     etcd_timeout: float = 5.0
     idle_timeout: float = 15.0  # a sidecar stream silent this long is dropped
     seen_interval: float = 5.0  # a sidecar's last_seen is written at most this often
+    ca_dir: str | None = None  # the CA's mounted secret: TLS streams, identities
+    cert_lifetime: float = 24 * 3600.0  # seconds a workload certificate lives
+    ca_reload_interval: float = 5.0  # how often the CA files are checked for changes
 
 
 def default_replica_id() -> str:
@@ -104,6 +112,7 @@ class ControlContext:
     token_verifier: TokenVerifier | None  # None: no --token-key (admin API refuses everything)
     options: ControlOptions
     started_at: float
+    identity: IdentityService | None = None  # None: no --ca-dir
 
 
 class ControlDaemon:
@@ -127,6 +136,7 @@ class ControlDaemon:
 
         opts = self.options
         verifier = _load_verifier(opts.token_key)
+        identity = _load_identity(opts, verifier)
         store = await Store.connect(
             opts.etcd,
             ca_file=opts.etcd_ca,
@@ -146,7 +156,11 @@ class ControlDaemon:
                 seen_interval=opts.seen_interval,
             )
             push = PushServer(
-                cache, registry, control_id=opts.replica_id, idle_timeout=opts.idle_timeout
+                cache,
+                registry,
+                control_id=opts.replica_id,
+                idle_timeout=opts.idle_timeout,
+                identity=identity,
             )
             cache.subscribe(push.on_cache_change)
             policies = PolicyStore(store, cache)
@@ -165,6 +179,7 @@ class ControlDaemon:
                 token_verifier=verifier,
                 options=opts,
                 started_at=time.time(),
+                identity=identity,
             )
             loop = asyncio.get_running_loop()
             self._tasks = [
@@ -172,6 +187,8 @@ class ControlDaemon:
                 loop.create_task(registry.run(), name="registry-flusher"),
                 loop.create_task(election.run(), name="election"),
             ]
+            if identity is not None:
+                self._tasks.append(loop.create_task(identity.run(), name="ca-reload"))
             self.listen_port = await push.start(*opts.listen)
             if opts.admin is not None:
                 await self._start_admin(ctx, *opts.admin)
@@ -233,6 +250,30 @@ class ControlDaemon:
                 await task
 
 
+def _load_identity(opts: ControlOptions, verifier: TokenVerifier | None) -> IdentityService | None:
+    """The CA from `--ca-dir`, or None; OptionError (exit 2) naming what is wrong."""
+    if opts.ca_dir is None:
+        return None
+    import datetime as dt
+
+    from lepton_mesh.control.identity_service import IdentityService
+    from lepton_mesh.identity.errors import IdentityError
+
+    service = IdentityService(
+        opts.ca_dir,
+        verifier=verifier,
+        workload_lifetime=dt.timedelta(seconds=opts.cert_lifetime),
+        reload_interval=opts.ca_reload_interval,
+    )
+    try:
+        service.load()
+    except IdentityError as e:  # names files, never key bytes
+        raise OptionError(f"--ca-dir {opts.ca_dir}: {e}") from None
+    if verifier is None:
+        log.warning("--ca-dir without --token-key: only sidecars that hold a certificate can join")
+    return service
+
+
 def _load_verifier(path: str | None) -> TokenVerifier | None:
     if path is None:
         return None
@@ -251,10 +292,15 @@ async def run_control(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         ctx = await daemon.start()
+        if ctx.identity is not None:
+            loop.add_signal_handler(signal.SIGHUP, ctx.identity.reload)
         admin = f"{opts.admin[0]}:{daemon.admin_port}" if opts.admin else "off"
+        tls = ""
+        if ctx.identity is not None:
+            tls = f", sidecar streams TLS (trust domain {ctx.identity.trust_domain})"
         print(
             f"lepton-mesh control {ctx.replica_id}: sidecars on {opts.listen[0]}:{daemon.listen_port}, "
-            f"admin on {admin}, etcd {','.join(opts.etcd)}",
+            f"admin on {admin}, etcd {','.join(opts.etcd)}{tls}",
             file=sys.stderr,
             flush=True,
         )
@@ -262,7 +308,7 @@ async def run_control(args: argparse.Namespace) -> int:
         log.info("stopping: closing sidecar streams and revoking their leases")
         await daemon.stop()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         await daemon.stop()
     return 0
@@ -284,6 +330,12 @@ _FLAGS: dict[str, tuple[str, str, str]] = {
     "--history-depth": ("LEPTON_HISTORY_DEPTH", "N", "policy history records kept (1000)"),
     "--lease-ttl": ("LEPTON_LEASE_TTL", "SECONDS", "a dead replica's sidecars expire after (10)"),
     "--id": ("LEPTON_ID", "NAME", "this replica's name (host name and a random suffix)"),
+    "--ca-dir": (
+        "LEPTON_CA_DIR",
+        "DIR",
+        "CA directory (ca-cert.pem, ca-key.pem, bundle.pem): TLS streams, workload certificates",
+    ),
+    "--cert-lifetime": ("LEPTON_CERT_LIFETIME", "DURATION", "workload certificates live (24h)"),
 }
 
 
@@ -307,6 +359,7 @@ def options_from_args(args: argparse.Namespace) -> ControlOptions:
         "etcd_user": args.etcd_user,
         "etcd_password": args.etcd_password,
         "token_key": args.token_key,
+        "ca_dir": args.ca_dir,
     }
     if args.listen:
         kwargs["listen"] = parse_address(args.listen, "--listen")
@@ -318,6 +371,8 @@ def options_from_args(args: argparse.Namespace) -> ControlOptions:
         kwargs["lease_ttl"] = _positive_int(args.lease_ttl, "--lease-ttl")
     if args.id:
         kwargs["replica_id"] = args.id
+    if args.cert_lifetime:
+        kwargs["cert_lifetime"] = _duration(args.cert_lifetime, "--cert-lifetime")
     if (args.etcd_cert is None) != (args.etcd_key is None):
         raise OptionError("--etcd-cert and --etcd-key go together")
     return ControlOptions(**kwargs)
@@ -329,6 +384,15 @@ def parse_address(text: str, flag: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise OptionError(f"{flag} {text!r}: expected host:port")
     return host.strip("[]"), int(port)
+
+
+def _duration(text: str, flag: str) -> float:
+    from lepton_mesh.policy.fields import to_seconds
+
+    seconds = to_seconds(text)
+    if seconds is None or seconds <= 0:
+        raise OptionError(f"{flag} {text!r}: expected a duration like 12h or 3600")
+    return float(seconds)
 
 
 def _positive_int(text: str, flag: str) -> int:

@@ -27,6 +27,13 @@ revision its index was at.
 
 A stream that sends nothing for `idle_timeout` (15 s; sidecars ping every
 5 s) is dropped: a half-open connection must not keep its lease alive.
+
+With an `IdentityService` (`--ca-dir`), the listener speaks TLS with the
+daemon's own certificate, and a hello must prove its identity (a verified
+client certificate, else a join token) before it is registered; see
+control/identity_service.py. After Welcome the stream is sent `trust` (the
+bundle and the issuer), again whenever the CA files change, and each `csr`
+is answered with a `certificate` for the stream's proven identity only.
 """
 
 from __future__ import annotations
@@ -35,17 +42,27 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lepton_mesh import meshproto as mp
+from lepton_mesh.control.identity_service import (
+    CsrLimiter,
+    StreamRefused,
+    certificate_status,
+    peer_certificate,
+)
 from lepton_mesh.control.snapshots import ALL, MeshIndex, Scope, content_digest
 from lepton_mesh.control.store import Event, StoreError, StoreUnavailable
+from lepton_mesh.identity.errors import CsrRejected
 
 if TYPE_CHECKING:
+    from lepton_mesh.control.identity_service import IdentityService, TrustState
     from lepton_mesh.control.registry import Registration, Registry
     from lepton_mesh.control.watch_cache import WatchCache
+    from lepton_mesh.identity.spiffe import SpiffeId
 
 __all__ = ["PushServer"]
 
@@ -57,6 +74,8 @@ _NODE_ID = re.compile(r"[A-Za-z0-9][-A-Za-z0-9_.]{0,252}")
 _MAX_EARLY = 16
 # A registration waits this long for the cache's first read before giving up.
 _READY_WAIT = 5.0
+# A TLS client that has not finished its handshake by then is dropped.
+_HANDSHAKE_TIMEOUT = 10.0
 
 
 @dataclass(slots=True, eq=False)
@@ -84,11 +103,15 @@ class PushServer:
         *,
         control_id: str,
         idle_timeout: float = 15.0,
+        identity: IdentityService | None = None,
     ) -> None:
         self.cache = cache
         self.registry = registry
         self.control_id = control_id
         self.idle_timeout = idle_timeout
+        self.identity = identity  # None: plaintext streams, no authentication, no CA
+        if identity is not None:
+            identity.subscribe(self._on_trust_change)
         self._index = MeshIndex()
         self._indexed = False  # the index holds a full read
         self.revision = 0  # the revision the index (and every group's snapshot) is at
@@ -106,7 +129,16 @@ class PushServer:
     async def start(self, host: str, port: int) -> int:
         """Listen; returns the bound port (for port 0)."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Stream(self), host, port)
+        if self.identity is None:
+            self._server = await loop.create_server(lambda: _Stream(self), host, port)
+        else:
+            self._server = await loop.create_server(
+                lambda: _Stream(self),
+                host,
+                port,
+                ssl=self.identity.ssl_context(),
+                ssl_handshake_timeout=_HANDSHAKE_TIMEOUT,
+            )
         return int(self._server.sockets[0].getsockname()[1])
 
     async def close(self) -> None:
@@ -158,6 +190,13 @@ class PushServer:
             self._index.reset(self.cache.items)
             self._indexed = True
             self.revision = max(self.revision, self.cache.revision)
+
+    def _on_trust_change(self, trust: TrustState) -> None:
+        """The CA files changed: every welcomed stream learns the new bundle and
+        issuer now (its sidecar asks for a new certificate at once)."""
+        frame = mp.encode(trust.message())
+        for stream in list(self._streams):
+            stream.send_trust(frame)
 
     def _rebuild_affected(self, touched: Iterable[tuple[str, str]], *, everything: bool) -> None:
         by_ns: dict[str, set[str]] = {}
@@ -230,6 +269,10 @@ class _Stream(asyncio.Protocol):
         "_reg",
         "_group",
         "_sent_digest",
+        # identity (with an IdentityService)
+        "_identity",
+        "_peer_cert",
+        "_csrs",
     )
 
     def __init__(self, server: PushServer) -> None:
@@ -247,12 +290,15 @@ class _Stream(asyncio.Protocol):
         self._reg: Registration | None = None
         self._group: _Group | None = None
         self._sent_digest = b""
+        self._identity: SpiffeId | None = None  # proven by the hello
+        self._peer_cert: Any = None  # the verified client certificate (x509), if any
+        self._csrs: CsrLimiter | None = None  # made on the first CSR
 
     # --- asyncio callbacks ---
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # Not asserted to be an asyncio.Transport: uvloop's TLS transport is not one.
+        self._transport = transport  # type: ignore[assignment]
         if self._server._closing:
             transport.close()
             return
@@ -321,9 +367,34 @@ class _Stream(asyncio.Protocol):
         if problem:
             self._fail(mp.Reason.BAD_HELLO, problem)
             return
+        if self._server.identity is not None and not self._authenticate(msg):
+            return
         self._hello = msg
         self._state = "registering"
         self._server.spawn(self._register(msg))
+
+    def _authenticate(self, hello: mp.Hello) -> bool:
+        """Prove the hello's identity (client certificate or join token); else refuse."""
+        identity = self._server.identity
+        assert identity is not None
+        peercert, self._peer_cert = peer_certificate(self._transport)
+        try:
+            self._identity = identity.authenticate(hello, peercert)
+        except StreamRefused as e:
+            log.warning("refused the stream of %s: %s", hello.node_id, e)
+            self._fail(e.reason, e.detail)
+            return False
+        return True
+
+    def _status_identity(self) -> dict[str, Any] | None:
+        """What the sidecar status key says about this stream's identity."""
+        if self._identity is None:
+            return None
+        cert = self._peer_cert
+        return {
+            "identity": self._identity.uri,
+            "certificate": certificate_status(cert) if cert is not None else None,
+        }
 
     async def _register(self, hello: mp.Hello) -> None:
         server = self._server
@@ -340,6 +411,7 @@ class _Stream(asyncio.Protocol):
                     "weight": hello.instance.weight,
                 },
                 applied_version=hello.applied_version,
+                identity=self._status_identity(),
             )
         except StoreError as e:
             log.info("registration of %s failed: %s", hello.node_id, e)
@@ -356,6 +428,8 @@ class _Stream(asyncio.Protocol):
         reg.on_superseded = self._superseded
         self._state = "active"
         self._send(mp.Welcome(server.control_id))
+        if server.identity is not None:
+            self._send(server.identity.trust.message())
         self._group = server.join(
             self, Scope.of(hello.service, hello.namespace, hello.dependencies)
         )
@@ -383,12 +457,53 @@ class _Stream(asyncio.Protocol):
         elif isinstance(msg, mp.Draining):
             registry.set_draining(reg)
             registry.record_seen(reg)
+        elif isinstance(msg, mp.Csr):
+            self._on_csr(msg, reg)
         else:
             self._fail(
                 mp.Reason.UNEXPECTED_MESSAGE, f"unexpected {mp.msg_type(msg)} on an open stream"
             )
 
+    def _on_csr(self, msg: mp.Csr, reg: Registration) -> None:
+        """Sign for the stream's proven identity (~0.3 ms, on the loop), or refuse and close."""
+        identity = self._server.identity
+        if identity is None or self._identity is None:
+            self._fail(mp.Reason.CA_UNAVAILABLE, "this control daemon has no CA (--ca-dir)")
+            return
+        if self._csrs is None:
+            self._csrs = CsrLimiter()
+        if not self._csrs.allow(time.monotonic()):
+            self._fail(mp.Reason.TOO_MANY_CSRS, "too many CSRs on this stream; slow down")
+            return
+        try:
+            issued = identity.issue(msg.csr_pem, self._identity)
+        except CsrRejected as e:
+            log.warning("refused a CSR from %s (%s): %s", reg.node_id, e.reason, e.detail)
+            self._fail(e.reason, e.detail)
+            return
+        trust = identity.trust
+        self._send(
+            mp.Certificate(
+                chain_pem=issued.chain_pem.decode("ascii"),
+                bundle_pem=trust.bundle_pem,
+                not_after=issued.not_after.timestamp(),
+            )
+        )
+        log.info(
+            "issued %s (serial %x, until %s) to %s",
+            issued.identity,
+            issued.serial,
+            f"{issued.not_after:%Y-%m-%d %H:%M:%SZ}",
+            reg.node_id,
+        )
+        self._server.registry.record_certificate(reg, certificate_status(issued.certificate, trust))
+
     # --- output ---
+
+    def send_trust(self, frame: bytes) -> None:
+        """A new bundle or issuer, to a welcomed stream (others get it with Welcome)."""
+        if self._state == "active" and not self._closed and self._transport is not None:
+            self._transport.write(frame)
 
     def push(self) -> None:
         """Send the group's snapshot if this sidecar does not have it yet."""

@@ -155,8 +155,12 @@ class Registry:
         namespace: str,
         instance: Mapping[str, Any],
         applied_version: int = 0,
+        identity: Mapping[str, Any] | None = None,
     ) -> Registration:
         """Write the sidecar's instance and status under a new lease kept alive from now on.
+
+        `identity` (with a CA): `{"identity": spiffe uri, "certificate": {...} | None}`,
+        merged into the status as is.
 
         Takes the keys over from any earlier registration of `node_id`. Raises
         `StoreError` (the sidecar will retry) and leaves nothing behind.
@@ -184,6 +188,7 @@ class Registry:
             "last_nack": None,
             "last_seen": now,
             "connected_at": now,
+            **(identity or {}),
         }
         reg = Registration(node_id, inst, status)
         lease = await self._store.grant_lease(self.lease_ttl)
@@ -232,6 +237,12 @@ class Registry:
 
     def record_nack(self, reg: Registration, version: int, error: str) -> None:
         reg.status["last_nack"] = {"version": version, "error": error}
+        reg.status["last_seen"] = time.time()
+        self._mark(reg, delay=self._flush_delay)
+
+    def record_certificate(self, reg: Registration, certificate: Mapping[str, Any]) -> None:
+        """A certificate was issued to the sidecar: its serial, expiry, issuer, roots."""
+        reg.status["certificate"] = dict(certificate)
         reg.status["last_seen"] = time.time()
         self._mark(reg, delay=self._flush_delay)
 
