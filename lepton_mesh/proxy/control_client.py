@@ -34,6 +34,18 @@ asyncio Protocol over the `meshproto` codec. What the client promises:
 - Health and drain: `Health` is sent when the local app's health changes,
   and again after each Welcome (a new replica has not heard it); `Draining`
   when the sidecar starts draining, and again after a Welcome while it is.
+- TLS (`control.ca_bundle`): the stream is TLS and the control daemon must
+  present `spiffe://<td>/ns/lepton-system/svc/control` under those roots
+  (checked before Hello is sent). Until the sidecar holds a certificate it
+  sends a join token (`control.token_file`, else $LEPTON_JOIN_TOKEN) in Hello
+  and presents no client certificate; once it holds one, the stream is mTLS
+  with it and no token is sent. An attempt presenting the certificate that
+  ends before Welcome is followed by one with the token (a certificate the
+  control no longer trusts must not lock the sidecar out).
+- Identity (`tls.source: control`): an `IdentityClient` makes the key, sends
+  CSRs and installs certificates through `sidecar.identity.reload`
+  (proxy/identity_client.py). The sidecar is ready only once it has both a
+  config and a certificate.
 
 Snapshot versions are applied as they come, a lower one included: a
 snapshot is the complete state the replica serves now, and versions only
@@ -48,6 +60,7 @@ import logging
 import os
 import random
 import secrets
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -56,11 +69,19 @@ from typing import Any, Protocol
 import orjson
 
 from lepton_mesh import meshproto as mp
-from lepton_mesh.policy.errors import ConfigError
+from lepton_mesh.identity.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeId
+from lepton_mesh.policy.errors import ConfigError, Problem
 from lepton_mesh.policy.sidecar_config import Address, SidecarConfig
 from lepton_mesh.policy.sidecar_loader import sidecar_config_from_mapping, sidecar_config_to_json
 from lepton_mesh.proxy.health_check import HealthChecker
+from lepton_mesh.proxy.identity_client import IdentityClient
 from lepton_mesh.proxy.timers import Deadline
+from lepton_mesh.proxy.tls import (
+    TLS12_CIPHERS,
+    PeerIdentityError,
+    client_context,
+    verify_peer_identity,
+)
 
 __all__ = [
     "LKG_FILE",
@@ -75,6 +96,7 @@ log = logging.getLogger(__name__)
 
 LKG_FILE = "last-known-good.json"
 LKG_FORMAT = 1
+JOIN_TOKEN_ENV = "LEPTON_JOIN_TOKEN"
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,12 +123,20 @@ def backoff_delay(failures: int, timing: ControlTiming, rng: Callable[[], float]
     return cap * rng()
 
 
+class IdentityHook(Protocol):
+    """The data plane's TLS state (`proxy.mtls.MeshIdentity`): `reload` swaps in
+    a certificate chain, key and bundle, or raises and keeps what it had."""
+
+    def reload(self, cert_chain_pem: bytes, key_pem: bytes, bundle_pem: bytes) -> Any: ...
+
+
 class SidecarHooks(Protocol):
     """What the client needs from the sidecar (`proxy.sidecar.Sidecar`)."""
 
     ready: bool
     draining: bool
     addresses: dict[str, Address]
+    identity: IdentityHook | None  # with `tls.source: control`, present before any certificate
 
     def swap_config(self, cfg: SidecarConfig) -> None: ...
 
@@ -148,6 +178,33 @@ class _ConfigBuilder:
             services[name] = svc
         data = {**self._base_json, "services": services, "policies": list(snap.policies)}
         return sidecar_config_from_mapping(data, source), tuple(skipped)
+
+
+# --- TLS to control ---------------------------------------------------------------------
+
+
+def _bootstrap_context(bundle_pem: bytes) -> ssl.SSLContext:
+    """A client context with no certificate of its own: it authenticates the
+    control daemon against `bundle_pem` (only those roots; the identity is
+    checked after the handshake). proxy/tls.py's settings otherwise."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(TLS12_CIPHERS)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    ctx.check_hostname = False  # SPIFFE IDs, not host names: verify_peer_identity does it
+    ctx.verify_flags = (ctx.verify_flags | ssl.VERIFY_X509_STRICT) & ~ssl.VERIFY_X509_PARTIAL_CHAIN
+    ctx.load_verify_locations(cadata=bundle_pem.decode("ascii"))
+    return ctx
+
+
+def _read_config_file(cfg: SidecarConfig, field: str, path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ConfigError(
+            [Problem(cfg.source, None, field, f"cannot read {path}: {e.strerror}")]
+        ) from None
 
 
 # --- last-known-good on disk --------------------------------------------------------
@@ -253,6 +310,25 @@ class ControlClient:
         state_dir = cfg.control.state_dir
         self.lkg_path = os.path.join(state_dir, LKG_FILE) if state_dir else None
 
+        # TLS and identity. The control CA bundle is read once, here: a file
+        # that cannot be read stops the sidecar before it serves anything.
+        ca_bundle = cfg.control.ca_bundle
+        self._control_ca = (
+            _read_config_file(cfg, "control.ca_bundle", ca_bundle) if ca_bundle else None
+        )
+        trust_domain = cfg.tls.trust_domain if cfg.tls is not None else DEFAULT_TRUST_DOMAIN
+        self.control_identity = SpiffeId(trust_domain, mp.CONTROL_NAMESPACE, mp.CONTROL_SERVICE)
+        self.identity: IdentityClient | None = None
+        if cfg.tls is not None and cfg.tls.source == "control":
+            self.identity = IdentityClient(
+                SpiffeId(trust_domain, cfg.namespace, cfg.service),
+                self._install_credentials,
+                on_installed=self._update_ready,
+            )
+        self._config_ready = False  # a snapshot (or last-known-good) is applied
+        self._mtls: tuple[bytes, ssl.SSLContext] | None = None  # (chain, context) cache
+        self._skip_cert = False  # the last attempt with our certificate ended before Welcome
+
         # Status, for /ready and /config.
         self.applied_version = 0
         self.connected = False  # a replica answered Welcome on the current connection
@@ -309,6 +385,8 @@ class ControlClient:
             await asyncio.wait([self._connecting])  # never raises: our own cancel is expected
         if self._stream is not None:
             self._stream.abort()
+        if self.identity is not None:
+            self.identity.close()
         while self._writing is not None:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._writing)
@@ -321,6 +399,8 @@ class ControlClient:
             self._stream.send(mp.Draining())
 
     def not_ready_reason(self) -> str:
+        if self._config_ready and self.identity is not None and not self.identity.has_certificate:
+            return self.identity.not_ready_reason()
         why = "waiting for the first snapshot from control"
         return f"{why} (last error: {self.last_error})" if self.last_error else why
 
@@ -346,6 +426,8 @@ class ControlClient:
                 else None
             ),
             "rtt_ms": round(self.rtt * 1000, 3) if self.rtt is not None else None,
+            "tls": self._control_ca is not None,
+            "identity": self.identity.status_json() if self.identity is not None else None,
         }
 
     # -- connecting ----------------------------------------------------------------------
@@ -364,15 +446,17 @@ class ControlClient:
         assert loop is not None
         self.address = address
         made: list[_Stream] = []
+        ctx, with_cert = self._stream_tls()
 
         def factory() -> _Stream:
-            made.append(_Stream(self, address))
+            made.append(_Stream(self, address, with_cert))
             return made[-1]
 
         try:
             async with asyncio.timeout(self.timing.connect_timeout):
-                await loop.create_connection(factory, address.host, address.port)
+                await loop.create_connection(factory, address.host, address.port, ssl=ctx)
         except (OSError, TimeoutError) as e:
+            self._skip_cert = with_cert  # refused our certificate? next time, the token
             self._connecting = None
             if made:
                 made[-1].abort()
@@ -382,6 +466,45 @@ class ControlClient:
         self._connecting = None
         if self._stream is None:  # lost before create_connection returned
             self._schedule_retry()
+
+    def _stream_tls(self) -> tuple[ssl.SSLContext | None, bool]:
+        """(context, presents our certificate) for the next connection."""
+        if self._control_ca is None:
+            return None, False
+        creds = self.identity.credentials() if self.identity is not None else None
+        if creds is None or self._skip_cert or not self.identity.usable():  # type: ignore[union-attr]
+            # No certificate (yet, or one control refused): authenticate control only.
+            bundle = creds[2] if creds is not None else self._control_ca
+            return _bootstrap_context(bundle), False
+        chain, key, bundle = creds
+        if self._mtls is None or self._mtls[0] != chain:
+            self._mtls = (chain, client_context(chain, key, bundle))
+        return self._mtls[1], True
+
+    def _join_token(self) -> str | None:
+        """The join token: `control.token_file` (read each time: it may be replaced),
+        else $LEPTON_JOIN_TOKEN."""
+        path = self.cfg.control.token_file  # type: ignore[union-attr]
+        if path:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    return f.read().strip() or None
+            except OSError as e:
+                self.last_error = f"cannot read the join token {path}: {e.strerror}"
+                return None
+        return os.environ.get(JOIN_TOKEN_ENV) or None
+
+    def _install_credentials(self, chain_pem: bytes, key_pem: bytes, bundle_pem: bytes) -> None:
+        identity = self.sidecar.identity
+        if identity is None:
+            raise RuntimeError("this sidecar has no TLS identity to install a certificate into")
+        identity.reload(chain_pem, key_pem, bundle_pem)
+        self._skip_cert = False  # a new certificate: present it from the next connection on
+
+    def _update_ready(self) -> None:
+        """Ready once a config is in place and, with `tls.source: control`, a certificate."""
+        if self._config_ready and (self.identity is None or self.identity.has_certificate):
+            self.sidecar.ready = True
 
     def _failed(self, error: str) -> None:
         if error != self.last_error:  # one line per new problem, not one per retry
@@ -401,9 +524,25 @@ class ControlClient:
 
     def _on_connected(self, stream: _Stream) -> None:
         self._stream = stream
-        stream.send(self._hello())
+        if self._control_ca is not None and not self._control_verified(stream):
+            return
+        # A token only over TLS (never in plaintext), and only until we hold a certificate.
+        token = self._control_ca is not None and not stream.with_cert
+        stream.send(self._hello(token=token))
 
-    def _hello(self) -> mp.Hello:
+    def _control_verified(self, stream: _Stream) -> bool:
+        """The TLS peer is the control daemon (not merely someone the bundle trusts)."""
+        assert stream.transport is not None
+        try:
+            verify_peer_identity(
+                stream.transport.get_extra_info("ssl_object"), self.control_identity
+            )
+        except PeerIdentityError as e:
+            stream.abort(f"control at {stream.address} is not the control daemon: {e}")
+            return False
+        return True
+
+    def _hello(self, *, token: bool = False) -> mp.Hello:
         cfg = self.cfg
         inbound = self.sidecar.addresses.get("inbound", cfg.listeners.inbound)
         inst = cfg.instance
@@ -419,6 +558,7 @@ class ControlClient:
             ),
             dependencies=cfg.dependencies,
             applied_version=self.applied_version,
+            token=self._join_token() if token else None,
         )
 
     def _on_lost(self, stream: _Stream, error: str | None) -> None:
@@ -426,6 +566,10 @@ class ControlClient:
             return
         self._stream = None
         self.connected = False
+        if self.identity is not None:
+            self.identity.disconnected()
+        # Refused our certificate? Next time, the token (and after that, the certificate again).
+        self._skip_cert = stream.with_cert and not stream.welcomed
         if self._closed:
             return
         if error is not None:
@@ -451,6 +595,8 @@ class ControlClient:
             stream.send(mp.Health(*self.app_health))
         if self.sidecar.draining:
             stream.send(mp.Draining())
+        if self.identity is not None:
+            self.identity.connected(stream.send)
 
     def _on_snapshot(self, stream: _Stream, msg: mp.Snapshot) -> None:
         try:
@@ -487,7 +633,16 @@ class ControlClient:
         if self._lkg_timer is not None:
             self._lkg_timer.cancel()
             self._lkg_timer = None
-        self.sidecar.ready = True
+        self._config_ready = True
+        self._update_ready()
+
+    def _on_identity(self, stream: _Stream, msg: mp.Certificate | mp.Trust) -> None:
+        if self.identity is None:
+            return  # not `tls.source: control`: a certificate is none of our business
+        if isinstance(msg, mp.Certificate):
+            self.identity.on_certificate(msg)
+        else:
+            self.identity.on_trust(msg)
 
     def _on_pong(self, msg: mp.Pong) -> None:
         self.rtt = max(0.0, time.time() - msg.time)
@@ -528,10 +683,11 @@ class ControlClient:
 
     def _boot_from_lkg(self) -> None:
         self._lkg_timer = None
-        if self.sidecar.ready:
+        if self._config_ready:
             return
         self.from_last_known_good = True
-        self.sidecar.ready = True
+        self._config_ready = True
+        self._update_ready()
         log.warning(
             "lepton-mesh sidecar %s: no snapshot from control within %gs; serving "
             "last-known-good snapshot %d from %s",
@@ -593,11 +749,13 @@ class _Stream(asyncio.Protocol):
         "decoder",
         "transport",
         "welcomed",
+        "with_cert",
     )
 
-    def __init__(self, client: ControlClient, address: Address) -> None:
+    def __init__(self, client: ControlClient, address: Address, with_cert: bool = False) -> None:
         self.client = client
         self.address = address
+        self.with_cert = with_cert  # TLS presenting our workload certificate
         self.decoder = mp.FrameDecoder()
         self.transport: asyncio.Transport | None = None
         self.welcomed = False
@@ -651,6 +809,8 @@ class _Stream(asyncio.Protocol):
                 self._arm_ping()
         elif isinstance(msg, mp.Snapshot):
             client._on_snapshot(self, msg)
+        elif isinstance(msg, (mp.Certificate, mp.Trust)):
+            client._on_identity(self, msg)
         elif isinstance(msg, mp.Pong):
             client._on_pong(msg)
         else:
@@ -659,9 +819,12 @@ class _Stream(asyncio.Protocol):
     def _unexpected(self, msg: mp.Message, when: str) -> None:
         self.fail(mp.Reason.UNEXPECTED_MESSAGE, f"unexpected {mp.msg_type(msg)} message {when}")
 
-    def send(self, msg: mp.Message) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(mp.encode(msg))
+    def send(self, msg: mp.Message) -> bool:
+        """Write `msg`; False if the connection is closed or closing."""
+        if self.transport is None or self.transport.is_closing():
+            return False
+        self.transport.write(mp.encode(msg))
+        return True
 
     def fail(self, reason: str, detail: str) -> None:
         """Tell control what went wrong, then close: the stream is no longer usable."""
