@@ -56,13 +56,18 @@ ALL = "*"
 # How a policy kind is scoped: which spec field names its service, and who gets it.
 #   "callers":   sidecars that call that service (Route, DestinationPolicy);
 #   "endpoints": turned into that service's endpoints (ExternalService);
-#   "self":      the sidecars of that service (authorization, rate limits: later kinds).
+#   "self":      the sidecars of that service (request security: its inbound side enforces it).
 # A kind not listed here is sent to nobody.
 Audience = Literal["callers", "endpoints", "self"]
 SCOPE_RULES: Mapping[str, tuple[str, Audience]] = {
     "Route": ("destination", "callers"),
     "DestinationPolicy": ("service", "callers"),
     "ExternalService": ("service", "endpoints"),
+    # JWT providers, authorization rules and rate limits concern only the
+    # service they protect: its callers never see them.
+    "RequestAuthentication": ("service", "self"),
+    "AuthorizationPolicy": ("service", "self"),
+    "RateLimit": ("service", "self"),
 }
 
 

@@ -62,6 +62,8 @@ from lepton_mesh.policy.fields import (
     section,
     size,
 )
+from lepton_mesh.policy.security import SecurityPolicies
+from lepton_mesh.policy.security_loader import security_to_manifests
 from lepton_mesh.policy.sidecar_config import (
     TLS_MODES,
     TLS_SOURCES,
@@ -79,7 +81,7 @@ from lepton_mesh.policy.sidecar_config import (
     TlsConfig,
 )
 from lepton_mesh.policy.traffic import Route, TrafficPolicies
-from lepton_mesh.policy.traffic_loader import collect_traffic, traffic_to_manifests
+from lepton_mesh.policy.traffic_loader import collect_policies, traffic_to_manifests
 from lepton_mesh.policy.yaml_source import Document, load_file
 
 __all__ = ["load_sidecar_config", "sidecar_config_from_mapping", "sidecar_config_to_json"]
@@ -522,9 +524,12 @@ def _sidecar(c: Checker, data: Any, base_dir: str) -> SidecarConfig | None:
         _check_not_ours(c, ("tls", "tcp_app"), fields["tls"].tcp_app, listeners, services)
     _check_tls_source(c, fields.get("tls"), fields.get("control"), control is not _ABSENT)
     if policies is not None:
-        traffic = _policies(c, policies, base_dir)
+        traffic, security = _policies(c, policies, base_dir)
         _check_routes_reach_services(c, traffic, services)
         fields["traffic"] = traffic
+        # Only this sidecar's own service's: it enforces them on its inbound side.
+        own = (fields.get("namespace", "default"), fields.get("service"))
+        fields["security"] = security.get(own, SecurityPolicies())
     if c.problems:
         return None
     return SidecarConfig(**fields, source=c.source)
@@ -549,12 +554,14 @@ def _check_tls_source(
 # --- policies: Route and DestinationPolicy manifests -------------------------
 
 
-def _policies(c: Checker, value: Any, base_dir: str) -> TrafficPolicies:
+def _policies(
+    c: Checker, value: Any, base_dir: str
+) -> tuple[TrafficPolicies, Mapping[tuple[str, str], SecurityPolicies]]:
     """Files (paths relative to `base_dir`) and inline manifests, validated as one set."""
     path: Path = ("policies",)
     if not isinstance(value, list):
         expected(c, path, "a list of policy file paths or manifests", value)
-        return TrafficPolicies()
+        return TrafficPolicies(), {}
     entries: list[tuple[Document, Path]] = []
     seen: dict[str, int] = {}
     for i, item in enumerate(value):
@@ -576,7 +583,7 @@ def _policies(c: Checker, value: Any, base_dir: str) -> TrafficPolicies:
             entries.extend((doc, ()) for doc in load_file(full))
         except ConfigError as e:
             c.problems.extend(e.problems)
-    return collect_traffic(entries, c.problems)
+    return collect_policies(entries, c.problems)
 
 
 def _check_routes_reach_services(
@@ -727,7 +734,7 @@ def sidecar_config_to_json(cfg: SidecarConfig) -> dict[str, Any]:
         },
         "access_log": {"enabled": cfg.access_log.enabled},
         "services": {name: _service_json(svc) for name, svc in cfg.services.items()},
-    } | _policies_json(cfg.traffic)
+    } | _policies_json(cfg.traffic, cfg.security)
     return out | _control_json(cfg)
 
 
@@ -776,9 +783,9 @@ def _tls_json(tls: TlsConfig) -> dict[str, Any]:
     return out
 
 
-def _policies_json(traffic: TrafficPolicies) -> dict[str, Any]:
-    """The traffic policies as inline manifests; absent when there are none."""
-    manifests = traffic_to_manifests(traffic)
+def _policies_json(traffic: TrafficPolicies, security: SecurityPolicies) -> dict[str, Any]:
+    """The traffic and security policies as inline manifests; absent when there are none."""
+    manifests = traffic_to_manifests(traffic) + security_to_manifests(security)
     return {"policies": manifests} if manifests else {}
 
 

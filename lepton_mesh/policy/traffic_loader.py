@@ -1,5 +1,10 @@
 """Turn Route, DestinationPolicy and ExternalService manifests into a validated `TrafficPolicies`.
 
+The request-security kinds (RequestAuthentication, AuthorizationPolicy,
+RateLimit) share the envelope and are dispatched from here to
+`security_loader`, so every loader of policy sets validates them too;
+`collect_policies` gives both results.
+
 Manifests use the Kubernetes envelope (`apiVersion: lepton-mesh/v1`, `kind`,
 `metadata: {name, namespace}`, `spec`), several `---` documents per file;
 docs/policy-reference.md describes every field. `load_policy_files` reads
@@ -43,6 +48,8 @@ from lepton_mesh.policy.fields import (
     parse_string,
     section,
 )
+from lepton_mesh.policy.security import SECURITY_KINDS, SecurityPolicies
+from lepton_mesh.policy.security_loader import SecurityCollector, ServiceKey
 from lepton_mesh.policy.traffic import (
     RETRY_ON,
     Backend,
@@ -74,6 +81,7 @@ from lepton_mesh.policy.yaml_source import Document, load_file
 __all__ = [
     "API_VERSION",
     "KINDS",
+    "collect_policies",
     "collect_traffic",
     "load_policy_files",
     "traffic_from_documents",
@@ -81,7 +89,7 @@ __all__ = [
 ]
 
 API_VERSION = "lepton-mesh/v1"
-KINDS = ("Route", "DestinationPolicy", "ExternalService")
+KINDS = ("Route", "DestinationPolicy", "ExternalService", *SECURITY_KINDS)
 
 
 def load_policy_files(paths: Iterable[str | os.PathLike[str]]) -> TrafficPolicies:
@@ -116,16 +124,26 @@ def collect_traffic(
     for a document of its own; `("policies", 2)` for a manifest inline in a
     sidecar config). The result is meaningful only if no problem was added;
     this is the building block for loaders that report more than manifests.
+    Security manifests are validated too (`collect_policies` returns them).
     """
+    return collect_policies(entries, problems)[0]
+
+
+def collect_policies(
+    entries: Iterable[tuple[Document, Path]], problems: list[Problem]
+) -> tuple[TrafficPolicies, Mapping[ServiceKey, SecurityPolicies]]:
+    """As `collect_traffic`, with every service's security policies keyed by (namespace, service)."""
     col = _Collector(problems)
     for doc, prefix in entries:
         _manifest(col, Checker(doc.source, doc.lines, problems, prefix), doc.data)
     col.check_references()
-    return TrafficPolicies(
+    col.security.check()
+    traffic = TrafficPolicies(
         routes=MappingProxyType({k: found.obj for k, found in col.routes.items()}),
         destinations=MappingProxyType({k: found.obj for k, found in col.destinations.items()}),
         external=MappingProxyType({k: found.obj for k, found in col.external.items()}),
     )
+    return traffic, col.security.result()
 
 
 def _raise_if_any(problems: list[Problem], sources: Iterable[str] = ()) -> None:
@@ -173,7 +191,7 @@ _ONE_PER_SERVICE = {
 
 
 class _Collector:
-    __slots__ = ("destinations", "external", "problems", "refs", "routes")
+    __slots__ = ("destinations", "external", "problems", "refs", "routes", "security")
 
     def __init__(self, problems: list[Problem]) -> None:
         self.problems = problems
@@ -181,6 +199,7 @@ class _Collector:
         self.destinations: dict[str, _Found] = {}
         self.external: dict[str, _Found] = {}
         self.refs: list[_SubsetRef] = []
+        self.security = SecurityCollector(problems)
 
     def add(self, c: Checker, key_path: Path, found: _Found, key: str) -> None:
         """Keep the first object for `key`; a second one is a conflict, never a merge."""
@@ -258,7 +277,9 @@ def _manifest(col: _Collector, c: Checker, data: Any) -> None:
     if kind is None or "spec" not in m:
         return
     where = f"{c.source}:{c.line(())}" if c.line(()) is not None else c.source
-    if kind == "Route":
+    if kind in SECURITY_KINDS:
+        col.security.add(c, kind, m["spec"], name, namespace, where)
+    elif kind == "Route":
         route = _route(col, c, m["spec"], name or "", namespace, where)
         if route is not None and name is not None:
             col.add(c, ("spec", "destination"), _Found(route, where, kind, name), route.destination)

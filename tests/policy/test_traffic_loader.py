@@ -393,7 +393,8 @@ BAD: list[tuple[str, str, list[tuple[int, str, str]]]] = [
                 2,
                 "kind",
                 "unknown kind 'VirtualService' (Istio's VirtualService is our Route); "
-                "the kinds of lepton-mesh/v1 are Route, DestinationPolicy and ExternalService",
+                "the kinds of lepton-mesh/v1 are Route, DestinationPolicy, ExternalService, "
+                "RequestAuthentication, AuthorizationPolicy and RateLimit",
             )
         ],
     ),
@@ -1212,7 +1213,7 @@ def test_sidecar_policy_problems(tmp_path: Path) -> None:
         (str(path), 11, "policies[4].apiVersion", "required field is missing"),
         (str(path), 11, "policies[4].metadata", "required field is missing"),
         (str(path), 11, "policies[4].spec", "required field is missing"),
-        (str(path), 11, "policies[4].kind", "unknown kind 'Nope'; the kinds of lepton-mesh/v1 are Route, DestinationPolicy and ExternalService"),
+        (str(path), 11, "policies[4].kind", "unknown kind 'Nope'; the kinds of lepton-mesh/v1 are Route, DestinationPolicy, ExternalService, RequestAuthentication, AuthorizationPolicy and RateLimit"),
         (str(bad), 7, "spec.rules[0].backends", "backend weights must add up to 100, found 50 (50)"),
     ]  # fmt: skip
 
