@@ -197,3 +197,34 @@ async def test_config_shows_identity_and_expiry_without_key_material(
         metric(a, "lepton_identity_cert_expiration_timestamp_seconds")
         == cert.not_valid_after_utc.timestamp()
     )
+
+
+async def test_identity_from_control_waits_for_its_first_certificate(
+    tmp_path: Path, pki: Pki, sidecars, app: App
+) -> None:
+    """`tls.source: control`: no certificate at start; TLS is refused both ways
+    until the bootstrap installs one through the same reload hook."""
+    from lepton_mesh.policy.sidecar_config import TlsConfig
+
+    pending = TlsConfig(source="control")
+    b = await sidecars(sidecar_config("chat", app.address, tls_cfg=pending))
+    a = await sidecars(
+        sidecar_config(
+            "web", app.address, tls_cfg=pending, services={"chat": [b.addresses["inbound"]]}
+        )
+    )
+    assert a.identity.current is None and a.config_json()["identity"]["certificate"] is None
+    assert metric(a, "lepton_identity_cert_expiration_timestamp_seconds") == 0
+    resp = await get(a.addresses["outbound"], "chat")
+    assert (resp.status, resp.get("x-lepton-reason")) == (503, "upstream_connect_failed")
+    assert "no certificate yet" in resp.json()["error"]
+
+    creds = pki.issue("chat")
+    b.identity.reload(creds.chain_pem, creds.key_pem, pki.bundle_pem)
+    creds = pki.issue("web")
+    a.identity.reload(creds.chain_pem, creds.key_pem, pki.bundle_pem)
+    resp = await get(a.addresses["outbound"], "chat")
+    assert resp.status == 200
+    assert app.seen[-1].all("x-forwarded-client-cert") == [
+        "By=spiffe://cluster.local/ns/default/svc/chat;URI=spiffe://cluster.local/ns/default/svc/web"
+    ]
