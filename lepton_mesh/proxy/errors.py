@@ -30,23 +30,33 @@ class Reason:
     INTERNAL = "internal_error"
     RETRY_BUDGET_EXHAUSTED = "retry_budget_exhausted"
     FAULT_INJECTED = "fault_injected"
+    # Inbound request security (proxy/inbound_policy.py).
+    JWT_INVALID = "jwt_invalid"
+    JWT_MISSING = "jwt_missing"
+    RBAC_DENIED = "rbac_denied"
+    RATE_LIMITED = "rate_limited"
 
 
 class ProxyError(Exception):
     """An error answered to the client with `status` and `reason`.
 
     `close` says the connection must be closed after the answer (the byte
-    stream can no longer be trusted, e.g. after a framing error).
+    stream can no longer be trusted, e.g. after a framing error). `headers`
+    are pre-rendered header lines the answer carries (`www-authenticate`,
+    `retry-after`).
     """
 
-    __slots__ = ("close", "detail", "reason", "status")
+    __slots__ = ("close", "detail", "headers", "reason", "status")
 
-    def __init__(self, status: int, reason: str, detail: str, *, close: bool = False) -> None:
+    def __init__(
+        self, status: int, reason: str, detail: str, *, close: bool = False, headers: bytes = b""
+    ) -> None:
         super().__init__(f"{status} {reason}: {detail}")
         self.status = status
         self.reason = reason
         self.detail = detail
         self.close = close
+        self.headers = headers
 
 
 class UpstreamError(ProxyError):
