@@ -11,7 +11,10 @@ layers in order (linkerd2-proxy's shape):
   endpoint  the address the balancer picks for this try, and a pooled
             connection to it
 
-and then streams: request body written through (held, bounded, while a
+Inbound, for a service with security policies, `snap.guard`
+(inbound_policy.py) first decides whether the request may reach the app.
+
+Then it streams: request body written through (held, bounded, while a
 connection opens), response head re-framed for the client, body chunk by
 chunk. All in callbacks: a task exists only while a connection is opened.
 
@@ -71,6 +74,7 @@ if TYPE_CHECKING:
     from lepton_mesh.proxy.clusters import Cluster
     from lepton_mesh.proxy.contracts import ClientSide
     from lepton_mesh.proxy.endpoints import EndpointState
+    from lepton_mesh.proxy.inbound_policy import SecurityOutcome
     from lepton_mesh.proxy.pool import EndpointPool
     from lepton_mesh.proxy.routing import RuleRuntime, ServiceTarget
     from lepton_mesh.proxy.snapshot import Snapshot
@@ -104,6 +108,7 @@ class Exchange:
         "req_done",
         "version",
         "early_tunnel",
+        "sec",
         # routing (logical, concrete)
         "target",
         "rt",
@@ -186,6 +191,8 @@ class Exchange:
         self.resp_started = False
         self.resp_bytes = 0
         self.upstream_start = 0.0
+        # What the inbound security policy found (inbound_policy.py); None elsewhere.
+        self.sec: SecurityOutcome | None = None
 
     # -- logical: service and rule ---------------------------------------------
 
@@ -203,10 +210,28 @@ class Exchange:
             )
 
     def _route(self) -> None:
+        snap = self.snap
+        target = self.target = self.down.listener.route(snap, self.facts)
+        guard = snap.guard
+        if guard is not None and target is snap.local:
+            # Inbound with security policies: the guard calls `admitted` (now,
+            # or once the JWKS it waits for is in) or answers the request itself.
+            guard.admit(self)
+            return
+        self._forward(self.down.listener.peer_header, None)
+
+    def admitted(self, extra: bytes, remove: frozenset[bytes]) -> None:
+        """The inbound policy let the request through: `extra` are the claim
+        header lines to add, `remove` the received headers to drop."""
+        try:
+            self._forward(extra, remove)
+        except ProxyError as err:
+            self.respond_error(err)
+
+    def _forward(self, extra: bytes, remove: frozenset[bytes] | None) -> None:
         down = self.down
         facts = self.facts
-        target = self.target = down.listener.route(self.snap, facts)
-        rt = self.rt = target.select(facts)
+        rt = self.rt = self.target.select(facts)  # type: ignore[union-attr]
         if rt.timeout > 0:
             # The client connection's own deadline times the exchange: moving it
             # costs a float store, where a loop timer per request costs a
@@ -216,8 +241,8 @@ class Exchange:
             facts,
             set_headers=rt.req_set,
             add_headers=rt.req_add,
-            remove=rt.req_remove,
-            extra=down.listener.peer_header,
+            remove=rt.req_remove if not remove else rt.req_remove | remove,
+            extra=extra,
         )
         if rt.fault is not None:
             delay, abort = fault_decision(rt.fault, random(), random(), FactsView(facts).header)
@@ -692,6 +717,7 @@ class Exchange:
         rid = self.facts.request_id
         body = error_body(err, rid.decode("latin-1"))
         self.resp_bytes = len(body)
+        extra = b"x-lepton-attempts: %d\r\n" % self.attempts if self.attempts else b""
         self.down.send(
             error_response(
                 err,
@@ -699,7 +725,7 @@ class Exchange:
                 body,
                 keep_alive=keep,
                 head_request=self.head_request,
-                extra=b"x-lepton-attempts: %d\r\n" % self.attempts if self.attempts else b"",
+                extra=extra + err.headers if err.headers else extra,
             )
         )
         self._finish()
@@ -771,7 +797,7 @@ class Exchange:
 
     def log_record(self, now: float) -> dict[str, object]:
         facts = self.facts
-        return {
+        record: dict[str, object] = {
             "time": _iso(self.start_wall),
             "reporter": self.down.listener.reporter,
             "method": facts.method.decode("latin-1"),
@@ -794,6 +820,9 @@ class Exchange:
             "attempts": self.attempts,
             "downstream": self.down.client_ip_str,
         }
+        if self.sec is not None:
+            record.update(self.sec.log_fields())
+        return record
 
     def peer_workload(self) -> str | None:
         """The calling workload as its sidecar named it (inbound side)."""

@@ -42,6 +42,12 @@ TLS. Handshake counts and failures and the certificate's expiry live on the
 sidecar's identity (mtls.MeshIdentity) and are pulled at scrape time
 through `set_tls_source`; a handshake costs one dict increment there.
 
+Security. Authorization decisions, JWT outcomes and rate-limit refusals are
+counted by the inbound policy's state (inbound_policy.InboundState, one dict
+increment per request) and pulled at scrape time through
+`set_security_source`. Their labels are bounded by config (policy and rule
+names, provider names, a fixed set of results), not by traffic.
+
 Resilience. Outlier ejections, circuit-breaker state, retry outcomes and the
 retry budget live on the per-destination resilience objects (outlier.py,
 circuit.py, retry_budget.py); they are pulled at scrape time through one
@@ -150,6 +156,14 @@ class TlsSource(Protocol):
     def failure_rows(self) -> Iterable[tuple[str, int]]: ...  # (reason, failures_total)
     def handshake_rows(self) -> Iterable[tuple[str, str, int]]: ...  # (side, resumed, total)
     def expiry_timestamp(self) -> float | None: ...  # the certificate's notAfter (None: none yet)
+
+
+class SecuritySource(Protocol):
+    """What the security families are read from at scrape time (inbound_policy.InboundState)."""
+
+    def authz_rows(self) -> Iterable[tuple[str, str, str, int]]: ...  # (decision, policy, rule, n)
+    def jwt_rows(self) -> Iterable[tuple[str, str, int]]: ...  # (provider, result, n)
+    def rate_limited_rows(self) -> Iterable[tuple[str, int]]: ...  # (limit, n)
 
 
 def resilience_row(
@@ -311,6 +325,28 @@ CERT_EXPIRATION = _Spec(
     "gauge",
     (),
 )
+AUTHZ_DECISIONS = _Spec(
+    "lepton_authz_decisions_total",
+    "Inbound authorization decisions: decision is allow or deny (enforced), audit (an AUDIT "
+    "rule matched), dry_run_allow or dry_run_deny (the decision with dry-run policies "
+    "enforced too); policy and rule name what decided ('-' when no rule did).",
+    "counter",
+    ("decision", "policy", "rule"),
+)
+JWT_AUTHENTICATIONS = _Spec(
+    "lepton_jwt_authentications_total",
+    "Inbound requests that carried a JWT (or needed one), by provider and result: ok or the "
+    "cause of the refusal (expired, bad_signature, wrong_issuer, wrong_audience, unknown_key, "
+    "malformed, not_yet_valid, algorithm_not_allowed, oversized, missing).",
+    "counter",
+    ("provider", "result"),
+)
+RATE_LIMITED = _Spec(
+    "lepton_rate_limited_total",
+    "Inbound requests refused with 429 by a local rate limit, by limit name.",
+    "counter",
+    ("limit",),
+)
 LABEL_OVERFLOW = _Spec(
     "lepton_metrics_label_overflow_total",
     "Observations folded into destination_service=overflow because the label "
@@ -395,6 +431,7 @@ class ProxyMetrics:
         "_requests",
         "_resilience_source",
         "_tcp",
+        "_security_source",
         "_tls_source",
         "registry",
     )
@@ -412,6 +449,7 @@ class ProxyMetrics:
         self._listener_source: ListenerSource | None = None
         self._resilience_source: ResilienceSource | None = None
         self._tls_source: TlsSource | None = None
+        self._security_source: SecuritySource | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
 
@@ -439,6 +477,11 @@ class ProxyMetrics:
         """Feeds lepton_tls_handshake_failures_total, lepton_tls_handshakes_total and
         lepton_identity_cert_expiration_timestamp_seconds (see `TlsSource`)."""
         self._tls_source = source
+
+    def set_security_source(self, source: SecuritySource | None) -> None:
+        """Feeds lepton_authz_decisions_total, lepton_jwt_authentications_total and
+        lepton_rate_limited_total (see `SecuritySource`)."""
+        self._security_source = source
 
     # -- hot path ------------------------------------------------------------
 
@@ -577,6 +620,7 @@ class ProxyMetrics:
         yield from self._resilience_families()
         yield MIRROR_REQUESTS, [(s.labels, s.count) for s in list(self._mirror.values())]
         yield from self._tls_families()
+        yield from self._security_families()
         yield (
             LABEL_OVERFLOW,
             [(_Labels(OVERFLOW_LABELS, (table,)), n) for table, n in self._overflow.items()],
@@ -616,6 +660,30 @@ class ProxyMetrics:
         )
         expiry = _pull(_method(src, "expiry_timestamp", single=True), "tls")
         yield CERT_EXPIRATION, [(_Labels((), ()), v) for v in expiry if v is not None]
+
+    def _security_families(self) -> Iterator[tuple[_Spec, list]]:
+        src = self._security_source
+        yield (
+            AUTHZ_DECISIONS,
+            [
+                (_Labels(AUTHZ_DECISIONS.labels, (d, p, r)), n)
+                for d, p, r, n in _pull(_method(src, "authz_rows"), "security")
+            ],
+        )
+        yield (
+            JWT_AUTHENTICATIONS,
+            [
+                (_Labels(JWT_AUTHENTICATIONS.labels, (p, r)), n)
+                for p, r, n in _pull(_method(src, "jwt_rows"), "security")
+            ],
+        )
+        yield (
+            RATE_LIMITED,
+            [
+                (_Labels(RATE_LIMITED.labels, (lim,)), n)
+                for lim, n in _pull(_method(src, "rate_limited_rows"), "security")
+            ],
+        )
 
     def _pools(self) -> list[PoolRow]:
         return _pull(self._pool_source, "pool")

@@ -7,7 +7,12 @@ endpoints, balancer). A request takes `sidecar.snapshot` once when its head
 arrives and uses that object to the end, so a swap never changes a request
 half-way. State that must outlive swaps (endpoint load and ejections,
 breaker counters, retry budgets) lives in `ServiceStates`, owned by the
-sidecar and passed in.
+sidecar and passed in; the inbound side's security state (JWKS keys,
+rate-limit buckets, decision counters) likewise in `InboundState`.
+
+`guard` is the inbound request security (proxy/inbound_policy.py) compiled
+for this config, None when the service has no security policies: then the
+inbound path pays nothing for it, and the outbound path never does.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from lepton_mesh.policy.sidecar_config import Endpoint, SidecarConfig
 from lepton_mesh.policy.traffic import DestinationPolicy, RetryPolicy, default_destination_policy
 from lepton_mesh.proxy.clusters import Cluster, ServiceStates, subset_endpoints
 from lepton_mesh.proxy.errors import ProxyError, Reason
+from lepton_mesh.proxy.inbound_policy import InboundGuard, InboundState
 from lepton_mesh.proxy.routing import ServiceTarget
 
 # The inbound side forwards to the local app: no retries (the caller's
@@ -26,9 +32,20 @@ _NO_RETRY = RetryPolicy(attempts=1)
 
 
 class Snapshot:
-    __slots__ = ("_by_authority", "cfg", "clusters", "local", "local_cluster", "targets")
+    __slots__ = (
+        "_by_authority",
+        "cfg",
+        "clusters",
+        "guard",
+        "inbound_state",
+        "local",
+        "local_cluster",
+        "targets",
+    )
 
-    def __init__(self, cfg: SidecarConfig, states: ServiceStates) -> None:
+    def __init__(
+        self, cfg: SidecarConfig, states: ServiceStates, inbound: InboundState | None = None
+    ) -> None:
         self.cfg = cfg
         traffic = cfg.traffic
         self.targets: dict[str, ServiceTarget] = {}
@@ -54,6 +71,10 @@ class Snapshot:
         self.local = ServiceTarget(cfg.service, local_policy, None)
         states.retire([*self.targets, local_name])
         self._by_authority: dict[bytes, ServiceTarget] = {}
+        # Without a state from the sidecar, this snapshot keeps its own (it is
+        # then not carried over to the next one: keys refetched, buckets full).
+        self.inbound_state = inbound if inbound is not None else InboundState()
+        self.guard = InboundGuard.build(cfg, self.inbound_state)
 
     def _default_policy(self, service: str) -> DestinationPolicy:
         # Without a DestinationPolicy, the sidecar's own request timeout applies.
