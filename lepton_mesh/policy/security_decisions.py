@@ -609,7 +609,7 @@ class Authorizer:
     """A service's authorization policies, compiled once per config snapshot.
 
     `authorize(req)` is the decision (module docstring). `uses_request_auth`
-    says whether an enforced rule looks at the request principal or JWT
+    says whether an enforced ALLOW rule asks for a request principal or JWT
     claims: the proxy answers a denied request that carried no token with
     401 rather than 403 then, since a token might have been allowed.
     """
@@ -622,7 +622,7 @@ class Authorizer:
         self._enforced = _Engine(enforced)
         self._shadow = _Engine(self.policies) if len(enforced) < len(self.policies) else None
         self.uses_request_auth = any(
-            _uses_request_auth(r) for p in enforced if p.action != "AUDIT" for r in p.rules
+            _uses_request_auth(r) for p in enforced if p.action == "ALLOW" for r in p.rules
         )
 
     def authorize(self, req: AuthzRequest) -> AuthzDecision:
