@@ -39,6 +39,24 @@ class NotReady(DemoError):
     reason = "not_ready"
 
 
+class CommandFailed(DemoError):
+    """A `lepton-mesh` command the demo runs (token, login, apply, rollback...) failed."""
+
+    reason = "command_failed"
+
+
+class PropagationTimeout(DemoError):
+    """A change in the control daemon did not reach a sidecar before the deadline."""
+
+    reason = "propagation_timeout"
+
+
+class MissingExamples(DemoError):
+    """The policy files the demo applies (examples/mesh/) are not where it looks."""
+
+    reason = "missing_examples"
+
+
 class TrafficFailed(DemoError):
     """The mesh did not carry the demo traffic well enough to call it working."""
 

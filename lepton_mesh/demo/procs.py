@@ -1,7 +1,8 @@
 """Start child processes, wait until they are ready, stop them all.
 
-Anything that brings up a local mesh uses this: the demo now, and etcd and the
-control daemon when they join it. Nothing here knows about sidecars.
+Anything that brings up a local mesh uses this: etcd, the control daemon, the
+sidecars and the apps of the demo, and the short-lived `lepton-mesh` commands
+it runs (`run_once`). Nothing here knows about sidecars.
 
 Invariants:
 - Every child leads its own session and process group (pgid == pid). One
@@ -16,6 +17,9 @@ Invariants:
   is left in any of the groups; what is left is reported, never ignored.
 - A second Ctrl-C (or SIGTERM) during `stop_all()` skips the remaining graces
   and goes straight to SIGKILL.
+- A short-lived child (`run_once`) follows the same two rules, and never
+  outlives the call: on timeout or cancellation its group is killed and the
+  child reaped before the call returns.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Protocol
 
-from lepton_mesh.demo.errors import ChildExited, NotReady
+from lepton_mesh.demo.errors import ChildExited, CommandFailed, NotReady
 
 _PROC = Path("/proc")
 _PR_SET_PDEATHSIG = 1
@@ -297,6 +301,52 @@ class Supervisor:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+@dataclass(frozen=True, slots=True)
+class Completed:
+    """A short-lived child's exit code and output."""
+
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+async def run_once(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 30.0,
+) -> Completed:
+    """Run a command to completion and return its output, whatever its exit code.
+
+    `env` replaces the environment (unlike ProcessSpec.env). Raises
+    CommandFailed when it does not finish within `timeout`.
+    """
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=None if env is None else dict(env),
+        cwd=cwd,
+        start_new_session=True,
+        preexec_fn=_die_with_parent(),
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate()
+    except BaseException as e:
+        _signal_group(proc.pid, signal.SIGKILL)
+        await asyncio.shield(proc.wait())
+        if isinstance(e, TimeoutError):
+            raise CommandFailed(f"{argv[0]} did not finish within {timeout:.0f} s") from e
+        raise
+    assert proc.returncode is not None
+    return Completed(tuple(argv), proc.returncode, out.decode(errors="replace"),
+                     err.decode(errors="replace"))  # fmt: skip
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

@@ -1,5 +1,6 @@
 """The supervisor: readiness with deadlines, and stops that leave nothing behind."""
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -10,13 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from lepton_mesh.demo.errors import ChildExited, NotReady
+from lepton_mesh.demo.errors import ChildExited, CommandFailed, NotReady
 from lepton_mesh.demo.procs import (
     HttpProbe,
     ProcessSpec,
     Supervisor,
     TcpProbe,
     pid_alive,
+    run_once,
 )
 from lepton_mesh.demo.topology import free_ports
 
@@ -152,3 +154,32 @@ def test_children_die_with_a_killed_supervisor(tmp_path: Path) -> None:
         boss.wait()
         boss.stdout.close()
     _wait_for(lambda: not pid_alive(orphan))
+
+
+async def test_run_once_returns_code_and_output() -> None:
+    done = await run_once(
+        _py("import sys; print('out'); print('err', file=sys.stderr); sys.exit(4)")
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (4, "out\n", "err\n")
+
+
+async def test_run_once_past_its_deadline_kills_the_child(tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+    code = f"import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    with pytest.raises(CommandFailed, match="did not finish within 2 s"):
+        await run_once(_py(code), timeout=2.0)
+    assert not pid_alive(int(pidfile.read_text()))  # reaped before the error was raised
+
+
+async def test_a_cancelled_run_once_leaves_no_child(tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+    code = f"import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    task = asyncio.ensure_future(run_once(_py(code)))
+    end = time.monotonic() + 10
+    while not (pidfile.exists() and pidfile.read_text()):
+        assert time.monotonic() < end, "the child never started"
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not pid_alive(int(pidfile.read_text()))
