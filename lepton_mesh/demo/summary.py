@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -104,16 +104,49 @@ class Row:
 GroupKey = tuple[str, str, str]  # reporter, source_workload, destination_service
 
 
-def rows_from_metrics(sidecar: str, text: str) -> list[Row]:
-    """Summarize one sidecar's exposition text, one Row per group, in a stable order.
+@dataclass(slots=True)
+class Series:
+    """One group's counters in one scrape.
 
-    Buckets of all series in a group are summed per bound before the quantile,
-    like `histogram_quantile(q, sum by (le) (...))`.
+    `codes` and `flags` come from the request counter; `buckets` are the
+    duration histogram's cumulative counts by upper bound (ms), summed over
+    every series of the group (`sum by (le)`).
     """
-    totals: dict[GroupKey, int] = Counter()
-    codes: dict[GroupKey, Counter[str]] = defaultdict(Counter)
-    flags: dict[GroupKey, Counter[str]] = defaultdict(Counter)
-    buckets: dict[GroupKey, Counter[float]] = defaultdict(Counter)
+
+    codes: Counter[str] = field(default_factory=Counter)
+    flags: Counter[str] = field(default_factory=Counter)
+    buckets: Counter[float] = field(default_factory=Counter)
+
+    @property
+    def requests(self) -> int:
+        return sum(self.codes.values())
+
+    def add(self, other: Series) -> None:
+        self.codes.update(other.codes)
+        self.flags.update(other.flags)
+        self.buckets.update(other.buckets)
+
+    def minus(self, earlier: Series) -> Series:
+        """What happened between `earlier` and this scrape of the same counters.
+
+        Counters only grow while a sidecar runs, so every difference is >= 0.
+        Codes and reasons that did not grow are dropped; every bucket bound is
+        kept, even at 0, because an empty lower bucket is where the
+        interpolation of the next one starts.
+        """
+        buckets = Counter({le: n - earlier.buckets.get(le, 0) for le, n in self.buckets.items()})
+        return Series(self.codes - earlier.codes, self.flags - earlier.flags, buckets)
+
+    def quantile_ms(self, q: float) -> float:
+        return histogram_quantile(q, list(self.buckets.items()))
+
+
+Scrape = dict[GroupKey, Series]
+
+
+def parse_metrics(text: str) -> Scrape:
+    """One sidecar's exposition text, grouped by (reporter, source, destination)."""
+    scrape: Scrape = defaultdict(Series)
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             key = (
@@ -123,30 +156,114 @@ def rows_from_metrics(sidecar: str, text: str) -> list[Row]:
             )
             if s.name == REQUESTS:
                 n = int(s.value)
-                totals[key] += n
-                codes[key][s.labels.get("response_code", "")] += n
+                scrape[key].codes[s.labels.get("response_code", "")] += n
                 if (flag := s.labels.get("response_flags", "-")) not in NO_FLAGS:
-                    flags[key][flag] += n
+                    scrape[key].flags[flag] += n
             elif s.name == f"{DURATION}_bucket":
-                buckets[key][float(s.labels["le"])] += s.value
+                scrape[key].buckets[float(s.labels["le"])] += s.value
+    return dict(scrape)
+
+
+def delta(after: Scrape, before: Scrape) -> Scrape:
+    """Per group, what `after` counted beyond `before` (groups with no new request dropped)."""
+    out = {}
+    for key, series in after.items():
+        d = series.minus(before[key]) if key in before else series
+        if d.requests:
+            out[key] = d
+    return out
+
+
+def inbound(scrape: Scrape) -> Series:
+    """Everything a sidecar's inbound listener served (reporter="destination")."""
+    total = Series()
+    for (reporter, _, _), series in scrape.items():
+        if reporter == "destination":
+            total.add(series)
+    return total
+
+
+def rows_from_metrics(sidecar: str, text: str) -> list[Row]:
+    """Summarize one sidecar's exposition text, one Row per group, in a stable order.
+
+    Buckets of all series in a group are summed per bound before the quantile,
+    like `histogram_quantile(q, sum by (le) (...))`.
+    """
+    return rows_from_scrape(sidecar, parse_metrics(text))
+
+
+def rows_from_scrape(sidecar: str, scrape: Scrape) -> list[Row]:
     rows = []
-    for key in sorted(totals, key=_group_order):
+    for key in sorted(scrape, key=_group_order):
         reporter, source, destination = key
-        hist = list(buckets[key].items())
+        series = scrape[key]
         rows.append(
             Row(
                 sidecar=sidecar,
                 reporter=reporter,
                 source=source,
                 destination=destination,
-                requests=totals[key],
-                codes=tuple(sorted(codes[key].items())),
-                flags=tuple(sorted(flags[key].items())),
-                p50_ms=histogram_quantile(0.5, hist),
-                p99_ms=histogram_quantile(0.99, hist),
+                requests=series.requests,
+                codes=tuple(sorted(series.codes.items())),
+                flags=tuple(sorted(series.flags.items())),
+                p50_ms=series.quantile_ms(0.5),
+                p99_ms=series.quantile_ms(0.99),
             )
         )
     return rows
+
+
+# -- per service -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceStats:
+    """One service over an interval, from its instances' inbound sidecar metrics.
+
+    `success` is the share of responses below 500 (Linkerd's success rate:
+    a 4xx is the caller's mistake, not the service failing); NaN without
+    requests.
+    """
+
+    service: str
+    instances: tuple[str, ...]
+    requests: int
+    per_s: float
+    success: float
+    p99_ms: float
+
+
+def service_stats(service: str, instances: Mapping[str, Scrape], elapsed_s: float) -> ServiceStats:
+    """Sum the inbound series of `service`'s instances (name -> interval scrape)."""
+    total = Series()
+    for scrape in instances.values():
+        total.add(inbound(scrape))
+    n = total.requests
+    failed = sum(count for code, count in total.codes.items() if code[:1] == "5")
+    return ServiceStats(
+        service=service,
+        instances=tuple(instances),
+        requests=n,
+        per_s=n / elapsed_s if elapsed_s > 0 else math.nan,
+        success=(n - failed) / n if n else math.nan,
+        p99_ms=total.quantile_ms(0.99),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    """How many calls each version served, versions in their given order."""
+
+    counts: tuple[tuple[str, int], ...]
+
+    @property
+    def total(self) -> int:
+        return sum(n for _, n in self.counts)
+
+    def share(self, version: str) -> float:
+        """The version's share of all calls, 0..1; NaN when there were none."""
+        total = self.total
+        return dict(self.counts).get(version, 0) / total if total else math.nan
 
 
 def _group_order(key: GroupKey) -> tuple[int, str, str]:
@@ -178,6 +295,43 @@ def fmt_ms(v: float) -> str:
 
 def fmt_counts(pairs: Sequence[tuple[str, int]]) -> str:
     return " ".join(f"{k}:{n}" for k, n in pairs) or "-"
+
+
+def fmt_pct(v: float) -> str:
+    return "-" if math.isnan(v) else f"{v * 100:.1f}%"
+
+
+SERVICE_HEADER = ("SERVICE", "INSTANCES", "REQUESTS", "REQ/S", "SUCCESS", "P99 ms")
+
+
+def service_table(stats: Sequence[ServiceStats]) -> str:
+    cells = [
+        (
+            s.service,
+            ", ".join(s.instances),
+            str(s.requests),
+            f"{s.per_s:.0f}",
+            fmt_pct(s.success),
+            fmt_ms(s.p99_ms),
+        )
+        for s in stats
+    ]
+    return format_table(SERVICE_HEADER, cells, numeric={2, 3, 4, 5})
+
+
+def split_text(split: Split) -> str:
+    """`v1 903 (90.3%)  v2 97 (9.7%)`: counts and shares, in version order."""
+    return "  ".join(f"{v} {n} ({fmt_pct(split.share(v))})" for v, n in split.counts)
+
+
+def tick_line(t: float, stats: Sequence[ServiceStats], split: Split) -> str:
+    """One live line: each service's rate, success and p99 since the last tick, and the split."""
+    parts = [
+        f"{s.service} {s.per_s:3.0f}/s {fmt_pct(s.success):>6} {fmt_ms(s.p99_ms):>5} ms"
+        for s in stats
+    ]
+    shares = " ".join(f"{v} {fmt_pct(split.share(v)):>6}" for v, _ in split.counts)
+    return f"{t:5.1f} s  " + " | ".join([*parts, shares])
 
 
 SIDECAR_HEADER = (

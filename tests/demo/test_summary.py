@@ -1,8 +1,23 @@
 """The summary rows and table, from a sidecar's exposition text."""
 
 import math
+from collections import Counter
 
-from lepton_mesh.demo.summary import Row, format_table, rows_from_metrics, sidecar_table
+import pytest
+
+from lepton_mesh.demo.summary import (
+    Row,
+    Series,
+    ServiceStats,
+    Split,
+    delta,
+    format_table,
+    rows_from_metrics,
+    service_stats,
+    sidecar_table,
+    split_text,
+    tick_line,
+)
 
 LABELS_200 = (
     'reporter="destination",source_workload="unknown",destination_service="chat",'
@@ -88,3 +103,65 @@ def test_sidecar_table_shows_codes_and_reasons() -> None:
     assert lines[2].split() == [
         "chat", "source", "chat", "weather", "1", "404:1", "no_route", "-", "-",
     ]  # fmt: skip
+
+
+def _scrape(code_counts: dict[str, int], buckets: list[tuple[float, int]], reporter="destination"):
+    """A one-group scrape: `chat` calling `dialog`, as the dialog sidecar would see it."""
+    return {
+        (reporter, "chat", "dialog"): Series(
+            codes=Counter(code_counts), buckets=Counter(dict(buckets))
+        )
+    }
+
+
+INF = math.inf
+
+
+def test_delta_is_per_group_and_keeps_empty_lower_buckets() -> None:
+    before = _scrape({"200": 10}, [(1.0, 10), (5.0, 10), (10.0, 10), (INF, 10)])
+    after = _scrape({"200": 30, "503": 2}, [(1.0, 10), (5.0, 20), (10.0, 32), (INF, 32)])
+    d = delta(after, before)
+    series = d[("destination", "chat", "dialog")]
+    assert series.codes == Counter({"200": 20, "503": 2})
+    # The 1 ms bucket grew by 0 and stays: interpolation in (1, 5] starts at 1, not 0.
+    assert series.buckets == Counter({1.0: 0, 5.0: 10, 10.0: 22, INF: 22})
+    assert series.quantile_ms(0.25) == pytest.approx(1 + 4 * 5.5 / 10)
+    assert delta(before, before) == {}  # nothing new: no group
+
+
+def test_service_stats_sum_instances_inbound_only() -> None:
+    v1 = _scrape({"200": 80, "404": 5}, [(1.0, 40), (5.0, 85), (INF, 85)])
+    v2 = _scrape({"200": 10, "503": 5}, [(1.0, 5), (5.0, 15), (INF, 15)])
+    # What a sidecar counted as a caller (reporter=source) is not its service's traffic.
+    v2 |= _scrape({"200": 999}, [(1.0, 999), (INF, 999)], reporter="source")
+    stats = service_stats("dialog", {"dialog-v1": v1, "dialog-v2": v2}, elapsed_s=2.0)
+    assert stats == ServiceStats(
+        service="dialog",
+        instances=("dialog-v1", "dialog-v2"),
+        requests=100,
+        per_s=50.0,
+        success=0.95,  # 5xx fail, a 404 is the caller's problem
+        p99_ms=pytest.approx(1 + 4 * (99 - 45) / 55),
+    )
+
+
+def test_service_stats_without_traffic() -> None:
+    stats = service_stats("intent", {"intent": {}}, elapsed_s=1.0)
+    assert (stats.requests, stats.per_s) == (0, 0.0)
+    assert math.isnan(stats.success) and math.isnan(stats.p99_ms)
+
+
+def test_split_shares_and_its_text() -> None:
+    split = Split((("v1", 903), ("v2", 97)))
+    assert (split.total, split.share("v1"), split.share("v3")) == (1000, 0.903, 0.0)
+    assert split_text(split) == "v1 903 (90.3%)  v2 97 (9.7%)"
+    assert math.isnan(Split((("v1", 0), ("v2", 0))).share("v1"))
+
+
+def test_tick_line() -> None:
+    stats = [ServiceStats("chat", ("chat",), 300, 99.6, 1.0, 24.7),
+             ServiceStats("dialog", ("dialog-v1", "dialog-v2"), 300, 99.6, 0.5, math.nan)]  # fmt: skip
+    line = tick_line(2.04, stats, Split((("v1", 270), ("v2", 30))))
+    assert line == (
+        "  2.0 s  chat 100/s 100.0%  24.7 ms | dialog 100/s  50.0%     - ms | v1  90.0% v2  10.0%"
+    )
