@@ -1,9 +1,14 @@
-"""The demo's load generator and the few requests that show the sidecar's own errors.
+"""The demo's load generator: chat messages at a steady rate, and what came back.
 
 Load is paced: request i is due at `start + i / rate`, taken by whichever of
 `concurrency` workers is free. When the mesh keeps up, the rate is exact and
 the machine (shared by everything else) stays calm; when it cannot, workers
 send back to back and the client measures the backlog as latency.
+
+Each request carries a session id (`x-session-id`, one of `SESSIONS`), as a
+chat front end would; chat passes it on to dialog, whose DestinationPolicy
+hashes on it. The `dialog_version` of every 200 answer is tallied: which
+dialog version wrote the reply, as the customer saw it.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import itertools
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import orjson
@@ -40,6 +45,7 @@ class ClientStats:
     latencies_ms: list[float] = field(default_factory=list)
     codes: Counter[int] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
+    versions: Counter[str] = field(default_factory=Counter)  # dialog_version of 200 answers
     elapsed_s: float = 0.0
 
     @property
@@ -58,7 +64,8 @@ class ClientStats:
         return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
-Progress = Callable[[float, ClientStats], None]
+SESSIONS = 64
+VERSION_FIELD = "dialog_version"
 
 
 async def generate(
@@ -68,8 +75,6 @@ async def generate(
     rate: float,
     concurrency: int,
     messages: Sequence[str] = MESSAGES,
-    progress: Progress | None = None,
-    progress_every: float = 5.0,
 ) -> ClientStats:
     """POST chat messages to `url` for `duration` seconds at up to `rate` per second."""
     stats = ClientStats()
@@ -89,107 +94,35 @@ async def generate(
             if (delay := due - loop.time()) > 0:
                 await asyncio.sleep(delay)
             body = orjson.dumps({"message": messages[i % len(messages)]})
-            await _send(session, url, body, stats)
-
-    async def report() -> None:
-        while True:
-            await asyncio.sleep(progress_every)
-            if progress is not None:
-                progress(loop.time() - start, stats)
+            await _send(session, url, body, f"s-{i % SESSIONS}", stats)
 
     async with ClientSession(connector=connector, timeout=timeout) as session:
-        reporter = asyncio.ensure_future(report())
-        try:
-            await asyncio.gather(*(worker(session) for _ in range(concurrency)))
-        finally:
-            reporter.cancel()
-            await asyncio.gather(reporter, return_exceptions=True)
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
     stats.elapsed_s = loop.time() - start
     return stats
 
 
-async def _send(session: ClientSession, url: str, body: bytes, stats: ClientStats) -> None:
+async def _send(
+    session: ClientSession, url: str, body: bytes, session_id: str, stats: ClientStats
+) -> None:
+    headers = {"Host": "chat", "Content-Type": "application/json", "x-session-id": session_id}
     t0 = time.perf_counter()
     try:
-        async with session.post(
-            url, data=body, headers={"Host": "chat", "Content-Type": "application/json"}
-        ) as resp:
-            await resp.read()
+        async with session.post(url, data=body, headers=headers) as resp:
+            raw = await resp.read()
             status = resp.status
     except (ClientError, TimeoutError) as e:
         stats.errors[type(e).__name__] += 1
         return
     stats.latencies_ms.append((time.perf_counter() - t0) * 1000)
     stats.codes[status] += 1
+    if status == 200:
+        stats.versions[_version_of(raw)] += 1
 
 
-@dataclass(frozen=True, slots=True)
-class Showcase:
-    """One request made to show what the sidecar answers by itself."""
-
-    title: str
-    method: str
-    url: str
-    host: str
-    body: bytes = b""
-
-
-@dataclass(frozen=True, slots=True)
-class ShowcaseResult:
-    request: Showcase
-    status: int
-    reason: str  # the x-lepton-reason header, "-" when absent
-    body: str
-
-
-async def send_showcase(requests: Sequence[Showcase]) -> list[ShowcaseResult]:
-    results = []
-    async with ClientSession(timeout=ClientTimeout(total=10)) as session:
-        for p in requests:
-            headers = {"Host": p.host, "Content-Type": "application/json"}
-            try:
-                async with session.request(p.method, p.url, data=p.body, headers=headers) as r:
-                    body = (await r.read()).decode(errors="replace")
-                    results.append(
-                        ShowcaseResult(p, r.status, r.headers.get("x-lepton-reason", "-"), body)
-                    )
-            except (ClientError, TimeoutError) as e:
-                results.append(ShowcaseResult(p, 0, type(e).__name__, str(e)))
-    return results
-
-
-@dataclass(frozen=True, slots=True)
-class StreamResult:
-    status: int
-    tokens: tuple[str, ...]
-    done: bool  # the final `event: done` arrived
-    elapsed_ms: float
-
-
-async def read_stream(url: str) -> StreamResult:
-    """Read a server-sent event stream to its end, collecting the tokens."""
-    tokens: list[str] = []
-    done = False
-    status = 0
-    t0 = time.perf_counter()
+def _version_of(raw: bytes) -> str:
     try:
-        async with (
-            ClientSession(timeout=ClientTimeout(total=10)) as session,
-            session.get(url, headers={"Host": "chat", "Accept": "text/event-stream"}) as resp,
-        ):
-            status = resp.status
-            event = "message"
-            async for raw in resp.content:
-                line = raw.decode().rstrip("\r\n")
-                if line.startswith("event:"):
-                    event = line[6:].strip()
-                elif line.startswith("data:"):
-                    if event == "done":
-                        done = True
-                    else:
-                        tokens.append(orjson.loads(line[5:])["token"])
-                elif not line:
-                    event = "message"
-    except (ClientError, TimeoutError, orjson.JSONDecodeError, KeyError):
-        done = False  # reported as an incomplete stream, with what arrived
-    return StreamResult(status, tuple(tokens), done, (time.perf_counter() - t0) * 1000)
+        value = orjson.loads(raw).get(VERSION_FIELD)
+    except (orjson.JSONDecodeError, AttributeError):
+        return "?"
+    return value if isinstance(value, str) else "?"

@@ -1,19 +1,23 @@
-"""`lepton-mesh demo`: bring up a two-service mesh, drive traffic, print what it saw.
+"""`lepton-mesh demo`: bring up a mesh on a control plane, run its story, stop it all.
 
-Phases: plan ports and write sidecar configs; start four processes and wait
-until each is ready; send paced traffic for DURATION seconds plus a few
-requests that show the sidecar's own errors; print the summary read from the
-sidecars' /metrics; then stop everything (or, with keep, wait for Ctrl-C).
+Bring-up: plan ports; write the sidecar configs and a token key; start, tier
+by tier and each tier ready before the next, etcd, the control daemon, the
+four apps and their four sidecars; wait until chat's sidecar has discovered
+intent and both dialog versions. Then the story (scenario.py): a canary, a
+change, a rollback, each with DURATION seconds of traffic. Then stop
+everything, or with keep, lend the user's CLI the demo's token and wait for
+Ctrl-C.
 
 Every exit path (success, failure, Ctrl-C, SIGTERM, SIGHUP) goes through one
-`finally` that stops every child and verifies none is left; the exit code
-says which path it was (errors.py).
+`finally` that stops every child, last started first, and verifies none is
+left; the exit code says which path it was (errors.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import getpass
 import os
 import shutil
 import signal
@@ -25,28 +29,33 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import TextIO, TypeVar
 
-from lepton_mesh.demo import load
-from lepton_mesh.demo.errors import DemoError, Interrupted, ProcessesLeft, TrafficFailed
-from lepton_mesh.demo.procs import Supervisor
-from lepton_mesh.demo.report import print_report, scrape_all
+from lepton_mesh.cli_client import save_config
+from lepton_mesh.control.etcd_local import EtcdStartError, LocalEtcd
+from lepton_mesh.demo.commands import Cli, UserConfig, command_name
+from lepton_mesh.demo.errors import DemoError, Interrupted, MissingDependency, ProcessesLeft
+from lepton_mesh.demo.observe import Observer, healthy_endpoints
+from lepton_mesh.demo.procs import ProcessSpec, StopResult, Supervisor
+from lepton_mesh.demo.report import print_closing, print_try_it
+from lepton_mesh.demo.scenario import Outcome, Stage, run_story
 from lepton_mesh.demo.topology import (
-    HOST,
+    DEPENDENCIES,
     PORTS_NEEDED,
     Mesh,
+    app_specs,
+    control_spec,
+    etcd_spec,
     free_ports,
     plan,
-    process_specs,
+    sidecar_specs,
     write_configs,
 )
 
-# Environment knobs, mainly for tests: a 3 s run still crosses every path.
+# Environment knob, mainly for tests: each of the three traffic phases lasts this long.
 DURATION_ENV = "LEPTON_DEMO_DURATION"
-DEFAULT_DURATION_S = 16.0
-RATE_PER_S = 200.0
-CONCURRENCY = 8
+DEFAULT_DURATION_S = 10.0
 READY_TIMEOUT_S = 30.0
-# The mesh "works" if at least this share of the demo traffic got a 200.
-MIN_SUCCESS = 0.99
+DISCOVERY_TIMEOUT_S = 20.0
+TOKEN_TTL = "24h"
 
 T = TypeVar("T")
 
@@ -60,9 +69,10 @@ def run_demo(
         duration = _duration_from_env()
     workdir = Path(tempfile.mkdtemp(prefix="lepton-demo-"))
     sup = Supervisor(workdir)
+    user_config = UserConfig()
     code = 0
     try:
-        asyncio.run(_main(sup, workdir, keep, duration, _Printer(out)))
+        asyncio.run(_main(sup, workdir, keep, duration, _Printer(out), user_config))
     except DemoError as e:
         code = e.exit_code
         _say(out, f"\ndemo stopped: {e}")
@@ -73,6 +83,7 @@ def run_demo(
         code = 1
         _say(out, f"\ndemo stopped: unexpected error\n{traceback.format_exc()}")
     finally:
+        user_config.restore()
         code = _stop_and_verify(sup, out, code)
     if code == 0 or code > 128:  # done, or stopped on purpose: nothing to look into
         shutil.rmtree(workdir, ignore_errors=True)
@@ -100,8 +111,7 @@ def _stop_and_verify(sup: Supervisor, out: TextIO, code: int) -> int:
     _say(out, "\nstopping ...")
     results = sup.stop_all()
     for r in results:
-        how = "SIGKILL after grace" if r.killed else "exited"
-        _say(out, f"  {r.name:<15} pid {r.pid:<7} {how} (code {r.returncode})")
+        _say(out, f"  {r.name:<17} pid {r.pid:<7} {_how(r)}")
     left = [p for r in results for p in r.left]
     if left:
         err = ProcessesLeft(f"live processes remain: pids {left}")
@@ -111,8 +121,25 @@ def _stop_and_verify(sup: Supervisor, out: TextIO, code: int) -> int:
     return code
 
 
+def _how(r: StopResult) -> str:
+    if r.killed:
+        return f"SIGKILL after its grace (code {r.returncode})"
+    if r.returncode is not None and r.returncode < 0:
+        # etcd re-raises SIGTERM once it has shut down cleanly, as Go programs do.
+        return f"exited on {signal.Signals(-r.returncode).name}"
+    return f"exited (code {r.returncode})"
+
+
 def _say(out: TextIO, text: str) -> None:
-    print(text, file=out, flush=True)
+    try:
+        print(text, file=out, flush=True)
+    except BrokenPipeError:
+        # The reader went away (`demo | head`): stopping everything matters more than
+        # output, so later output goes to /dev/null instead of raising again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(devnull, out.fileno())
+        os.close(devnull)
 
 
 class _Printer:
@@ -128,21 +155,68 @@ class _Printer:
 # -- the async part ----------------------------------------------------------
 
 
-async def _main(sup: Supervisor, workdir: Path, keep: bool, duration: float, say: _Printer) -> None:
+async def _main(
+    sup: Supervisor,
+    workdir: Path,
+    keep: bool,
+    duration: float,
+    say: _Printer,
+    user_config: UserConfig,
+) -> None:
     stop = _StopSignal()
     stop.install()
+    cli = Cli(workdir / "cli-config.json", say)
     try:
-        mesh = await stop.race(_bring_up(sup, workdir, say))
-        await stop.race(_exercise(sup, mesh, duration, say))
+        mesh = await stop.race(_bring_up(sup, workdir, cli, say))
+        async with Observer(mesh) as observer:
+            stage = Stage(mesh, sup, cli, observer, say, duration, workdir)
+            outcome = await stop.race(_story(stage))
         if keep:
-            _print_try_it(mesh, workdir, say)
-            try:
-                await stop.race(_watch(sup))
-            except Interrupted as e:
-                # How a kept mesh is meant to end: not a failure.
-                say(f"\n{signal.Signals(e.signum).name}: stopping the mesh")
+            await _keep(stop, sup, mesh, workdir, cli, outcome, user_config, say)
     finally:
         stop.uninstall()
+
+
+async def _story(st: Stage) -> Outcome:
+    await _wait_for_discovery(st)
+    st.say("")
+    await st.cli.run("get", "instances")
+    outcome = await run_story(st)
+    print_closing(st.say, outcome.phases, await st.observer.scrape_all())
+    return outcome
+
+
+async def _keep(
+    stop: _StopSignal,
+    sup: Supervisor,
+    mesh: Mesh,
+    workdir: Path,
+    cli: Cli,
+    outcome: Outcome,
+    user_config: UserConfig,
+    say: _Printer,
+) -> None:
+    token = (workdir / "admin.token").read_text().strip()
+    lent = user_config.install(mesh.admin_url, token)
+    if lent:
+        say(f"\n(the CLI's config {user_config.path} points at this demo until it stops)")
+    else:
+        say(f"\n(you have a CLI config at {user_config.path}: left alone; use the export below)")
+    print_try_it(
+        say,
+        mesh,
+        workdir,
+        lepton=command_name(),
+        cli_ready=lent,
+        cli_config=cli.config,
+        rollback_to=outcome.first_revision,
+        change_file=outcome.change_file,
+    )
+    try:
+        await stop.race(_watch(sup))
+    except Interrupted as e:
+        # How a kept mesh is meant to end: not a failure.
+        say(f"\n{signal.Signals(e.signum).name}: stopping the mesh")
 
 
 class _StopSignal:
@@ -185,71 +259,96 @@ class _StopSignal:
         raise Interrupted(self._signum)
 
 
-async def _bring_up(sup: Supervisor, workdir: Path, say: _Printer) -> Mesh:
+async def _bring_up(sup: Supervisor, workdir: Path, cli: Cli, say: _Printer) -> Mesh:
     mesh = plan(free_ports(PORTS_NEEDED))
     configs = write_configs(mesh, workdir)
-    say("lepton-mesh demo: an AI customer-service app, two services, two sidecars\n")
-    t0 = time.perf_counter()
-    children = [sup.start(spec) for spec in process_specs(mesh, configs)]
-    for c in children:
-        say(f"  started {c.name:<15} pid {c.pid}")
-    await sup.wait_ready(children, READY_TIMEOUT_S)
-    say(f"  all ready in {time.perf_counter() - t0:.1f} s\n")
     say(
-        f"  client -> chat sidecar :{mesh.chat.inbound} -> chat app :{mesh.chat.app}"
-        f" -> chat sidecar :{mesh.chat.outbound}\n"
-        f"         -> intent sidecar :{mesh.intent.inbound} -> intent app :{mesh.intent.app}\n"
+        "lepton-mesh demo: an AI customer-service app on a control plane. etcd, one control\n"
+        "daemon, and three services (chat calls intent and dialog; dialog runs v1 and v2),\n"
+        "each instance behind a sidecar that the control daemon feeds.\n"
     )
+    t0 = time.perf_counter()
+    key = workdir / "token.key"
+    await cli.run("token", "init-key", str(key), show=False)
+    tiers = [
+        [etcd_spec(mesh, _etcd_argv(mesh, workdir))],
+        [control_spec(mesh, key)],
+        app_specs(mesh),
+        sidecar_specs(mesh, configs),
+    ]
+    for i, tier in enumerate(tiers):
+        await _start_tier(sup, tier, say)
+        if i == 1:  # the control daemon is up: a token and the CLI's config
+            await _admin_token(cli, mesh, workdir, key)
+    say(f"  all ready in {time.perf_counter() - t0:.1f} s\n")
+    _print_layout(mesh, workdir, cli, say)
     return mesh
 
 
-async def _exercise(sup: Supervisor, mesh: Mesh, duration: float, say: _Printer) -> None:
-    say(
-        f"traffic: {duration:.0f} s, up to {RATE_PER_S:.0f} req/s, {CONCURRENCY} connections, "
-        f"POST {mesh.chat.url('inbound', '/v1/chat')}"
-    )
-
-    def progress(t: float, s: load.ClientStats) -> None:
-        say(f"  {t:5.1f} s  {s.sent:6d} sent  {s.ok:6d} ok  {s.sent - s.ok:4d} failed")
-
-    stats = await load.generate(
-        mesh.chat.url("inbound", "/v1/chat"),
-        duration=duration,
-        rate=RATE_PER_S,
-        concurrency=CONCURRENCY,
-        progress=progress,
-        progress_every=max(1.0, min(5.0, duration / 3)),
-    )
-    sup.check_alive()
-    showcase = await load.send_showcase(_showcase_requests(mesh))
-    stream = await load.read_stream(
-        mesh.chat.url("inbound", "/v1/stream?message=where+is+my+order")
-    )
-    sup.check_alive()
-    rows = await scrape_all(mesh)
-    print_report(say, stats, rows, showcase, stream)
-    _judge(stats)
+async def _start_tier(sup: Supervisor, specs: list[ProcessSpec], say: _Printer) -> None:
+    children = [sup.start(spec) for spec in specs]
+    for c in children:
+        say(f"  started {c.name:<17} pid {c.pid}")
+    await sup.wait_ready(children, READY_TIMEOUT_S)
 
 
-def _showcase_requests(mesh: Mesh) -> list[load.Showcase]:
-    outbound = mesh.chat.url("outbound", "/v1/forecast")
-    body = b'{"text": "hi"}'
-    return [
-        load.Showcase("unknown service", "POST", outbound, "weather", body),
-        load.Showcase(
-            "service down", "POST", mesh.chat.url("outbound", "/v1/charge"), "billing", body
-        ),
-    ]
+def _etcd_argv(mesh: Mesh, workdir: Path) -> tuple[str, ...]:
+    """etcd's command line as LocalEtcd builds it; the supervisor runs it.
 
-
-def _judge(stats: load.ClientStats) -> None:
-    if stats.ok == 0:
-        raise TrafficFailed(f"no request succeeded out of {stats.sent}")
-    if stats.ok < MIN_SUCCESS * stats.sent:
-        raise TrafficFailed(
-            f"only {stats.ok} of {stats.sent} requests got 200 "
-            f"(codes {dict(stats.codes)}, errors {dict(stats.errors)})"
+    `fast`: no fsync and short raft timers. The data dir is thrown away with
+    the demo, and one member has no peers to elect with.
+    """
+    try:
+        etcd = LocalEtcd(
+            workdir / "etcd",
+            name="demo",
+            fast=True,
+            client_port=mesh.etcd_client,
+            peer_port=mesh.etcd_peer,
         )
+        return tuple(etcd.command())
+    except EtcdStartError as e:
+        raise MissingDependency(str(e)) from e
+
+
+async def _admin_token(cli: Cli, mesh: Mesh, workdir: Path, key: Path) -> None:
+    """An admin token for the local user, saved where the demo's CLI reads it."""
+    done = await cli.run(
+        "token", "create", "--role", "admin", "--token-key", str(key), "--ttl", TOKEN_TTL,
+        show=False,
+    )  # fmt: skip
+    token = done.stdout.strip()
+    path = workdir / "admin.token"
+    path.touch(mode=0o600)
+    path.write_text(token + "\n")
+    save_config(cli.config, mesh.admin_url, token)
+
+
+async def _wait_for_discovery(st: Stage) -> None:
+    """Until chat's sidecar has healthy endpoints for intent and both dialog versions."""
+    want = {svc: sorted(n.version for n in st.mesh.nodes_of(svc)) for svc in DEPENDENCIES["chat"]}
+
+    def found(config: dict) -> bool:
+        seen = healthy_endpoints(config)
+        return all(seen.get(svc) == versions for svc, versions in want.items())
+
+    took = await st.observer.wait_until(
+        st.mesh.chat, found, timeout=DISCOVERY_TIMEOUT_S, what=f"healthy endpoints {want}"
+    )
+    found_text = ", ".join(f"{svc} ({' '.join(v)})" for svc, v in want.items())
+    st.say(
+        f"  chat's sidecar discovered {found_text} through the control daemon (+{took * 1000:.0f} ms)"
+    )
+
+
+def _print_layout(mesh: Mesh, workdir: Path, cli: Cli, say: _Printer) -> None:
+    c = mesh.chat
+    say(f"  etcd {mesh.etcd_url} (data in {workdir / 'etcd'})")
+    say(f"  control daemon: sidecars connect to :{mesh.control}, admin API {mesh.admin_url}")
+    say(f"  client -> chat sidecar :{c.inbound} -> chat app :{c.app} -> chat sidecar :{c.outbound}")
+    for n in (mesh.intent, *mesh.dialogs):
+        say(f"         -> {n.name} sidecar :{n.inbound} -> {n.service} {n.version} app :{n.app}")
+    say(f"  an admin token for {getpass.getuser()!r}; the CLI reads it from {cli.config}")
 
 
 async def _watch(sup: Supervisor) -> None:
@@ -257,29 +356,3 @@ async def _watch(sup: Supervisor) -> None:
     while True:
         sup.check_alive()
         await asyncio.sleep(0.5)
-
-
-def _print_try_it(mesh: Mesh, workdir: Path, say: _Printer) -> None:
-    chat, intent = mesh.chat, mesh.intent
-    json_h = "-H 'content-type: application/json'"
-    say("\nThe mesh keeps running. Try:\n")
-    say("  # a chat message, through chat's sidecar (inbound) and on to intent")
-    say(
-        f'  curl -s {json_h} -d \'{{"message": "where is my order?"}}\' '
-        f"{chat.url('inbound', '/v1/chat')}"
-    )
-    say("  # a streamed reply (server-sent events) through the sidecar")
-    say(f"  curl -sN '{chat.url('inbound', '/v1/stream?message=refund')}'")
-    say("  # what the chat app does: call intent via its sidecar's outbound listener")
-    say(
-        f"  curl -s -H 'Host: intent' {json_h} -d '{{\"text\": \"cancel my plan\"}}' "
-        f"{chat.url('outbound', '/v1/classify')}"
-    )
-    say("  # the sidecar's own answer for a service it has no route to")
-    say(f"  curl -si -H 'Host: weather' {chat.url('outbound', '/')}")
-    say("\n  admin endpoints:")
-    for node in (chat, intent):
-        base = node.url("admin")
-        say(f"    {node.service:<7} {base}/metrics  {base}/config  {base}/ready  {base}/clusters")
-    say(f"\n  configs and logs: {workdir}")
-    say(f"  listening on {HOST} only. Press Ctrl-C to stop everything.")

@@ -1,13 +1,18 @@
 """The demo mesh's layout: which ports, which sidecar configs, which processes.
 
 Pure data from a list of free ports, so the layout is testable without
-starting anything. Two services from an AI customer-service app:
+starting anything. Three services of an AI customer-service app, every one
+behind a sidecar that the control daemon feeds:
 
-    client -> chat sidecar (inbound) -> chat app -> chat sidecar (outbound)
-           -> intent sidecar (inbound) -> intent app
+    client -> chat sidecar -> chat app -+-> chat sidecar -> intent sidecar -> intent app
+                                        +-> chat sidecar -> dialog-v1 sidecar -> dialog v1 app
+                                                         \\-> dialog-v2 sidecar -> dialog v2 app
 
-`billing` is declared in chat's sidecar config with an endpoint where nothing
-listens, to show the sidecar's own answer for a service that is down.
+    etcd <- control daemon <- one stream per sidecar (registration, snapshots)
+
+No sidecar config names another service's address: chat's sidecar declares
+`dependencies: [intent, dialog]` and learns their instances from the control
+daemon, which learns them from the sidecars that registered them.
 """
 
 from __future__ import annotations
@@ -21,19 +26,38 @@ from typing import Any
 
 import yaml
 
-from lepton_mesh.demo.procs import HttpProbe, ProcessSpec
+from lepton_mesh.demo.procs import HttpProbe, ProcessSpec, TcpProbe
 
 HOST = "127.0.0.1"
 # Longer than the sidecar's drain deadline we configure, so SIGKILL is for hangs only.
 SIDECAR_STOP_GRACE = 5.0
 SIDECAR_DRAIN_S = 2.0
+# The control daemon revokes every sidecar's lease on SIGTERM: a few etcd round trips.
+CONTROL_STOP_GRACE = 10.0
+ETCD_STOP_GRACE = 10.0
+CONTROL_ID = "demo-control"
+# How often a sidecar checks its app: a dead app leaves its callers' balancing within ~2 s.
+HEALTH_CHECK = {"path": "/healthz", "interval": "1s", "timeout": "500ms"}
+# Who calls whom: the only services each sidecar is sent (docs/control-plane.md, scoping).
+DEPENDENCIES: dict[str, tuple[str, ...]] = {
+    "chat": ("intent", "dialog"),
+    "intent": (),
+    "dialog": (),
+}
 
 
 @dataclass(frozen=True, slots=True)
 class Node:
-    """One service: its app's port and its sidecar's three listeners."""
+    """One instance: its app's port and its sidecar's three listeners.
 
+    `name` is the instance id registered with the control daemon and the
+    prefix of its processes' names; `version` is its `version` label, which
+    the DestinationPolicy's subsets select on.
+    """
+
+    name: str
     service: str
+    version: str
     app: int
     outbound: int
     inbound: int
@@ -45,16 +69,42 @@ class Node:
 
 @dataclass(frozen=True, slots=True)
 class Mesh:
+    etcd_client: int
+    etcd_peer: int
+    control: int  # the sidecar-facing stream port
+    admin_api: int  # the control daemon's admin API (what the CLI talks to)
     chat: Node
     intent: Node
-    billing_dead_port: int  # declared for chat's sidecar, never listened on
+    dialog_v1: Node
+    dialog_v2: Node
 
     @property
     def nodes(self) -> tuple[Node, ...]:
-        return (self.chat, self.intent)
+        return (self.chat, self.intent, self.dialog_v1, self.dialog_v2)
+
+    @property
+    def dialogs(self) -> tuple[Node, ...]:
+        return (self.dialog_v1, self.dialog_v2)
+
+    @property
+    def services(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(n.service for n in self.nodes))
+
+    def nodes_of(self, service: str) -> tuple[Node, ...]:
+        return tuple(n for n in self.nodes if n.service == service)
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{HOST}:{self.admin_api}"
+
+    @property
+    def etcd_url(self) -> str:
+        return f"http://{HOST}:{self.etcd_client}"
 
 
-PORTS_NEEDED = 11
+_NODES = (("chat", "chat", "v1"), ("intent", "intent", "v1"),
+          ("dialog-v1", "dialog", "v1"), ("dialog-v2", "dialog", "v2"))  # fmt: skip
+PORTS_NEEDED = 4 + 4 * len(_NODES)
 
 
 def free_ports(n: int, host: str = HOST) -> list[int]:
@@ -74,19 +124,17 @@ def plan(ports: list[int]) -> Mesh:
     if len(ports) != PORTS_NEEDED or len(set(ports)) != PORTS_NEEDED:
         raise ValueError(f"need {PORTS_NEEDED} distinct ports, got {ports}")
     p = iter(ports)
-    chat = Node("chat", next(p), next(p), next(p), next(p))
-    intent = Node("intent", next(p), next(p), next(p), next(p))
-    return Mesh(chat=chat, intent=intent, billing_dead_port=next(p))
+    etcd_client, etcd_peer, control, admin_api = next(p), next(p), next(p), next(p)
+    nodes = [Node(name, svc, ver, next(p), next(p), next(p), next(p)) for name, svc, ver in _NODES]
+    return Mesh(etcd_client, etcd_peer, control, admin_api, *nodes)
 
 
 def sidecar_config(mesh: Mesh, node: Node) -> dict[str, Any]:
-    """The static config of `node`'s sidecar, as the YAML file holds it."""
-    services: dict[str, Any] = {}
-    if node is mesh.chat:
-        services = {
-            "intent": {"endpoints": [f"{HOST}:{mesh.intent.inbound}"]},
-            "billing": {"endpoints": [f"{HOST}:{mesh.billing_dead_port}"]},
-        }
+    """The config file of `node`'s sidecar: its own listeners, and where control is.
+
+    Everything about other services (their instances, routes, retries) comes
+    from the control daemon's snapshots. `state_dir` is relative to the file.
+    """
     return {
         "service": node.service,
         "app": f"{HOST}:{node.app}",
@@ -96,54 +144,89 @@ def sidecar_config(mesh: Mesh, node: Node) -> dict[str, Any]:
             "admin": f"{HOST}:{node.admin}",
         },
         "timeouts": {"drain": SIDECAR_DRAIN_S},
-        "services": services,
+        "dependencies": list(DEPENDENCIES[node.service]),
+        "instance": {"id": node.name, "labels": {"version": node.version}},
+        "control": {"addresses": [f"{HOST}:{mesh.control}"], "state_dir": f"state/{node.name}"},
+        "health_check": dict(HEALTH_CHECK),
     }
 
 
 def write_configs(mesh: Mesh, config_dir: Path) -> dict[str, Path]:
+    """One sidecar config per node, by node name."""
     paths = {}
     for node in mesh.nodes:
-        path = config_dir / f"{node.service}-sidecar.yaml"
+        path = config_dir / f"{node.name}-sidecar.yaml"
         path.write_text(yaml.safe_dump(sidecar_config(mesh, node), sort_keys=False))
-        paths[node.service] = path
+        paths[node.name] = path
     return paths
 
 
-def process_specs(mesh: Mesh, configs: dict[str, Path]) -> list[ProcessSpec]:
-    """Sidecars first, apps last: stopped in reverse, the apps finish their calls
-    through a sidecar that is still up (Istio's holdApplicationUntilProxyStarts
-    order). All are probed concurrently, so neither order waits on the other."""
+def etcd_spec(mesh: Mesh, etcd_argv: tuple[str, ...]) -> ProcessSpec:
+    """etcd, with the command line LocalEtcd builds (see runner), probed on /health.
+
+    etcd's /health answers 503 until the member has a leader and serves reads.
+    """
+    return ProcessSpec(
+        name="etcd",
+        argv=etcd_argv,
+        probes=(HttpProbe(HOST, mesh.etcd_client, "/health"),),
+        stop_grace=ETCD_STOP_GRACE,
+    )
+
+
+def control_spec(mesh: Mesh, token_key: Path) -> ProcessSpec:
+    """One control daemon replica. Ready when both its ports answer: the admin
+    API's public OpenAPI document, and a TCP connect on the sidecar port."""
+    argv = (
+        sys.executable, "-m", "lepton_mesh", "control",
+        "--etcd", f"{HOST}:{mesh.etcd_client}",
+        "--listen", f"{HOST}:{mesh.control}",
+        "--admin", f"{HOST}:{mesh.admin_api}",
+        "--token-key", str(token_key),
+        "--id", CONTROL_ID,
+    )  # fmt: skip
+    return ProcessSpec(
+        name="control",
+        argv=argv,
+        probes=(
+            HttpProbe(HOST, mesh.admin_api, "/api/v1/openapi.json"),
+            TcpProbe(HOST, mesh.control),
+        ),
+        stop_grace=CONTROL_STOP_GRACE,
+    )
+
+
+def app_specs(mesh: Mesh) -> list[ProcessSpec]:
+    """The four apps. They start before their sidecars, so a sidecar's first
+    health check finds its app up and registers the instance healthy."""
+    py = (sys.executable, "-m", "lepton_mesh.demo.apps")
+    specs = []
+    for node in mesh.nodes:
+        argv = (*py, node.service, "--port", str(node.app))
+        if node.service == "chat":
+            argv += ("--outbound", f"{HOST}:{node.outbound}")
+        if node.service == "dialog":
+            argv += ("--version", node.version)
+        specs.append(
+            ProcessSpec(
+                name=f"{node.name}-app",
+                argv=argv,
+                probes=(HttpProbe(HOST, node.app, "/healthz"),),
+            )
+        )
+    return specs
+
+
+def sidecar_specs(mesh: Mesh, configs: dict[str, Path]) -> list[ProcessSpec]:
+    """The four sidecars. /ready answers 200 once the first snapshot from the
+    control daemon is applied."""
     py = sys.executable
-    specs = [
+    return [
         ProcessSpec(
-            name=f"{node.service}-sidecar",
-            argv=(py, "-m", "lepton_mesh", "sidecar", "--config", str(configs[node.service])),
+            name=f"{node.name}-sidecar",
+            argv=(py, "-m", "lepton_mesh", "sidecar", "--config", str(configs[node.name])),
             probes=(HttpProbe(HOST, node.admin, "/ready"),),
             stop_grace=SIDECAR_STOP_GRACE,
         )
-        for node in (mesh.intent, mesh.chat)
+        for node in mesh.nodes
     ]
-    specs.append(
-        ProcessSpec(
-            name="intent-app",
-            argv=(py, "-m", "lepton_mesh.demo.apps", "intent", "--port", str(mesh.intent.app)),
-            probes=(HttpProbe(HOST, mesh.intent.app, "/healthz"),),
-        )
-    )
-    specs.append(
-        ProcessSpec(
-            name="chat-app",
-            argv=(
-                py,
-                "-m",
-                "lepton_mesh.demo.apps",
-                "chat",
-                "--port",
-                str(mesh.chat.app),
-                "--outbound",
-                f"{HOST}:{mesh.chat.outbound}",
-            ),
-            probes=(HttpProbe(HOST, mesh.chat.app, "/healthz"),),
-        )
-    )
-    return specs

@@ -1,9 +1,14 @@
-"""`lepton-mesh demo` end to end, as a user runs it: a subprocess, real sidecars.
+"""`lepton-mesh demo` end to end, as a user runs it: a subprocess, a real etcd, a
+real control daemon, real sidecars fed by it, the real CLI.
 
-Each run is shortened with LEPTON_DEMO_DURATION. Every test checks, by pid,
-that no process the demo started is left alive, whichever way it ended.
+Each run is shortened with LEPTON_DEMO_DURATION (seconds per traffic phase).
+Every test checks, by pid and by process group, that no process the demo
+started is left alive (etcd included), whichever way it ended. The CLI config
+a kept demo lends the user lives under this test's XDG_CONFIG_HOME.
 """
 
+import getpass
+import json
 import os
 import queue
 import re
@@ -22,21 +27,37 @@ from lepton_mesh.demo.procs import pid_alive
 SCRIPT = Path(sys.executable).with_name("lepton-mesh")
 COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "lepton_mesh"]
 STARTED = re.compile(r"^\s+started (\S+)\s+pid (\d+)$", re.M)
-NAMES = {"intent-sidecar", "chat-sidecar", "intent-app", "chat-app"}
+NAMES = {
+    "etcd", "control",
+    "chat-app", "intent-app", "dialog-v1-app", "dialog-v2-app",
+    "chat-sidecar", "intent-sidecar", "dialog-v1-sidecar", "dialog-v2-sidecar",
+}  # fmt: skip
+# PHASE  REVISION  WEIGHTS  DIALOG CALLS  V1  V2  CHAT 200s
+RECAP = re.compile(
+    r"^\s+(canary 90/10|change 50/50|rollback to 1)\s+(\d+)\s+(\d+/\d+)\s+(\d+)"
+    r"\s+([\d.]+)%\s+([\d.]+)%\s+(\d+)/(\d+)$",
+    re.M,
+)
+SERVICE_ROW = re.compile(
+    r"^\s+(chat|intent|dialog)\s+\S.*?\s+(\d+)\s+(\d+)\s+([\d.]+)%\s+[\d.]+$", re.M
+)
+REPLY_SPLIT = re.compile(r"seen in chat's replies:\s+v1 (\d+) \([\d.]+%\)\s+v2 (\d+)")
+SIDECAR_SPLIT = re.compile(r"counted by the dialog sidecars:\s+v1 (\d+) \([\d.]+%\)\s+v2 (\d+)")
+# REVISION  TIME  WHO  MESSAGE  CHANGES, as `lepton-mesh history` prints it (indented)
+HISTORY_ROW = re.compile(r"^  (\d+)\s+\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\s+(\S+)\s+(.*?)\s{3}", re.M)
+_USER_SETTINGS = ("LEPTON_CONFIG", "LEPTON_SERVER", "LEPTON_TOKEN", "XDG_CONFIG_HOME")
 
 
 class Demo:
     """The demo process with its output read line by line on a thread."""
 
-    def __init__(self, *args: str, duration: float, tmp: Path) -> None:
-        # TMPDIR: a failed run keeps its configs and logs, here rather than in /tmp.
-        env = {**os.environ, "LEPTON_DEMO_DURATION": str(duration), "TMPDIR": str(tmp)}
+    def __init__(self, *args: str, duration: float, env: dict[str, str]) -> None:
         self.proc = subprocess.Popen(
             [*COMMAND, "demo", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env=env,
+            env={**env, "LEPTON_DEMO_DURATION": str(duration)},
             start_new_session=True,  # our own Ctrl-C must not reach it by accident
         )
         self.lines: list[str] = []
@@ -86,11 +107,19 @@ class Demo:
 
 
 @pytest.fixture
-def demo_factory(tmp_path: Path):
+def demo_env(tmp_path: Path) -> dict[str, str]:
+    """TMPDIR: a failed run keeps its files here. XDG_CONFIG_HOME: the user's CLI config."""
+    (tmp_path / "tmp").mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in _USER_SETTINGS}
+    return env | {"TMPDIR": str(tmp_path / "tmp"), "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+
+
+@pytest.fixture
+def demo_factory(demo_env: dict[str, str]):
     demos: list[Demo] = []
 
     def make(*args: str, duration: float) -> Demo:
-        demos.append(Demo(*args, duration=duration, tmp=tmp_path))
+        demos.append(Demo(*args, duration=duration, env=demo_env))
         return demos[-1]
 
     yield make
@@ -107,63 +136,122 @@ def assert_all_gone(pids: dict[str, int]) -> None:
             os.killpg(pid, 0)
 
 
-def sidecar_rows(output: str) -> list[list[str]]:
-    """The data rows of the sidecar metrics table, split into cells."""
-    block = output.split("What the sidecars counted")[1]
-    rows = []
-    for line in block.splitlines()[3:]:
+def sidecar_rows(output: str) -> dict[tuple[str, ...], list[str]]:
+    """The whole-run sidecar table, by (sidecar, reporter, source, destination)."""
+    block = output.split("What each sidecar counted")[1].split("SIDECAR", 1)[1]
+    rows = {}
+    for line in block.splitlines()[2:]:  # past the rest of the header, and the dashes
         if not line.strip():
             break
-        rows.append(line.split())
+        cells = line.split()
+        rows[tuple(cells[:4])] = cells
     return rows
 
 
-def codes_of(row: list[str]) -> dict[str, int]:
-    # SIDECAR REPORTER SOURCE DESTINATION REQUESTS CODES... REASONS... P50 P99
-    cells = (cell for cell in row[5:] if re.fullmatch(r"\d{3}:\d+", cell))
-    return {code: int(n) for code, n in (cell.split(":") for cell in cells)}
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*COMMAND, *args], env=env, capture_output=True, text=True, timeout=30, check=False
+    )
 
 
-def test_demo_runs_traffic_through_both_sidecars_and_cleans_up(demo_factory, tmp_path) -> None:
+def test_canary_change_and_rollback_show_in_the_split(demo_factory, demo_env) -> None:
     demo = demo_factory(duration=3)
-    code = demo.finish(timeout=50)
+    code = demo.finish(timeout=55)
     out = demo.output
     assert code == 0, out
-    rows = sidecar_rows(out)
-    by_key = {(r[0], r[1], r[3]): r for r in rows}
-    for key in [("chat", "destination", "chat"), ("chat", "source", "intent"),
-                ("intent", "destination", "intent")]:  # fmt: skip
-        assert key in by_key, out
-        row = by_key[key]
-        assert int(row[4]) > 0 and codes_of(row).get("200", 0) > 0, row
-    # The sidecar's own answer for an unknown service, with its reason code.
-    assert re.search(r"unknown service .*Host: weather\s+404\s+no_route", out), out
-    assert re.search(r"Streaming .*status 200, \d+ tokens in \d+ ms, complete", out), out
-    assert "all 4 processes stopped; none left running" in out
+
+    # Three phases, each with the three services serving, all of it 200s.
+    rows = SERVICE_ROW.findall(out)
+    assert [r[0] for r in rows] == ["chat", "intent", "dialog"] * 3, out
+    for service, requests, per_s, success in rows:
+        assert int(requests) >= 290 and int(per_s) > 0 and float(success) == 100.0, (service, out)
+    # Over the whole run, every sidecar counted 200s and nothing else.
+    counted = sidecar_rows(out)
+    assert sorted(counted) == [
+        ("chat", "destination", "unknown", "chat"),
+        ("chat", "source", "chat", "dialog"),
+        ("chat", "source", "chat", "intent"),
+        ("dialog-v1", "destination", "chat", "dialog"),
+        ("dialog-v2", "destination", "chat", "dialog"),
+        ("intent", "destination", "chat", "intent"),
+    ], out
+    for key, cells in counted.items():
+        assert cells[5] == f"200:{cells[4]}", (key, out)
+
+    # The split: 90/10, then 50/50, then back at 90/10 after the rollback.
+    recap = {m[0]: m for m in RECAP.findall(out)}
+    assert list(recap) == ["canary 90/10", "change 50/50", "rollback to 1"], out
+    # title: (revision, weights, v2's expected share in %, tolerance in points)
+    expected = {
+        "canary 90/10": ("1", "90/10", 10, 8),
+        "change 50/50": ("2", "50/50", 50, 10),
+        "rollback to 1": ("3", "90/10", 10, 8),
+    }
+    for title, (want_revision, want_weights, want_v2, tolerance) in expected.items():
+        _, revision, weights, calls, v1, v2, ok, sent = recap[title]
+        assert (revision, weights) == (want_revision, want_weights), (title, out)
+        assert int(calls) >= 290 and ok == sent, (title, out)
+        assert abs(float(v2) - want_v2) <= tolerance, (title, v2, out)
+        assert abs(float(v1) + float(v2) - 100) < 0.2
+    # The replies the client got agree with what the dialog sidecars counted.
+    for (r1, r2), (s1, s2) in zip(
+        REPLY_SPLIT.findall(out), SIDECAR_SPLIT.findall(out), strict=True
+    ):
+        assert abs(int(r1) - int(s1)) <= 3 and abs(int(r2) - int(s2)) <= 3, out
+
+    # The change went through the CLI: a diff, an apply, a rollback, and the history.
+    assert re.search(r"^\$ lepton-mesh apply \S*examples/mesh -m", out, re.M), out
+    assert re.search(r"^  -      weight: 90\n  \+      weight: 50$", out, re.M), out
+    assert "rolled back to policy revision 1 as revision 3" in out
+    history = {int(m[0]): m for m in HISTORY_ROW.findall(out)}
+    assert sorted(history) == [1, 2, 3], out
+    assert {m[1] for m in history.values()} == {getpass.getuser()}
+    assert history[1][2] == "dialog v2 canary at 10%"
+    assert history[2][2] == "dialog v2 to 50%"
+    assert history[3][2].endswith("(rollback to 1)")
+
+    assert "all 10 processes stopped; none left running" in out
     assert_all_gone(demo.children())
-    assert list(tmp_path.iterdir()) == []  # a clean run leaves no files either
+    assert list(Path(demo_env["TMPDIR"]).iterdir()) == []  # a clean run leaves no files
+    assert not Path(demo_env["XDG_CONFIG_HOME"]).exists()  # and lends no config
 
 
-def test_keep_serves_until_ctrl_c_then_stops_everything(demo_factory) -> None:
+def test_keep_serves_the_cli_until_ctrl_c_then_stops_everything(demo_factory, demo_env) -> None:
     demo = demo_factory("--keep", duration=1)
-    m = demo.wait_for_line(r"-d '\{\"message\": .*'\s+(http://127\.0\.0\.1:\d+/v1/chat)", 45)
+    m = demo.wait_for_line(r"-d '\{\"message\": .*'\s+(http://127\.0\.0\.1:\d+/v1/chat)", 55)
     demo.wait_for_line(r"Press Ctrl-C", 5)
+    pids = demo.children()
+    assert all(pid_alive(pid) for pid in pids.values())
+
+    # A beta user's turns all go to dialog v2 (the Route's beta-users rule).
     request = urllib.request.Request(
-        m[1], data=b'{"message": "I want a refund"}', headers={"content-type": "application/json"}
+        m[1],
+        data=b'{"message": "I want a refund"}',
+        headers={"content-type": "application/json", "x-user-group": "beta"},
     )
     with urllib.request.urlopen(request, timeout=10) as resp:
         assert resp.status == 200
-        assert b'"intent":"refund"' in resp.read()
-    pids = demo.children()
-    assert all(pid_alive(pid) for pid in pids.values())
+        body = json.loads(resp.read())
+    assert (body["intent"], body["dialog_version"]) == ("refund", "v2")
+
+    # The user's CLI reaches the demo's control daemon with no flag and no login.
+    services = cli(demo_env, "get", "services")
+    assert services.returncode == 0, services.stderr
+    rows = {line.split()[1]: line.split()[2:] for line in services.stdout.splitlines()[1:]}
+    assert rows == {"chat": ["1", "1"], "dialog": ["2", "2"], "intent": ["1", "1"]}
+    history = cli(demo_env, "history")
+    assert history.returncode == 0 and len(history.stdout.splitlines()) == 4, history
+
     demo.proc.send_signal(signal.SIGINT)
     assert demo.finish(timeout=30) == 0, demo.output
     assert_all_gone(pids)
+    config = Path(demo_env["XDG_CONFIG_HOME"]) / "lepton-mesh" / "config.json"
+    assert not config.exists()  # given back: the demo's token is gone with it
 
 
 def test_ctrl_c_during_traffic_stops_everything_and_exits_130(demo_factory) -> None:
     demo = demo_factory(duration=60)
-    demo.wait_for_line(r"^traffic:", 45)
+    demo.wait_for_line(r"^traffic:", 55)
     demo.proc.send_signal(signal.SIGINT)
     assert demo.finish(timeout=30) == 130, demo.output
     assert "demo stopped: interrupted" in demo.output

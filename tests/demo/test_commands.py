@@ -1,0 +1,88 @@
+"""The CLI config the demo lends the user with --keep: written only where it harms
+nothing, removed only if it is still the demo's; and the demo's own CLI runs."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from lepton_mesh.cli_client import save_config
+from lepton_mesh.demo.commands import Cli, UserConfig, shown_path
+from lepton_mesh.demo.errors import CommandFailed
+
+SERVER = "http://127.0.0.1:40001"
+
+
+def _token_in(path: Path) -> str | None:
+    return json.loads(path.read_text())["token"] if path.exists() else None
+
+
+def test_no_user_config_is_lent_then_removed(tmp_path: Path) -> None:
+    cfg = UserConfig(tmp_path / "lepton-mesh" / "config.json")
+    assert cfg.install(SERVER, "demo-token")
+    assert json.loads(cfg.path.read_text()) == {"server": SERVER, "token": "demo-token"}
+    assert cfg.path.stat().st_mode & 0o777 == 0o600
+    assert "demo-token" not in cfg.marker.read_text()  # a hash, not the secret
+    cfg.restore()
+    assert not cfg.path.exists() and not cfg.marker.exists()
+    cfg.restore()  # idempotent
+
+
+def test_a_users_config_is_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    save_config(path, "http://control.internal:15011", "users-token")
+    cfg = UserConfig(path)
+    assert not cfg.install(SERVER, "demo-token")
+    cfg.restore()
+    assert _token_in(path) == "users-token"
+    assert not cfg.marker.exists()
+
+
+def test_a_config_left_by_a_killed_demo_is_taken_over(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    old = UserConfig(path)
+    assert old.install(SERVER, "old-demo-token")  # ... and that demo died without restore()
+    cfg = UserConfig(path)
+    assert cfg.install(SERVER, "new-demo-token")
+    assert _token_in(path) == "new-demo-token"
+    cfg.restore()
+    assert not path.exists()
+
+
+def test_a_config_the_user_replaced_meanwhile_is_kept(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    cfg = UserConfig(path)
+    assert cfg.install(SERVER, "demo-token")
+    save_config(path, "http://control.internal:15011", "users-token")  # `lepton-mesh login`
+    cfg.restore()
+    assert _token_in(path) == "users-token"
+    assert not cfg.marker.exists()
+
+
+def test_shown_path_is_relative_below_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert shown_path(tmp_path / "examples" / "mesh") == "examples/mesh"
+    assert shown_path(Path("/elsewhere/mesh")) == "/elsewhere/mesh"
+
+
+async def test_cli_runs_with_the_demos_config_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A user's settings must not redirect the demo's commands.
+    monkeypatch.setenv("LEPTON_TOKEN", "users-token")
+    monkeypatch.setenv("LEPTON_SERVER", "http://127.0.0.1:1")
+    save_config(tmp_path / "cli.json", "http://127.0.0.1:9", "demo-token")
+    lines: list[str] = []
+    cli = Cli(tmp_path / "cli.json", lines.append)
+    key = tmp_path / "token.key"
+    done = await cli.run("token", "init-key", str(key))
+    assert done.returncode == 0 and key.exists()
+    assert lines[0] == f"$ lepton-mesh token init-key {key}"
+    assert lines[1].startswith(f"  created {key}")
+    # Nothing listens on port 9: a connection error (3) names the demo's server.
+    with pytest.raises(CommandFailed, match=r"exited with 3:\n.*127\.0\.0\.1:9"):
+        await cli.run("get", "services", show=False)
+    assert "LEPTON_TOKEN" in os.environ  # ours is untouched
