@@ -66,6 +66,7 @@ __all__ = [
     "StreamRefused",
     "TrustState",
     "certificate_status",
+    "key_id",
     "peer_certificate",
 ]
 
@@ -104,15 +105,38 @@ class TrustState:
 
 
 def certificate_status(cert: x509.Certificate, trust: TrustState | None = None) -> dict[str, Any]:
-    """The `certificate` field of a sidecar's status key (public facts only)."""
+    """The `certificate` field of a sidecar's status key (public facts only).
+
+    `issuer_key_id` (the leaf's authority key identifier) tells intermediates
+    apart even when their names do not (names carry the creation time to
+    the second): during a root rotation, wait until every sidecar shows the
+    new intermediate's key id.
+    """
     out: dict[str, Any] = {
         "serial": f"{cert.serial_number:x}",
         "not_after": cert.not_valid_after_utc.timestamp(),
         "issuer": cert.issuer.rfc4514_string(),
+        "issuer_key_id": _authority_key_id(cert),
     }
     if trust is not None:
         out["roots"] = [r[:16] for r in trust.roots]
     return out
+
+
+def _authority_key_id(cert: x509.Certificate) -> str | None:
+    try:
+        aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return None
+    return aki.key_identifier.hex() if aki.key_identifier is not None else None
+
+
+def key_id(cert: x509.Certificate) -> str | None:
+    """A CA certificate's subject key identifier (hex): what its leaves' `issuer_key_id` is."""
+    try:
+        return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()
+    except x509.ExtensionNotFound:
+        return None
 
 
 class CsrLimiter:

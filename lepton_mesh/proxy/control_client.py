@@ -473,13 +473,21 @@ class ControlClient:
             return None, False
         creds = self.identity.credentials() if self.identity is not None else None
         if creds is None or self._skip_cert or not self.identity.usable():  # type: ignore[union-attr]
-            # No certificate (yet, or one control refused): authenticate control only.
-            bundle = creds[2] if creds is not None else self._control_ca
-            return _bootstrap_context(bundle), False
+            # No certificate (yet, or one control refused): authenticate control only,
+            # with the roots we were last given and those in the file (re-read: an
+            # operator recovers a sidecar whose roots are all gone by replacing it).
+            return _bootstrap_context(self._bootstrap_roots(creds)), False
         chain, key, bundle = creds
         if self._mtls is None or self._mtls[0] != chain:
             self._mtls = (chain, client_context(chain, key, bundle))
         return self._mtls[1], True
+
+    def _bootstrap_roots(self, creds: tuple[bytes, bytes, bytes] | None) -> bytes:
+        assert self.cfg.control is not None and self.cfg.control.ca_bundle is not None
+        with contextlib.suppress(OSError), open(self.cfg.control.ca_bundle, "rb") as f:
+            self._control_ca = f.read()
+        installed = creds[2] if creds is not None else b""
+        return installed + b"\n" + self._control_ca if installed else self._control_ca  # type: ignore[operator]
 
     def _join_token(self) -> str | None:
         """The join token: `control.token_file` (read each time: it may be replaced),
