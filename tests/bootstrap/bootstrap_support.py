@@ -272,3 +272,116 @@ async def until_certified(client: ControlClient, timeout: float = 5.0) -> float:
         f"a certificate ({client.last_error or client.identity.last_error})",  # type: ignore[union-attr]
     )
     return time.monotonic() - started
+
+
+# --- a mesh of real sidecars and a request loop through it ------------------------------
+
+
+class App:
+    """An HTTP/1.1 keep-alive app that answers every request with its name."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name.encode()
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> App:
+        self.server = await asyncio.start_server(self._serve, LOCAL, 0)
+        self.port = int(self.server.sockets[0].getsockname()[1])
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(self.name), self.name)
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+class Load:
+    """`workers` clients calling `host` through a sidecar's outbound listener,
+    each on a keep-alive connection replaced every `per_connection` requests.
+    Every answer that is not a 200 from the app, and every broken connection,
+    is a failure (recorded with what was seen)."""
+
+    def __init__(
+        self,
+        address: Address,
+        host: str,
+        expect: bytes,
+        *,
+        workers: int = 4,
+        per_connection: int = 20,
+    ) -> None:
+        self.address = address
+        self.host = host
+        self.expect = expect
+        self.workers = workers
+        self.per_connection = per_connection
+        self.ok = 0
+        self.failures: list[str] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    def start(self) -> Load:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._worker()) for _ in range(self.workers)]
+        return self
+
+    async def stop(self) -> None:
+        """Let each worker finish the request it is in, then stop."""
+        self._stopping = True
+        await asyncio.gather(*self._tasks)
+
+    async def progress(self, more: int = 50, timeout: float = 10.0) -> None:
+        """Wait until `more` further requests succeeded."""
+        target = self.ok + more
+        await eventually(lambda: self.ok >= target, timeout, f"{more} more requests")
+
+    async def _worker(self) -> None:
+        request = b"GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % self.host.encode()
+        while not self._stopping:
+            try:
+                reader, writer = await asyncio.open_connection(self.address.host, self.address.port)
+            except OSError as e:
+                self.failures.append(f"connect: {e}")
+                continue
+            try:
+                for _ in range(self.per_connection):
+                    if self._stopping:
+                        break
+                    writer.write(request)
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    length = _content_length(head)
+                    body = await reader.readexactly(length)
+                    if not head.startswith(b"HTTP/1.1 200 ") or body != self.expect:
+                        self.failures.append(
+                            head.decode(errors="replace") + body.decode(errors="replace")
+                        )
+                    else:
+                        self.ok += 1
+            except (asyncio.IncompleteReadError, ConnectionError) as e:
+                self.failures.append(f"connection broke: {e!r}")
+            finally:
+                writer.close()
+                with contextlib.suppress(ConnectionError):
+                    await writer.wait_closed()
+
+
+def _content_length(head: bytes) -> int:
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0

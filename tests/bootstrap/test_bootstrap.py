@@ -306,3 +306,55 @@ async def _status(store: Store, node_id: str) -> dict:
 def _has_certificate_status(control: object) -> bool:
     rows = control.ctx.registry.sidecars()  # type: ignore[attr-defined]
     return bool(rows) and all(r.get("certificate") for r in rows)
+
+
+async def test_control_renews_its_own_certificate_and_open_streams_stay(
+    replicas: Replicas, pki: Pki
+) -> None:
+    control = await replicas(cert_lifetime=3.0)
+    assert control.ctx is not None and control.ctx.identity is not None
+    service = control.ctx.identity
+    peer = await TlsPeer.connect(control.listen_port, pki.bootstrap_context())
+    peer.send(hello("chat", pki.token("chat")))
+    await peer.until(mp.Welcome)
+    first = _served_serial(peer)
+    assert first == service.serving_serial
+
+    await eventually(lambda: service.serving_serial != first, 5, "the serving certificate renewed")
+    fresh = await TlsPeer.connect(control.listen_port, pki.bootstrap_context())
+    assert _served_serial(fresh) == service.serving_serial
+    assert fresh.server_identity == CONTROL.uri
+    peer.send(mp.Ping(1.0))  # the stream opened under the old certificate is still served
+    assert (await peer.until(mp.Pong)).time == 1.0
+
+
+async def test_a_sidecar_whose_roots_are_all_replaced_rejoins_with_its_token(
+    replicas: Replicas, pki: Pki
+) -> None:
+    """Its certificate and bundle are from a CA that is gone: the attempt with the
+    certificate fails, the next one (token, the re-read ca_bundle file) succeeds."""
+    first = await replicas()
+    port = first.listen_port
+    cfg = client_config(port, pki, "chat", token_file=pki.token_file("chat"))
+    sidecar = FakeSidecar()
+    client = await start_client(cfg, sidecar)
+    try:
+        await until_certified(client)
+        old = sidecar.identity.serial
+        await first.stop()
+        init_ca(pki.ca.directory, force=True)  # a new root; the sidecar's file is rewritten
+        await replicas(listen=("127.0.0.1", port))
+        await eventually(
+            lambda: sidecar.identity.serial != old, 10, "a certificate from the new CA"
+        )
+        assert sidecar.identity.installs[-1][2] == pki.bundle_pem
+        assert client.connected
+    finally:
+        await client.aclose()
+
+
+def _served_serial(peer: TlsPeer) -> int:
+    from cryptography import x509
+
+    der = peer.writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    return x509.load_der_x509_certificate(der).serial_number
