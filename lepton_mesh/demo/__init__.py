@@ -1,8 +1,9 @@
-"""`lepton-mesh demo`: a two-service mesh on this machine, traffic, and what the sidecars saw.
+"""`lepton-mesh demo`: a mesh on a control plane on this machine, a canary, a
+change and a rollback, and what the sidecars saw.
 
 `run_demo` is the CLI's entry point. The demo's apps and load generator use
-aiohttp (a dev/demo dependency, never imported by the proxy), so it is
-imported only when the demo runs.
+aiohttp (never imported by the proxy), so it is imported only when the demo
+runs. docs/demo.md describes what it does and prints.
 """
 
 from __future__ import annotations
