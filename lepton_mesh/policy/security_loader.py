@@ -16,6 +16,7 @@ service's, in its own namespace (`SecurityPolicies`).
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import json
 import math
@@ -453,7 +454,7 @@ def _jwk_ok(c: Checker, key: Any, path: Path, algorithms: tuple[str, ...]) -> bo
     if alg is not None and alg not in algorithms:
         c.error(
             (*path, "alg"),
-            f"the key is for {describe(alg)}, which is not in the provider's algorithms "
+            f"the key is for {alg!r}, which is not in the provider's algorithms "
             f"({', '.join(algorithms) or 'none valid'})",
         )
         return False
@@ -779,7 +780,14 @@ def _condition_key(
             return None
         return text, "claim", ".".join(segments), segments
     known = ", ".join(CONDITION_KEYS)
-    hint = did_you_mean(text, [k.replace("[NAME]", "") for k in CONDITION_KEYS])
+    # Suggest on the part before any bracket and keep the bracket: request.header[x] -> request.headers[x].
+    base, bracket, rest = text.partition("[")
+    takes_arg = {k.partition("[")[0]: "[" in k for k in CONDITION_KEYS}
+    close = difflib.get_close_matches(base, list(takes_arg), n=1, cutoff=0.6)
+    hint = ""
+    if close:
+        guess = close[0] + (bracket + rest if takes_arg[close[0]] else "")
+        hint = f" (did you mean {guess!r}?)"
     c.error(path, f"unknown key {text!r}{hint}; the keys are {known}")
     return None
 
@@ -787,6 +795,9 @@ def _condition_key(
 def _port_value(c: Checker, value: Any, path: Path) -> str | None:
     if isinstance(value, str) and value.isdigit():
         value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        expected(c, path, "a port number (destination.port compares the inbound port)", value)
+        return None
     port = _port(c, value, path)
     return None if port is None else str(port)
 
@@ -917,10 +928,20 @@ def _rps(c: Checker, value: Any, path: Path) -> float | None:
     return rate
 
 
+_KEY_ALIASES = {"ip": "client_ip", "source_ip": "client_ip", "identity": "source_identity"}
+_KEY_CHOICES = "service, source_identity, client_ip or {header: NAME}"
+
+
 def _rate_key(c: Checker, value: Any, path: Path) -> RateKey | None:
     if isinstance(value, str):
-        kind = _choice(c, value, path, _KEY_NAMES)
-        return None if kind is None else RateKey(kind)  # type: ignore[arg-type]
+        if value in _KEY_NAMES:
+            return RateKey(value)  # type: ignore[arg-type]
+        close = _KEY_ALIASES.get(value)
+        hint = f" (did you mean {close!r}?)" if close else did_you_mean(value, _KEY_NAMES)
+        if value == "header":
+            hint = " (a header key names its header: {header: x-api-key})"
+        c.error(path, f"expected {_KEY_CHOICES}, found {describe(value)}{hint}")
+        return None
     if isinstance(value, Mapping):
         m = check_mapping(c, value, path, ("header",))
         if m is None or "header" not in m:
@@ -929,7 +950,7 @@ def _rate_key(c: Checker, value: Any, path: Path) -> RateKey | None:
             return None
         header = _header_name(c, m["header"], (*path, "header"))
         return None if header is None else RateKey("header", header)
-    expected(c, path, "service, source_identity, client_ip or {header: NAME}", value)
+    expected(c, path, _KEY_CHOICES, value)
     return None
 
 
