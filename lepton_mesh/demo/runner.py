@@ -202,6 +202,10 @@ async def _keep(
         say(f"\n(the CLI's config {user_config.path} points at this demo until it stops)")
     else:
         say(f"\n(you have a CLI config at {user_config.path}: left alone; use the export below)")
+    if overriding := [name for name in ("LEPTON_SERVER", "LEPTON_TOKEN") if name in os.environ]:
+        say(
+            f"(your environment sets {' and '.join(overriding)}, which win over any config: unset them)"
+        )
     print_try_it(
         say,
         mesh,

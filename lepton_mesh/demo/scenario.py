@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lepton_mesh.demo import load
-from lepton_mesh.demo.commands import Cli, Completed, shown_path
+from lepton_mesh.demo.commands import Cli, shown_path
 from lepton_mesh.demo.errors import CommandFailed, TrafficFailed
 from lepton_mesh.demo.observe import Observer, route_rule_weights
 from lepton_mesh.demo.policies import (
@@ -33,7 +33,7 @@ from lepton_mesh.demo.policies import (
     load_manifests,
     write_change,
 )
-from lepton_mesh.demo.procs import Supervisor
+from lepton_mesh.demo.procs import Completed, Supervisor
 from lepton_mesh.demo.report import PhaseResult, print_phase
 from lepton_mesh.demo.summary import (
     Scrape,
