@@ -45,6 +45,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument(
         "--failover-rate", type=int, default=d.failover_rate, help="open-loop rate of failover"
     )
+    p.add_argument(
+        "--churn-seconds", type=float, default=d.mtls_churn_s, help="length of mtls_churn"
+    )
     p.add_argument("--output", type=Path, default=RESULTS, help="where the JSON goes")
     p.add_argument("--no-install", action="store_true", help="fail instead of apt-get install")
     p.add_argument("--keep-workdir", action="store_true", help="keep configs and logs")
@@ -135,6 +138,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         rate=args.rate,
         hold_connections=args.hold,
         failover_rate=args.failover_rate,
+        mtls_churn_s=args.churn_seconds,
         quiet_wait_s=args.quiet_wait,
     )
 
@@ -151,6 +155,7 @@ def _meta(settings: Settings, pinning: Pinning) -> dict[str, object]:
             "rate_connections": settings.rate_connections,
             "hold_connections": settings.hold_connections,
             "failover_rate": settings.failover_rate,
+            "mtls_churn_s": settings.mtls_churn_s,
             "access_logs": ACCESS_LOGS,
         },
         "machine": report.machine(pinning, tools.versions()),

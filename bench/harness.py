@@ -46,7 +46,7 @@ class Settings:
     rate: int = 1000
     rate_connections: int = 20
     hold_connections: int = 1000
-    failover_rate: int = 5000  # open-loop rate of the failover run
+    failover_rate: int = 3000  # open-loop rate of the failover run: ~40 % of the proxy core
     mtls_churn_s: float = 60.0  # seconds of new mTLS connections in mtls_churn
     ready_timeout_s: float = 20.0
     quiet_wait_s: float = 0.0  # before each run, wait up to this for others' load to drop
@@ -140,10 +140,10 @@ class Bench:
             yield running
 
     @contextmanager
-    def control_plane(self) -> Iterator[control.ControlPlane]:
-        """etcd (on the load core) and one control daemon (on the proxy core)."""
+    def control_plane(self, label: str) -> Iterator[control.ControlPlane]:
+        """etcd (on the load core) and one control daemon (on the proxy core), new for each run."""
         with control.serve(
-            self.workdir, self.pinning.proxy(), self.settings.ready_timeout_s
+            self.workdir / label, self.pinning.proxy(), self.settings.ready_timeout_s
         ) as running:
             yield running
 

@@ -17,6 +17,7 @@ import resource
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -225,6 +226,49 @@ def peak_rss_mb(pid: int) -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+class RssSampler:
+    """Reads a process tree's RSS every `interval_s` on a thread, from start() to stop().
+
+    `samples` holds (seconds since start, MB). A thread, because the bench's
+    main thread is blocked reading its clients' output meanwhile.
+    """
+
+    def __init__(self, pid: int, interval_s: float = 0.5) -> None:
+        self.pid = pid
+        self.interval_s = interval_s
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self._t0 = 0.0
+
+    def start(self) -> RssSampler:
+        self._t0 = time.monotonic()
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while True:
+            self.sample()
+            if self._stop.wait(self.interval_s):
+                return
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self._t0
+
+    def sample(self) -> float:
+        mb = tree_rss_mb(self.pid)
+        self.samples.append((self.elapsed(), mb))
+        return mb
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+    def peak(self, since_s: float = 0.0) -> float:
+        return max((mb for t, mb in self.samples if t >= since_s), default=0.0)
 
 
 def open_fds(pid: int) -> int:

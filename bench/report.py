@@ -89,6 +89,27 @@ TARGETS: tuple[Target, ...] = (
         lambda r: _figure(r, "rss_1000_conns", "rss_mb"),
     ),
     Target(
+        "two_hop_mtls",
+        "mTLS rps / plaintext two_hop rps",
+        0.7,
+        False,
+        lambda r: _ratio(_figure(r, "two_hop_mtls", "rps"), _figure(r, "two_hop", "rps")),
+    ),
+    Target(
+        "mtls_churn",
+        "RSS MB above idle 10 s after",
+        20.0,
+        True,
+        lambda r: _figure(r, "mtls_churn", "rss_after_above_idle_mb"),
+    ),
+    Target(
+        "mtls_churn",
+        "peak RSS MB",
+        150.0,
+        True,
+        lambda r: _figure(r, "mtls_churn", "rss_peak_mb"),
+    ),
+    Target(
         "failover",
         "failed % with an endpoint killed",
         0.1,

@@ -15,8 +15,10 @@ import itertools
 import json
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
+from bench import certs
 from bench.harness import Bench, RunResult, fail_if_errors, per_request_us, register, rss_of
 from bench.holdconns import READY
 from bench.meshclients import APPLIED, CHURNED, CONNECTED, GO, RESULT
@@ -24,6 +26,7 @@ from bench.openloop import FIRST_PHASE, MEASURE_END, MEASURE_START, PHASE
 from bench.procs import (
     BenchError,
     CpuSample,
+    RssSampler,
     open_fds,
     peak_rss_mb,
     tree_cpu_seconds,
@@ -32,6 +35,7 @@ from bench.procs import (
 from bench.sidecar import SidecarSpec
 
 UPSTREAM_SERVICE = "upstream"
+CLIENT_SERVICE = "bench-client"
 
 
 def _throughput(
@@ -72,7 +76,7 @@ def _client_sidecar(bench: Bench, upstream_port: int) -> SidecarSpec:
     """The caller's sidecar: outbound routes `Host: upstream` to `upstream_port`."""
     return SidecarSpec(
         label="sidecar-a",
-        service="bench-client",
+        service=CLIENT_SERVICE,
         app_port=bench.upstream.port,  # unused: nothing calls A's inbound
         services={UPSTREAM_SERVICE: [upstream_port]},
     )
@@ -95,6 +99,28 @@ def two_hop(bench: Bench) -> RunResult:
     b_spec = SidecarSpec("sidecar-b", UPSTREAM_SERVICE, bench.upstream.port, services={})
     with bench.sidecar(b_spec) as b, bench.sidecar(_client_sidecar(bench, b.ports.inbound)) as a:
         return _throughput(bench, "two_hop", a.ports.outbound, UPSTREAM_SERVICE, [a.pid, b.pid])
+
+
+@register("two_hop_mtls")
+def two_hop_mtls(bench: Bench) -> RunResult:
+    """As two_hop, with A -> B over mTLS (B STRICT); A's pool keeps the connections alive."""
+    mesh = certs.issue(bench.workdir / "two_hop_mtls" / "certs", [CLIENT_SERVICE, UPSTREAM_SERVICE])
+    b_spec = SidecarSpec(
+        "sidecar-b-mtls",
+        UPSTREAM_SERVICE,
+        bench.upstream.port,
+        services={},
+        tls=mesh.sidecar_tls(UPSTREAM_SERVICE),
+    )
+    with bench.sidecar(b_spec) as b:
+        a_spec = replace(
+            _client_sidecar(bench, b.ports.inbound),
+            label="sidecar-a-mtls",
+            tls=mesh.sidecar_tls(CLIENT_SERVICE),
+        )
+        with bench.sidecar(a_spec) as a:
+            pids = [a.pid, b.pid]
+            return _throughput(bench, "two_hop_mtls", a.ports.outbound, UPSTREAM_SERVICE, pids)
 
 
 @register("nginx")
@@ -234,7 +260,7 @@ def failover(bench: Bench) -> RunResult:
         ]
         spec = SidecarSpec(
             label="sidecar-failover",
-            service="bench-client",
+            service=CLIENT_SERVICE,
             app_port=bench.upstream.port,
             services={UPSTREAM_SERVICE: [u.port for u in ups]},
             policies=[failover_policy(UPSTREAM_SERVICE)],
@@ -314,7 +340,7 @@ def _propagation(bench: Bench, name: str, clients: int) -> RunResult:
     """N simulated sidecars on one control daemon: apply -> every ACK, then registry churn."""
     services = max(1, clients // 10)  # 10 sidecars per service, as in a small real mesh
     churn = min(clients, CHURN_BATCH_MAX)
-    with bench.control_plane() as cp:
+    with bench.control_plane(name) as cp:
         idle_rss = tree_rss_mb(cp.pid)
         args = (f"--port={cp.listen_port}", f"--admin-port={cp.admin_port}")
         args += (f"--token-file={cp.token_file}", f"--clients={clients}")
@@ -382,3 +408,133 @@ def propagation_100(bench: Bench) -> RunResult:
 @register("propagation_1000")
 def propagation_1000(bench: Bench) -> RunResult:
     return _propagation(bench, "propagation_1000", 1000)
+
+
+# --- mTLS: handshakes and memory under connection churn ----------------------------
+
+AFTER_CHURN_S = 10.0  # RSS is read this long after the churn ends
+
+
+def _tls_sidecar(bench: Bench, label: str) -> tuple[SidecarSpec, certs.MeshCerts]:
+    """Sidecar B alone, inbound STRICT, its app the shared upstream; and the mesh's certs."""
+    mesh = certs.issue(bench.workdir / label / "certs", [CLIENT_SERVICE, UPSTREAM_SERVICE])
+    spec = SidecarSpec(
+        f"sidecar-{label}",
+        UPSTREAM_SERVICE,
+        bench.upstream.port,
+        services={},
+        tls=mesh.sidecar_tls(UPSTREAM_SERVICE),
+    )
+    return spec, mesh
+
+
+def _churn_args(port: int, mesh: certs.MeshCerts, concurrency: int) -> tuple[str, ...]:
+    client = mesh.workloads[CLIENT_SERVICE]
+    return (
+        f"--port={port}",
+        f"--host-header={UPSTREAM_SERVICE}",
+        f"--cert={client.chain}",
+        f"--key={client.key}",
+        f"--concurrency={concurrency}",
+    )
+
+
+def _fail_if_churn_errors(summary: Mapping[str, Any], what: str) -> None:
+    done, failed = int(summary["connections"]), int(summary["failed"])
+    if done == 0 or failed > done // 100:
+        raise BenchError(f"{what}: {failed} failed connections, {done} ok: {summary['errors']}")
+
+
+@register("handshakes")
+def handshakes(bench: Bench) -> RunResult:
+    """New full mTLS handshakes per second one sidecar's inbound sustains (one request each)."""
+    s = bench.settings
+    spec, mesh = _tls_sidecar(bench, "handshakes")
+    with bench.sidecar(spec) as b:
+        args = _churn_args(b.ports.inbound, mesh, s.connections)
+        args += (f"--duration={s.duration_s}", f"--warmup={s.warmup_s}")
+        with bench.tool("tlschurn-handshakes", "bench.tlschurn", *args) as client:
+            client.expect(MEASURE_START)
+            live = [b.pid, client.proc.pid, bench.upstream.pid]
+            before = CpuSample.take(live)
+            cpu0, load0 = tree_cpu_seconds([b.pid]), tree_cpu_seconds(live[1:])
+            client.expect(MEASURE_END)
+            after = CpuSample.take(live)
+            cpu1, load1 = tree_cpu_seconds([b.pid]), tree_cpu_seconds(live[1:])
+            summary: dict[str, Any] = json.loads(client.expect(""))
+            client.finish()
+        rss = tree_rss_mb(b.pid)
+    _fail_if_churn_errors(summary, "handshakes")
+    cpu_us = per_request_us(cpu1 - cpu0, int(summary["connections"]))
+    wall = max(after.wall - before.wall, 1e-9)
+    return RunResult(
+        "handshakes",
+        "resilience",
+        rps=summary["per_s"],  # one request per connection: requests/s = handshakes/s
+        p50_ms=summary["p50_ms"],
+        p99_ms=summary["p99_ms"],
+        cpu_us_per_req=cpu_us,
+        rss_mb=rss,
+        extra={
+            "per_s": summary["per_s"],
+            # What its CPU per handshake allows on a whole core: the ceiling when the
+            # client (on the load core, paying for its side of each handshake) was the limit.
+            "per_s_full_core": 1e6 / cpu_us if cpu_us else None,
+            "connections": summary["connections"],
+            "concurrency": s.connections,
+            "errors": summary["errors"],
+            "proxy_cores_busy": (cpu1 - cpu0) / wall,
+            "load_cores_busy": (load1 - load0) / wall,
+            "background_cores": before.background_cores(after),
+        },
+    )
+
+
+@register("mtls_churn")
+def mtls_churn(bench: Bench) -> RunResult:
+    """A minute of new mTLS connections against one sidecar; its RSS during and 10 s after."""
+    s = bench.settings
+    spec, mesh = _tls_sidecar(bench, "mtls_churn")
+    with bench.sidecar(spec) as b:
+        idle = tree_rss_mb(b.pid)
+        sampler = RssSampler(b.pid)
+        args = _churn_args(b.ports.inbound, mesh, s.connections)
+        args += (f"--duration={s.mtls_churn_s}", "--warmup=0")
+        with bench.tool("tlschurn-churn", "bench.tlschurn", *args) as client:
+            client.expect(MEASURE_START)
+            sampler.start()
+            live = [b.pid, client.proc.pid, bench.upstream.pid]
+            before = CpuSample.take(live)
+            client.expect(MEASURE_END)
+            ended = sampler.elapsed()
+            after = CpuSample.take(live)
+            summary: dict[str, Any] = json.loads(client.expect(""))
+            client.finish()
+        time.sleep(AFTER_CHURN_S)  # the schedule: RSS is read this long after the burst
+        sampler.stop()
+        rss_after = sampler.samples[-1][1]
+        peak_life = peak_rss_mb(b.pid)
+    _fail_if_churn_errors(summary, "mtls_churn")
+    return RunResult(
+        "mtls_churn",
+        "memory",
+        rps=summary["per_s"],
+        p50_ms=summary["p50_ms"],
+        p99_ms=summary["p99_ms"],
+        rss_mb=rss_after,
+        extra={
+            "rss_idle_mb": idle,
+            "rss_peak_mb": sampler.peak(),
+            "rss_after_mb": rss_after,
+            "rss_after_above_idle_mb": rss_after - idle,
+            "rss_peak_after_churn_mb": sampler.peak(since_s=ended + 1.0),
+            "vm_hwm_mb": peak_life,
+            "per_s": summary["per_s"],
+            "connections": summary["connections"],
+            "seconds": s.mtls_churn_s,
+            "concurrency": s.connections,
+            "errors": summary["errors"],
+            "rss_samples_mb": [round(mb, 1) for _, mb in sampler.samples[::4]],
+            "background_cores": before.background_cores(after),
+        },
+    )

@@ -44,6 +44,8 @@ class SidecarSpec:
     ports: SidecarPorts = field(default_factory=SidecarPorts.pick)
     # Route / DestinationPolicy manifests, inline (docs/policy-reference.md).
     policies: Sequence[Mapping[str, Any]] = ()
+    # The `tls` section (mTLS between sidecars); None: plaintext.
+    tls: Mapping[str, str] | None = None
 
 
 def config(spec: SidecarSpec) -> dict[str, object]:
@@ -64,6 +66,8 @@ def config(spec: SidecarSpec) -> dict[str, object]:
     }
     if spec.policies:
         doc["policies"] = [dict(p) for p in spec.policies]
+    if spec.tls is not None:
+        doc["tls"] = dict(spec.tls)
     return doc
 
 
