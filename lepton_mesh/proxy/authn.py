@@ -324,6 +324,8 @@ class Authenticator:
             raise JwtFailure(
                 JwtCause.ALGORITHM_NOT_ALLOWED, f"algorithm {_short(alg)} is not allowed", name
             )
+        if token.endswith(b"."):  # after the alg check: `alg: none` is named as such
+            raise JwtFailure(JwtCause.MALFORMED, "the token has no signature", name)
         key = self._key(provider, header.get("kid"), alg, may_wait)
         try:
             claims = jwt.decode(
@@ -434,8 +436,8 @@ def _b64json(segment: bytes) -> Any:
 def _peek(token: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
     """The header and payload of a compact JWS, unverified (to choose provider and key)."""
     parts = token.split(b".")
-    if len(parts) != 3 or not all(parts):
-        raise JwtFailure(JwtCause.MALFORMED, "a JWT has three non-empty dot-separated segments")
+    if len(parts) != 3 or not parts[0] or not parts[1]:
+        raise JwtFailure(JwtCause.MALFORMED, "a JWT has three dot-separated segments")
     header = _b64json(parts[0])
     payload = _b64json(parts[1])
     if not isinstance(header, dict) or not isinstance(payload, dict):
