@@ -54,7 +54,13 @@ from lepton_mesh.control.auth import TokenVerifier, Unauthenticated
 from lepton_mesh.identity.bundle import fingerprint
 from lepton_mesh.identity.ca import WORKLOAD_LIFETIME, CertificateAuthority, IssuedCertificate
 from lepton_mesh.identity.csr import build_csr, generate_key, private_key_pem
-from lepton_mesh.identity.errors import CsrReason, CsrRejected, IdentityError, InvalidSpiffeId
+from lepton_mesh.identity.errors import (
+    CaError,
+    CsrReason,
+    CsrRejected,
+    IdentityError,
+    InvalidSpiffeId,
+)
 from lepton_mesh.identity.spiffe import SpiffeId, spiffe_id_of_peercert
 from lepton_mesh.identity.store import CaFiles
 
@@ -201,8 +207,11 @@ class IdentityService:
 
     def load(self) -> None:
         """Read the CA files and issue the serving certificate. Raises IdentityError."""
-        stamp = self._file_stamp()
         authority = self.files.load_authority(workload_lifetime=self.workload_lifetime)
+        try:
+            stamp = self._file_stamp()
+        except OSError as e:
+            raise CaError(f"{self.files.directory}: {e.strerror}") from None
         self._install(authority, stamp)
 
     def reload(self) -> bool:
