@@ -371,3 +371,55 @@ def sidecar_config(app: Address, security: SecurityPolicies, **kw: Any) -> Sidec
         security=security,
         **kw,
     )
+
+
+# --------------------------------------------------------------------------
+# mTLS: the caller's verified identity
+
+
+class MeshPki:
+    """A root, an intermediate and a CA issuing workload certificates (as `certs init`)."""
+
+    def __init__(self) -> None:
+        from lepton_mesh.identity.bundle import TrustBundle
+        from lepton_mesh.identity.ca import (
+            CertificateAuthority,
+            create_intermediate,
+            create_root,
+        )
+
+        self.root = create_root("cluster.local")
+        self.intermediate = create_intermediate(self.root)
+        self.bundle = TrustBundle((self.root.cert,))
+        self.ca = CertificateAuthority(self.intermediate.cert, self.intermediate.key, self.bundle)
+
+    def issue(self, service: str, namespace: str = "default") -> tuple[bytes, bytes]:
+        """(chain PEM, key PEM) of a workload certificate for `service`."""
+        from lepton_mesh.identity.csr import build_csr, generate_key, private_key_pem
+        from lepton_mesh.identity.spiffe import SpiffeId
+
+        key = generate_key()
+        sid = SpiffeId("cluster.local", namespace, service)
+        issued = self.ca.issue(build_csr(key, sid), sid)
+        return issued.chain_pem, private_key_pem(key)
+
+    def tls_config(self, folder: Any, service: str) -> Any:
+        from lepton_mesh.policy.sidecar_config import TlsConfig
+
+        chain, key = self.issue(service)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "cert.pem").write_bytes(chain)
+        (folder / "key.pem").write_bytes(key)
+        (folder / "bundle.pem").write_bytes(self.bundle.to_pem())
+        return TlsConfig(
+            cert=str(folder / "cert.pem"),
+            key=str(folder / "key.pem"),
+            bundle=str(folder / "bundle.pem"),
+        )
+
+    def client_context(self, service: str, namespace: str = "default") -> Any:
+        """What a peer sidecar of `service` presents when it calls the inbound port."""
+        from lepton_mesh.proxy import tls
+
+        chain, key = self.issue(service, namespace)
+        return tls.client_context(chain, key, self.bundle.to_pem())
