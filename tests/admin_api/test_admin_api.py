@@ -363,6 +363,9 @@ async def test_services_instances_sidecars_overview(api: Api) -> None:
         "Route": 1,
         "DestinationPolicy": 1,
         "ExternalService": 0,
+        "RequestAuthentication": 0,
+        "AuthorizationPolicy": 0,
+        "RateLimit": 0,
     }
 
 

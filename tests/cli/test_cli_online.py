@@ -234,8 +234,12 @@ async def test_cli_against_the_control_daemon(mesh_etcd, cli_env, tmp_path: Path
         got = await run_cli(env, "get", "policies", "-o", "json")
         names = sorted((m["kind"], m["metadata"]["name"]) for m in json.loads(got.out))
         assert names == [
+            ("AuthorizationPolicy", "intent-admin"),
+            ("AuthorizationPolicy", "intent-callers"),
             ("DestinationPolicy", "dialog"),
             ("DestinationPolicy", "intent"),
+            ("RateLimit", "intent"),
+            ("RequestAuthentication", "intent"),
             ("Route", "dialog"),
             ("Route", "intent"),
         ]
