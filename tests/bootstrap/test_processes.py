@@ -24,14 +24,16 @@ from lepton_mesh.identity.store import rotate_prepare
 _READY = re.compile(r"sidecars on [^ ]+:(\d+), admin on [^ ]+:(\d+).*sidecar streams TLS")
 
 
-async def _spawn(*args: str, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "lepton_mesh", *args,
-        env=os.environ | (env or {}), stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+async def _spawn(
+    *args: str, env: dict[str, str] | None = None, quiet: bool = False
+) -> asyncio.subprocess.Process:
     # No preexec_fn: running Python between fork and exec in a process with gRPC
     # threads (this one's etcd client) can abort the child.
+    out = asyncio.subprocess.DEVNULL if quiet else asyncio.subprocess.PIPE
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "lepton_mesh", *args,
+        env=os.environ | (env or {}), stdout=out, stderr=out,
+    )  # fmt: skip
 
 
 async def _cli(*args: str) -> tuple[int, str, str]:
@@ -69,7 +71,11 @@ async def test_control_and_sidecar_processes_bootstrap_and_show_in_get_sidecars(
             )
         )  # fmt: skip
         sidecar = await _spawn(
-            "sidecar", "--config", str(config), env={"LEPTON_JOIN_TOKEN": pki.token("chat")}
+            "sidecar",
+            "--config",
+            str(config),
+            env={"LEPTON_JOIN_TOKEN": pki.token("chat")},
+            quiet=True,
         )
         server = ["--server", f"http://127.0.0.1:{admin}", "--token", pki.token("x", role="read")]
 
