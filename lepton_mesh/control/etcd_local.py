@@ -116,7 +116,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _pdeathsig_prefix() -> list[str]:
+def die_with_parent_prefix() -> list[str]:
+    """A command prefix (`setpriv --pdeathsig KILL --`) so a child dies with this process.
+
+    Exec-based, so it is safe where a preexec hook is not (a parent with
+    threads, e.g. gRPC's). Empty off Linux, without setpriv, or off the main
+    thread (the signal is tied to the thread that forked)."""
     if not sys.platform.startswith("linux"):
         return []
     if threading.current_thread() is not threading.main_thread():
@@ -245,7 +250,7 @@ class LocalEtcd:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed below
         try:
             self._proc = subprocess.Popen(
-                _pdeathsig_prefix() + self.command(),
+                die_with_parent_prefix() + self.command(),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,

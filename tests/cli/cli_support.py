@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from lepton_mesh.control.etcd_local import die_with_parent_prefix
+
 __all__ = ["CliResult", "cli_env", "run_cli"]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,6 +39,7 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
 
 async def run_cli(env: dict[str, str], *args: str, cwd: Path = ROOT) -> CliResult:
     proc = await asyncio.create_subprocess_exec(
+        *die_with_parent_prefix(),
         sys.executable,
         "-m",
         "lepton_mesh",

@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from lepton_mesh.control.auth import TokenIssuer, init_key
-from lepton_mesh.control.etcd_local import LocalEtcd
+from lepton_mesh.control.etcd_local import LocalEtcd, die_with_parent_prefix
 from lepton_mesh.control.store import Store
 from tests.control.conftest import Peer, eventually, hello
 
@@ -22,7 +22,7 @@ _READY = re.compile(r"sidecars on [^ ]+:(\d+), admin on [^ ]+:(\d+)")
 
 async def _start(env: dict[str, str], *args: str) -> tuple[asyncio.subprocess.Process, int, int]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "lepton_mesh", "control", *args,
+        *die_with_parent_prefix(), sys.executable, "-m", "lepton_mesh", "control", *args,
         env=os.environ | env, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert proc.stderr is not None

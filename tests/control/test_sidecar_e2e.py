@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from lepton_mesh.control.daemon import ControlDaemon
+from lepton_mesh.control.etcd_local import die_with_parent_prefix
 from lepton_mesh.policy.sidecar_loader import load_sidecar_config
 from lepton_mesh.proxy.sidecar import Sidecar
 from tests.control.conftest import Replicas, eventually
@@ -112,7 +113,7 @@ async def mesh(replicas: Replicas, tmp_path: Path) -> AsyncIterator[dict]:
             health_check={"path": "/healthz", "interval": "100ms", "timeout": "100ms"},
         )  # fmt: skip
         procs[name] = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "lepton_mesh", "sidecar", "--config", str(path),
+            *die_with_parent_prefix(), sys.executable, "-m", "lepton_mesh", "sidecar", "--config", str(path),
             env=os.environ, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
         )  # fmt: skip
     chat_cfg = load_sidecar_config(

@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 from proxy_harness import LOCAL, free_port, repo_root
 
+from lepton_mesh.control.etcd_local import die_with_parent_prefix
+
 TOTAL = 300 * (1 << 20)
 BLOCK = 1 << 20
 STALL_EVERY = 60 * (1 << 20)  # the slow side stops reading this often ...
@@ -178,7 +180,15 @@ services:
 """
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lepton_mesh", "sidecar", "--config", str(cfg)],
+        [
+            *die_with_parent_prefix(),
+            sys.executable,
+            "-m",
+            "lepton_mesh",
+            "sidecar",
+            "--config",
+            str(cfg),
+        ],
         cwd=repo_root(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
