@@ -10,6 +10,9 @@ docs/sidecar-config.md.
 the config file's folder) or holds manifests inline; they are validated
 together by `traffic_loader` into `SidecarConfig.traffic`, and checked
 against `services` (a route may only send to services this sidecar knows).
+The request-security kinds among them for this sidecar's own service and
+namespace become `SidecarConfig.security`; those for other services are
+validated and ignored, as routes for services it does not call are.
 
 `tls` turns on mTLS between sidecars (docs/security.md): its certificate,
 key and bundle paths are resolved against the config file's folder and read
