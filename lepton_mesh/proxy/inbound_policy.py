@@ -77,7 +77,6 @@ if TYPE_CHECKING:
 
 _INVALID_TOKEN = b'www-authenticate: Bearer error="invalid_token"\r\n'
 _NO_TOKEN = b"www-authenticate: Bearer\r\n"
-_NO_STRIP: frozenset[bytes] = frozenset()
 
 
 class Admitting(Protocol):
@@ -255,7 +254,7 @@ class InboundGuard:
         "_token_strip",
         "authn",
         "authz",
-        "normalize",
+        "judges",
         "policies",
         "port",
         "rate",
@@ -291,7 +290,8 @@ class InboundGuard:
             else None
         )
         state.rate = self.rate
-        self.normalize = self.authz is not None or self.rate is not None
+        # Authorization or rate limits judge the request (its path normalized first).
+        self.judges = self.authz is not None or self.rate is not None
 
     @classmethod
     def build(cls, cfg: SidecarConfig, state: InboundState) -> InboundGuard | None:
@@ -308,7 +308,7 @@ class InboundGuard:
         facts = ex.facts
         down = ex.down
         out = ex.sec = SecurityOutcome(verified_identity(down))
-        if self.normalize:
+        if self.judges:
             try:
                 normalize_target(facts)
             except ProxyError as err:
@@ -340,7 +340,21 @@ class InboundGuard:
             except JwtFailure as fail:
                 self._refuse_token(ex, out, fail)
                 return
-        claims = verified.claims if verified is not None else None
+        if self.judges and not self._judge(ex, out, verified, remove, token_sent):
+            return
+        ex.admitted(verified.header_lines if verified is not None else b"", remove)
+
+    def _judge(
+        self,
+        ex: Admitting,
+        out: SecurityOutcome,
+        verified: Verified | None,
+        remove: frozenset[bytes],
+        token_sent: bool,
+    ) -> bool:
+        """Authorization, then rate limits; False when `ex` was answered."""
+        facts = ex.facts
+        down = ex.down
         req = AuthzRequest(
             method=facts.method.decode("latin-1"),
             path=facts.path.decode("latin-1"),
@@ -348,7 +362,7 @@ class InboundGuard:
             header=_header_lookup(facts.kept, remove),
             source_identity=out.identity,
             principal=out.principal,
-            claims=claims,
+            claims=verified.claims if verified is not None else None,
             client_ip=down.client_ip_str,
         )
         if self.authz is not None:
@@ -356,7 +370,7 @@ class InboundGuard:
             self._count_authz(decision)
             if not decision.allowed:
                 ex.respond_error(self._denied(decision, token_sent, out))
-                return
+                return False
         if self.rate is not None:
             try:
                 self.rate.check(req)
@@ -364,8 +378,8 @@ class InboundGuard:
                 out.rate_limit = err.limit
                 out.detail = err.detail
                 ex.respond_error(err)
-                return
-        ex.admitted(verified.header_lines if verified is not None else b"", remove)
+                return False
+        return True
 
     def _resume(self, ex: Admitting) -> None:
         """The JWKS refresh a request waited for ended: decide, without waiting again."""
