@@ -630,12 +630,16 @@ class TlsAcceptor:
 
     def close(self) -> None:
         """Stop accepting. Handshakes already under way finish (drain)."""
-        if self._accepting is not None:
-            self._accepting.cancel()
-            self._accepting = None
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        sock, self._sock = self._sock, None
+        task, self._accepting = self._accepting, None
+        if task is not None and not task.done():
+            # The socket closes once the accept loop has let go of it (a
+            # cancelled sock_accept removes its reader first).
+            task.cancel()
+            if sock is not None:
+                task.add_done_callback(lambda _: sock.close())
+        elif sock is not None:
+            sock.close()
 
     def abort(self) -> None:
         """Stop accepting and cancel the handshakes under way (stop)."""

@@ -274,3 +274,15 @@ async def test_endpoints_labelled_plaintext_are_called_without_tls(
     assert resp.status == 200
     assert external.seen[-1].all(XFCC) == []
     assert metric(a, "lepton_tls_handshakes_total", side="outbound", resumed="false") == 0
+
+
+async def test_drain_stops_accepting_tls_and_finishes(
+    tmp_path: Path, pki: Pki, sidecars, app: App
+) -> None:
+    a, b = await mesh(tmp_path, pki, sidecars, app)
+    assert (await get(a.addresses["outbound"], "chat")).status == 200
+    inbound = b.addresses["inbound"]
+    await asyncio.wait_for(b.drain(), 5)
+    assert not b.inbound.server.is_serving()
+    with pytest.raises(OSError):
+        await asyncio.open_connection(inbound.host, inbound.port)
