@@ -14,6 +14,7 @@ from typing import Any
 from lepton_mesh import __version__
 from lepton_mesh.cli_client import ClientError
 from lepton_mesh.policy.errors import ConfigError
+from lepton_mesh.policy.traffic_loader import KINDS
 
 
 def _cmd_sidecar(args: argparse.Namespace) -> int:
@@ -645,7 +646,7 @@ def _add_policy_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("name", nargs="?", metavar="NAME")
     p.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
     p.add_argument("-n", "--namespace", help="only this namespace")
-    p.add_argument("--kind", choices=("Route", "DestinationPolicy", "ExternalService"))
+    p.add_argument("--kind", choices=KINDS)
     p.set_defaults(func=_cmd_get)
 
     p = sub.add_parser("history", parents=[conn], help="policy changes, newest first")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from lepton_mesh.policy.traffic_loader import KINDS
+
 __all__ = ["document"]
 
 VERSION = "1"
@@ -89,7 +91,7 @@ def _op(
 
 _NAMESPACE = _query("namespace", "only this namespace")
 _POLICY_PATH = [
-    _path("kind", "Route, DestinationPolicy or ExternalService"),
+    _path("kind", "one of: " + ", ".join(KINDS)),
     _path("namespace", "the object's namespace"),
     _path("name", "the object's name"),
 ]
@@ -128,7 +130,7 @@ _SCHEMAS: dict[str, Any] = {
         "required": ["apiVersion", "kind", "metadata", "spec"],
         "properties": {
             "apiVersion": {"const": "lepton-mesh/v1"},
-            "kind": {"enum": ["Route", "DestinationPolicy", "ExternalService"]},
+            "kind": {"enum": list(KINDS)},
             "metadata": {
                 "type": "object",
                 "required": ["name"],

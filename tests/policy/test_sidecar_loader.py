@@ -338,7 +338,7 @@ def test_error_text_names_file_line_path(tmp_path: Path) -> None:
     assert str(info.value) == (
         f"{f}:2: app: invalid address 'x:0': port must be between 1 and 65535, found 0\n"
         f"{f}:3: bogus: unknown field 'bogus'; expected one of: service, namespace, app, "
-        "listeners, timeouts, limits, pool, access_log, services, policies, dependencies, instance, control, health_check"
+        "listeners, timeouts, limits, pool, access_log, services, policies, dependencies, instance, control, health_check, tls"
     )
     assert info.value.exit_code == 2
 
