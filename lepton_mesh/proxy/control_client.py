@@ -446,7 +446,12 @@ class ControlClient:
         assert loop is not None
         self.address = address
         made: list[_Stream] = []
-        ctx, with_cert = self._stream_tls()
+        try:
+            ctx, with_cert = self._stream_tls()
+        except (ssl.SSLError, ValueError) as e:  # e.g. a ca_bundle file rewritten with junk
+            self._connecting = None
+            self._failed(f"cannot set up TLS to control at {address}: {e}")
+            return
 
         def factory() -> _Stream:
             made.append(_Stream(self, address, with_cert))
@@ -486,8 +491,8 @@ class ControlClient:
         assert self.cfg.control is not None and self.cfg.control.ca_bundle is not None
         with contextlib.suppress(OSError), open(self.cfg.control.ca_bundle, "rb") as f:
             self._control_ca = f.read()
-        installed = creds[2] if creds is not None else b""
-        return installed + b"\n" + self._control_ca if installed else self._control_ca  # type: ignore[operator]
+        file_roots = self._control_ca or b""
+        return creds[2] + b"\n" + file_roots if creds is not None else file_roots
 
     def _join_token(self) -> str | None:
         """The join token: `control.token_file` (read each time: it may be replaced),

@@ -358,3 +358,22 @@ def _served_serial(peer: TlsPeer) -> int:
 
     der = peer.writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
     return x509.load_der_x509_certificate(der).serial_number
+
+
+async def test_a_ca_bundle_file_turned_to_junk_is_retried_not_fatal(
+    replicas: Replicas, pki: Pki
+) -> None:
+    control = await replicas()
+    bundle = pki.tmp / "sidecar-bundle.pem"
+    bundle.write_bytes(pki.bundle_pem)
+    cfg = client_config(
+        control.listen_port, pki, "chat", token_file=pki.token_file("chat"), ca_bundle=bundle
+    )
+    bundle.write_bytes(b"-----BEGIN CERTIFICATE-----\njunk\n-----END CERTIFICATE-----\n")
+    client = await start_client(cfg)  # read at start: fine; re-read at the first attempt: junk
+    try:
+        await eventually(lambda: "cannot set up TLS" in (client.last_error or ""))
+        bundle.write_bytes(pki.bundle_pem)
+        await until_certified(client)
+    finally:
+        await client.aclose()
