@@ -35,6 +35,8 @@ from typing import Any, Literal
 
 import orjson
 
+from lepton_mesh.policy.endpoints import PLAINTEXT_LABEL, PLAINTEXT_VALUE
+
 __all__ = [
     "ALL",
     "INSTANCES_PREFIX",
@@ -356,7 +358,8 @@ def _external_endpoints(manifest: dict[str, Any]) -> list[dict[str, Any]]:
                 {
                     "address": ep["address"],
                     "weight": _weight(ep.get("weight")),
-                    "labels": _labels(ep.get("labels")),
+                    # No sidecar in front of an external service: callers speak plaintext.
+                    "labels": {PLAINTEXT_LABEL: PLAINTEXT_VALUE, **_labels(ep.get("labels"))},
                     "healthy": ep.get("healthy", True) is True,
                 }
             )

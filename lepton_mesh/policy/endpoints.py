@@ -11,6 +11,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+# An endpoint labelled lepton.io/tls=disabled has no sidecar in front of it
+# (an external service, a plaintext-only instance): callers speak plaintext to
+# it even when they use mTLS everywhere else. Shared by the control daemon
+# (which labels ExternalService endpoints) and the sidecar (which obeys).
+PLAINTEXT_LABEL = "lepton.io/tls"
+PLAINTEXT_VALUE = "disabled"
+
 
 def empty_labels() -> Mapping[str, str]:
     return MappingProxyType({})

@@ -29,6 +29,7 @@ class Reason:
     DOWNSTREAM_RESET = "downstream_reset"
     INTERNAL = "internal_error"
     RETRY_BUDGET_EXHAUSTED = "retry_budget_exhausted"
+    UPSTREAM_IDENTITY_MISMATCH = "upstream_identity_mismatch"
     FAULT_INJECTED = "fault_injected"
     # Inbound request security (proxy/inbound_policy.py).
     JWT_INVALID = "jwt_invalid"

@@ -59,7 +59,9 @@ from cryptography import x509
 from lepton_mesh.identity.bundle import TrustBundle, fingerprint, load_certificates
 from lepton_mesh.identity.errors import IdentityError, InvalidSpiffeId
 from lepton_mesh.identity.spiffe import SpiffeId, spiffe_id_of_peercert
+from lepton_mesh.policy.endpoints import PLAINTEXT_LABEL, PLAINTEXT_VALUE
 from lepton_mesh.policy.errors import ConfigError, Problem
+from lepton_mesh.proxy.errors import Reason
 from lepton_mesh.proxy.tls import (
     HandshakeFailure,
     PeekTLS,
@@ -78,13 +80,9 @@ log = logging.getLogger(__name__)
 
 # ALPN protocol of an L4 tunnel between sidecars (docs/security.md, "TCP over mTLS").
 TCP_ALPN = "lepton-tcp/1"
-# An endpoint with this label value is called in plaintext (no sidecar there).
-PLAINTEXT_LABEL = "lepton.io/tls"
-PLAINTEXT_VALUE = "disabled"
 # Set by the inbound side for the app; dropped from every request we receive.
 XFCC = b"x-forwarded-client-cert"
-# The reason code of a try refused because the peer is another service.
-UPSTREAM_IDENTITY_MISMATCH = "upstream_identity_mismatch"
+UPSTREAM_IDENTITY_MISMATCH = Reason.UPSTREAM_IDENTITY_MISMATCH
 DEFAULT_MAX_HANDSHAKES = 256
 NO_CERT = "this sidecar has no certificate yet"
 

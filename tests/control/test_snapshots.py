@@ -134,7 +134,13 @@ DIALOG = {
 }
 NEXT = {"protocol": "http", "endpoints": [ep("[::1]:15307")]}
 SHADOW: dict[str, Any] = {"protocol": "http", "endpoints": []}
-DB = {"protocol": "tcp", "endpoints": [ep("db.example.com:5432", weight=3, labels={"zone": "a"})]}
+# External endpoints have no sidecar in front: the control daemon marks them plaintext.
+DB = {
+    "protocol": "tcp",
+    "endpoints": [
+        ep("db.example.com:5432", weight=3, labels={"lepton.io/tls": "disabled", "zone": "a"})
+    ],
+}
 CACHE = {"protocol": "tcp", "endpoints": [ep("10.0.0.1:6379")]}
 BILLING = {"protocol": "http", "endpoints": [ep("10.0.0.1:15108")]}
 
