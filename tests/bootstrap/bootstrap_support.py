@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,9 +30,11 @@ from lepton_mesh.proxy import tls
 from lepton_mesh.proxy.control_client import ControlClient, ControlTiming
 from tests.support.etcd import eventually
 
-__all__ = ["FAST", "FakeSidecar", "Pki", "TlsPeer", "eventually"]
+__all__ = ["FAST", "FakeSidecar", "Pki", "Replicas", "TlsPeer", "eventually"]
 
 LOCAL = "127.0.0.1"
+# `await replicas(**option overrides)`: the conftest's fixture that starts a control replica.
+Replicas = Callable[..., Awaitable[Any]]
 # Clocks shrunk so that every timer-driven path runs within a test's budget.
 FAST = ControlTiming(
     backoff_base=0.02,

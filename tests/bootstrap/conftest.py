@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from bootstrap_support import Pki, TlsPeer
+from bootstrap_support import Pki, Replicas, TlsPeer
 
 from lepton_mesh.control.auth import TokenIssuer, init_key
 from lepton_mesh.control.daemon import ControlDaemon, ControlOptions
@@ -54,9 +54,6 @@ def pki(tmp_path: Path) -> Pki:
     key_path = tmp_path / "token.key"
     key = init_key(key_path)
     return Pki(ca, key_path, TokenIssuer(key), tmp_path)
-
-
-Replicas = Callable[..., Awaitable[ControlDaemon]]
 
 
 @pytest.fixture

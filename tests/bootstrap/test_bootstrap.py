@@ -16,6 +16,7 @@ import pytest
 from bootstrap_support import (
     FakeSidecar,
     Pki,
+    Replicas,
     TlsPeer,
     client_config,
     contains_any,
@@ -25,7 +26,6 @@ from bootstrap_support import (
     start_client,
     until_certified,
 )
-from conftest import Replicas
 
 from lepton_mesh import meshproto as mp
 from lepton_mesh.control import push

@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from bootstrap_support import FAST, App, Load, Pki, client_config, eventually
-from conftest import Replicas
+from bootstrap_support import FAST, App, Load, Pki, Replicas, client_config, eventually
 from cryptography import x509
 
 from lepton_mesh.cli import main as cli
