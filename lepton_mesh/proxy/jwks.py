@@ -227,6 +227,7 @@ class KeySource:
         self.last_error: str | None = None
         self.generation = 0  # bumps when the keys change
         self._inflight: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
 
     # -- what verification calls --------------------------------------------------
 
@@ -236,12 +237,9 @@ class KeySource:
             return
         if self.loaded and now - self.loaded_at < self.refresh_interval:
             return
-        if not self.loaded or self.last_error is None:
-            due = True
-        else:  # the last attempt failed: do not hammer the source
-            due = now - self.attempted_at >= RETRY_AFTER_FAILURE
-        if due:
-            self.start_refresh(now)
+        if self.last_error is not None and now - self.attempted_at < RETRY_AFTER_FAILURE:
+            return  # the last attempt failed: do not hammer a source that is down
+        self.start_refresh(now)
 
     def refresh_for_unknown_kid(self, now: float) -> asyncio.Future[None] | None:
         """A future that resolves once fresh keys are in, or None if not allowed now."""
@@ -268,7 +266,7 @@ class KeySource:
             return None  # not on a loop (building a snapshot in a tool): nothing to fetch with
         done: asyncio.Future[None] = loop.create_future()
         self._inflight = done
-        task = loop.create_task(self._refresh(done))
+        task = self._task = loop.create_task(self._refresh(done))
         _tasks.add(task)
         task.add_done_callback(_tasks.discard)
         return done
@@ -289,7 +287,8 @@ class KeySource:
         else:
             self.install(keys)
         finally:
-            self._inflight = None
+            if self._inflight is done:
+                self._inflight = self._task = None
             if not done.done():
                 done.set_result(None)
 
@@ -320,6 +319,10 @@ class KeySource:
         }
 
     def close(self) -> None:
+        """No longer used: a fetch in flight is cancelled, its waiters released."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        self._task = None
         if self._inflight is not None and not self._inflight.done():
             self._inflight.set_result(None)
         self._inflight = None
@@ -434,7 +437,9 @@ class RemoteKeys(KeySource):
         return parse_jwks(body, self.allowed)
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "uri": self.uri}
+        parts = urlsplit(self.uri)
+        shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+        return {**super().describe(), "uri": shown}  # never userinfo
 
 
 # --------------------------------------------------------------------------

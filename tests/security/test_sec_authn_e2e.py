@@ -317,6 +317,10 @@ async def test_jwks_down_from_the_start(secured, jwks_server: JwksServer, app: E
     r = await c.request(headers=bearer(mint(RSA)))
     assert r.status == 401
     assert sc.log.of(r)["jwt_cause"] == "unknown_key"
+    hits = jwks_server.hits
+    for _ in range(5):  # a source that is down is not fetched once per request
+        assert (await c.request(headers=bearer(mint(RSA)))).status == 401
+    assert jwks_server.hits == hits
     # Once the JWKS is back, an unknown kid may refresh again only after the period;
     # the regular retry after a failure brings the keys back without it.
     jwks_server.mode = "ok"

@@ -17,7 +17,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
-from security_support import LOCAL, JwksServer, ec_key, ed_key, jwks, public_jwk, rsa_key
+from security_support import (
+    LOCAL,
+    JwksServer,
+    ec_key,
+    ed_key,
+    jwks,
+    public_jwk,
+    rsa_key,
+    wait_for,
+)
 
 from lepton_mesh.proxy.jwks import (
     MAX_JWKS_BYTES,
@@ -366,3 +375,33 @@ def test_file_keys_reload_when_the_file_changes(tmp_path: Path):
     clock.now += 10
     src.maybe_refresh(clock())
     assert list(src.keys.by_kid) == ["k2"] and "cannot read" in (src.last_error or "")
+
+
+async def test_a_source_down_from_the_start_is_retried_on_a_period(jwks_server: JwksServer):
+    clock = Clock()
+    jwks_server.mode = "error"
+    src = RemoteKeys(jwks_server.uri, ALL, 300.0, clock)
+    await src.start_refresh(clock())
+    assert not src.loaded and src.failures == 1
+    for _ in range(50):  # requests keep coming: no fetch each
+        src.maybe_refresh(clock())
+        assert src.pending() is None
+        clock.now += 0.05
+    clock.now += 5
+    jwks_server.mode = "ok"
+    jwks_server.document = jwks(public_jwk(rsa_key(), "k1"))
+    src.maybe_refresh(clock())
+    await src.pending()
+    assert src.loaded and jwks_server.hits == 2
+
+
+async def test_close_cancels_a_fetch_in_flight_and_releases_its_waiters(jwks_server: JwksServer):
+    jwks_server.mode = "hang"
+    src = RemoteKeys(jwks_server.uri, ALL, 300.0, Clock())
+    waiter = src.start_refresh(1000.0)
+    await wait_for(lambda: jwks_server.hits == 1, what="the fetch reached the server")
+    src.close()
+    assert waiter is not None and waiter.done() and src.pending() is None
+    await asyncio.sleep(0)
+    assert src.last_error == "refresh cancelled"
+    assert "user" not in RemoteKeys("http://user:pw@h/x", ALL, 1, Clock()).describe()["uri"]
