@@ -144,6 +144,12 @@ def ratios(results: Results) -> None:
         if r.kind == "throughput" and r.error is None:
             r.extra["x_direct"] = _round(_ratio(r.rps, direct))
             r.extra["x_nginx"] = _round(_ratio(r.rps, ref))
+    mtls = results.get("two_hop_mtls")
+    if mtls is not None and mtls.error is None:
+        # The same comparison from CPU per request: what the rps ratio would be if
+        # both had their core to themselves (read it when background_cores is high).
+        plain = _figure(results, "two_hop", "cpu_us_per_req")
+        mtls.extra["cpu_ratio_vs_two_hop"] = _round(_ratio(plain, mtls.cpu_us_per_req))
 
 
 def _round(value: float | None) -> float | None:

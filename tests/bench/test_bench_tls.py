@@ -141,3 +141,13 @@ def test_rss_sampler_reads_at_start_and_stop():
 def test_mtls_targets(results, expected):
     mtls = [t for t in report.TARGETS if t.run in ("two_hop_mtls", "mtls_churn")]
     assert [t.check(results)[1] for t in mtls] == expected
+
+
+def test_mtls_cpu_ratio_is_added_next_to_the_rps_ratio():
+    results = {
+        "two_hop": RunResult("two_hop", "throughput", rps=10000.0, cpu_us_per_req=120.0),
+        "two_hop_mtls": RunResult("two_hop_mtls", "throughput", rps=6000.0, cpu_us_per_req=150.0),
+    }
+    report.ratios(results)
+    assert results["two_hop_mtls"].extra["cpu_ratio_vs_two_hop"] == 0.8
+    assert "cpu_ratio_vs_two_hop" not in results["two_hop"].extra
