@@ -203,7 +203,6 @@ class Authenticator:
         "_headers",
         "_params",
         "cache",
-        "forward_token",
         "providers",
         "required",
         "wall",
@@ -221,9 +220,6 @@ class Authenticator:
         self.wall = wall
         self.cache = TokenCache(cache_size)
         self.required = any(p.spec.required for p in self.providers)
-        # Every provider's token must be removed if any says so: a token in a
-        # shared location cannot be half-forwarded.
-        self.forward_token = all(p.spec.forward_original_token for p in self.providers)
         headers: dict[bytes, bytes] = {}
         params: list[bytes] = []
         cookies: list[bytes] = []
@@ -247,9 +243,9 @@ class Authenticator:
     ) -> tuple[bytes, TokenLocation] | None:
         """The request's token and where it was; None when there is none.
 
-        Headers first (in the configured order of names), then query
-        parameters, then cookies. A location that appears twice is
-        ambiguous: JwtFailure(malformed) rather than a guess.
+        Headers first, then query parameters, then cookies. Two tokens (two
+        token headers, a parameter or cookie twice) are ambiguous:
+        JwtFailure(malformed) rather than a guess at which one the app reads.
         """
         if self._headers:
             found: tuple[bytes, TokenLocation] | None = None

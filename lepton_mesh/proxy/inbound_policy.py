@@ -277,10 +277,10 @@ class InboundGuard:
             for p in providers:
                 strip.update(h for _, h in p.claim_headers)
         self.strip = frozenset(strip)
-        # Removing the token header too, when a provider says not to forward it.
+        # Removing the token header too, when its provider says not to forward it.
         self._token_strip: dict[bytes, frozenset[bytes]] = (
             {h: self.strip | {h} for h in self.authn.token_headers}
-            if self.authn is not None and not self.authn.forward_token
+            if self.authn is not None
             else {}
         )
         self.authz = Authorizer(sec.authorization) if sec.authorization else None
@@ -330,7 +330,7 @@ class InboundGuard:
                     verified = authn.verify(found[0], found[1], may_wait=may_wait)
                     out.provider = verified.provider.name
                     out.principal = verified.principal
-                    if not authn.forward_token:
+                    if not verified.provider.spec.forward_original_token:
                         remove = self._drop_token(facts, found[1])
                     self._count_jwt(out.provider, "ok")
             except NeedKeys as wait:
