@@ -30,6 +30,7 @@ from lepton_mesh.proxy.access_log import AccessLog
 from lepton_mesh.proxy.admin import start_admin_server
 from lepton_mesh.proxy.clusters import Cluster, ServiceStates
 from lepton_mesh.proxy.control_client import ControlClient
+from lepton_mesh.proxy.inbound_policy import InboundState
 from lepton_mesh.proxy.listeners import HttpListener
 from lepton_mesh.proxy.metrics import ProxyMetrics
 from lepton_mesh.proxy.mtls import MeshIdentity, plaintext_endpoints
@@ -64,7 +65,10 @@ class Sidecar:
         loop = self.loop = asyncio.get_running_loop()
         cfg = self.cfg
         self.states = ServiceStates(loop)
-        self.snapshot = Snapshot(cfg, self.states)
+        # JWKS keys, rate-limit buckets and security counters outlive config swaps.
+        self.inbound_state = InboundState()
+        self.snapshot = Snapshot(cfg, self.states, self.inbound_state)
+        self.metrics.set_security_source(self.inbound_state)
         self._stopped = asyncio.Event()
         self._drained = asyncio.Event()
         identity = self.identity
@@ -116,7 +120,7 @@ class Sidecar:
         """Install a new validated config. Listener addresses are fixed at start;
         destinations, timeouts, limits and pool settings take effect for new requests."""
         self.cfg = cfg
-        self.snapshot = Snapshot(cfg, self.states)
+        self.snapshot = Snapshot(cfg, self.states, self.inbound_state)
         live = {e.address for svc in cfg.services.values() for e in svc.endpoints}
         live.add(cfg.app)
         self.pools.reconfigure(cfg.pool, live, self._plaintext(cfg))
@@ -180,6 +184,8 @@ class Sidecar:
             self.pools.close()
         if self.identity is not None:
             self.identity.close()
+        if hasattr(self, "inbound_state"):
+            self.inbound_state.close()
         self.access_log.close()
         if self._stopped is not None:
             self._stopped.set()
@@ -203,6 +209,7 @@ class Sidecar:
 
     def config_json(self) -> dict[str, Any]:
         out = sidecar_config_to_json(self.snapshot.cfg)
+        out["inbound_security"] = self.inbound_state.describe()
         if self.control is not None:
             out["control_status"] = self.control.status_json()
         if self.identity is not None:
