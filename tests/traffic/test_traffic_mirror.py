@@ -133,7 +133,9 @@ async def test_mirror_never_affects_the_primary(sidecars, upstreams, shadow_mode
         f"{base_ms:.2f} ms without; worst {worst_ms:.2f} ms"
     )
     assert mirror_ms < base_ms + 5
-    assert worst_ms < 100  # a hanging or 300 ms shadow would show here
+    # A hanging or 300 ms shadow would show here; the margin absorbs a loaded
+    # 2-core CI machine (110 ms stalls were seen with other suites running).
+    assert worst_ms < 250
 
     if shadow is not None and shadow_mode != "refuse":
         await wait_for(lambda: shadow.hits == n, timeout=3, what="copies at the shadow")
