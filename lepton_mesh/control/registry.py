@@ -323,8 +323,11 @@ class Registry:
                 await self._wake.wait()
 
     async def _flush(self, regs: list[Registration]) -> None:
+        retired: list[Lease] = []
         for reg in [r for r in regs if r.lease_lost]:
-            await self._renew_lease(reg)
+            old = await self._renew_lease(reg)
+            if old is not None:
+                retired.append(old)
         regs = [r for r in regs if not r.closed and not r.lease_lost]
         for i in range(0, len(regs), _BATCH):
             batch = regs[i : i + _BATCH]
@@ -333,19 +336,27 @@ class Registry:
             for reg in batch:  # one failed compare fails a whole batch: find whose
                 if not reg.closed and not await self._write([reg]):
                     await self._recover(reg)
+        # Only now, with the keys moved onto their new leases, may the old ones
+        # go. etcd keeps leases across its own restarts, so an old lease can
+        # still hold live keys: revoking it first deleted live instances for a
+        # revision or two after every long etcd outage. (If the writes above
+        # raised, the old leases simply expire on their TTL.)
+        for old in retired:
+            await _revoke_quietly(old)
 
-    async def _renew_lease(self, reg: Registration) -> None:
+    async def _renew_lease(self, reg: Registration) -> Lease | None:
+        """Put `reg` on a new lease; returns the old one for the caller to revoke
+        once the keys have moved (None when there was none or `reg` closed)."""
         lease = await self._store.grant_lease(self.lease_ttl)
         if reg.closed:
             await _revoke_quietly(lease)
-            return
+            return None
         old, reg.lease = reg.lease, lease
         reg.lease_lost = False
         reg.instance_dirty = reg.status_dirty = True
         lease.on_lost(lambda: self._lease_lost(reg))
         lease.keep_alive()
-        if old is not None:
-            await _revoke_quietly(old)
+        return old
 
     async def _write(self, regs: list[Registration]) -> bool:
         """One transaction for `regs`, conditioned on each key being as we last wrote it."""

@@ -11,8 +11,6 @@ import re
 import time
 from typing import Any
 
-import pytest
-
 from tests.system.system_support import (
     Mesh,
     Traffic,
@@ -139,11 +137,6 @@ def test_a_sidecar_restarted_while_control_is_down_boots_from_last_known_good(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Registry._renew_lease revokes the old lease before the keys move to the new one: "
-    "etcd kept that lease across its restart, so the revoke deletes live instances for a moment",
-)
 def test_an_etcd_outage_longer_than_the_lease_ttl_drops_no_live_instance(settled: Mesh) -> None:
     """The replicas give their sidecars' leases up while etcd is away and re-register them
     when it is back: the instances must move to the new leases without ever leaving etcd,
