@@ -380,6 +380,16 @@ def _ago(when: Any) -> str:
     return f"{seconds}s"
 
 
+def _in(when: Any) -> str:
+    """How long until `when` (a Unix time): `in 17h`, or `expired 3m ago`."""
+    import time
+
+    if not isinstance(when, (int, float)):
+        return "-"
+    delta = when - time.time()
+    return f"in {_ago(time.time() - delta)}" if delta >= 0 else f"expired {_ago(when)} ago"
+
+
 def _labels(value: Any) -> str:
     if not isinstance(value, dict) or not value:
         return "-"
@@ -433,6 +443,8 @@ _COLUMNS: dict[str, list[tuple[str, Callable[[dict[str, Any]], Any]]]] = {
         ("APPLIED", lambda s: s.get("applied_version")),
         ("LAST-SEEN", lambda s: _ago(s.get("last_seen"))),
         ("LAST-NACK", _nack),
+        ("IDENTITY", lambda s: s.get("identity") or "-"),
+        ("CERT-EXPIRES", lambda s: _in((s.get("certificate") or {}).get("not_after"))),
     ],
 }
 

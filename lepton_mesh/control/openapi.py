@@ -288,6 +288,22 @@ _SCHEMAS: dict[str, Any] = {
             },
             "last_seen": {"type": "number"},
             "connected_at": {"type": "number"},
+            "identity": {"type": "string", "description": "the SPIFFE ID its certificate holds"},
+            "certificate": {
+                "oneOf": [
+                    {
+                        "type": "object",
+                        "properties": {
+                            "serial": {"type": "string"},
+                            "not_after": {"type": "number"},
+                            "issuer": {"type": "string"},
+                            "issuer_key_id": {"type": "string"},
+                            "roots": {"type": "array", "items": {"type": "string"}},
+                        },
+                    },
+                    {"type": "null"},
+                ]
+            },
         },
     },
     "Overview": {
