@@ -70,6 +70,7 @@ import orjson
 
 from lepton_mesh import meshproto as mp
 from lepton_mesh.identity.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeId
+from lepton_mesh.policy.endpoints import PLAINTEXT_LABEL, PLAINTEXT_VALUE
 from lepton_mesh.policy.errors import ConfigError, Problem
 from lepton_mesh.policy.sidecar_config import Address, SidecarConfig
 from lepton_mesh.policy.sidecar_loader import sidecar_config_from_mapping, sidecar_config_to_json
@@ -559,14 +560,24 @@ class ControlClient:
         cfg = self.cfg
         inbound = self.sidecar.addresses.get("inbound", cfg.listeners.inbound)
         inst = cfg.instance
+        ports = {"http": inbound.port}
+        labels = dict(inst.labels)
+        tls = cfg.tls
+        if tls is None or tls.mode == "DISABLE":
+            # No mTLS on our inbound port: callers that use mTLS must speak
+            # plaintext to us, or they would fail every call.
+            labels[PLAINTEXT_LABEL] = PLAINTEXT_VALUE
+        elif tls.tcp_app is not None:
+            # L4 tunnels from peer sidecars arrive on the same (mTLS) inbound port.
+            ports["tcp"] = inbound.port
         return mp.Hello(
             node_id=self.node_id,
             service=cfg.service,
             namespace=cfg.namespace,
             instance=mp.Instance(
                 address=inst.address or _dialable(inbound.host),
-                ports={"http": inbound.port},
-                labels=inst.labels,
+                ports=ports,
+                labels=labels,
                 weight=inst.weight,
             ),
             dependencies=cfg.dependencies,

@@ -44,7 +44,8 @@ async def test_hello_names_the_instance_and_its_dependencies(sidecars, peers) ->
         instance=mp.Instance(
             address=LOCAL,  # the inbound listener's host
             ports={"http": sc.addresses["inbound"].port},  # the port actually bound
-            labels={"version": "v1", "zone": "a"},
+            # Without mTLS on its inbound port, callers with mTLS must speak plaintext to it.
+            labels={"version": "v1", "zone": "a", "lepton.io/tls": "disabled"},
             weight=3,
         ),
         dependencies=("intent", "dialog"),
