@@ -70,6 +70,7 @@ import orjson
 
 from lepton_mesh import meshproto as mp
 from lepton_mesh.identity.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeId
+from lepton_mesh.identity.tls_contexts import client_context_without_certificate
 from lepton_mesh.policy.endpoints import PLAINTEXT_LABEL, PLAINTEXT_VALUE
 from lepton_mesh.policy.errors import ConfigError, Problem
 from lepton_mesh.policy.sidecar_config import Address, SidecarConfig
@@ -77,12 +78,7 @@ from lepton_mesh.policy.sidecar_loader import sidecar_config_from_mapping, sidec
 from lepton_mesh.proxy.health_check import HealthChecker
 from lepton_mesh.proxy.identity_client import IdentityClient
 from lepton_mesh.proxy.timers import Deadline
-from lepton_mesh.proxy.tls import (
-    TLS12_CIPHERS,
-    PeerIdentityError,
-    client_context,
-    verify_peer_identity,
-)
+from lepton_mesh.proxy.tls import PeerIdentityError, client_context, verify_peer_identity
 
 __all__ = [
     "LKG_FILE",
@@ -179,23 +175,6 @@ class _ConfigBuilder:
             services[name] = svc
         data = {**self._base_json, "services": services, "policies": list(snap.policies)}
         return sidecar_config_from_mapping(data, source), tuple(skipped)
-
-
-# --- TLS to control ---------------------------------------------------------------------
-
-
-def _bootstrap_context(bundle_pem: bytes) -> ssl.SSLContext:
-    """A client context with no certificate of its own: it authenticates the
-    control daemon against `bundle_pem` (only those roots; the identity is
-    checked after the handshake). proxy/tls.py's settings otherwise."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_ciphers(TLS12_CIPHERS)
-    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
-    ctx.check_hostname = False  # SPIFFE IDs, not host names: verify_peer_identity does it
-    ctx.verify_flags = (ctx.verify_flags | ssl.VERIFY_X509_STRICT) & ~ssl.VERIFY_X509_PARTIAL_CHAIN
-    ctx.load_verify_locations(cadata=bundle_pem.decode("ascii"))
-    return ctx
 
 
 def _read_config_file(cfg: SidecarConfig, field: str, path: str) -> bytes:
@@ -482,7 +461,7 @@ class ControlClient:
             # No certificate (yet, or one control refused): authenticate control only,
             # with the roots we were last given and those in the file (re-read: an
             # operator recovers a sidecar whose roots are all gone by replacing it).
-            return _bootstrap_context(self._bootstrap_roots(creds)), False
+            return client_context_without_certificate(self._bootstrap_roots(creds)), False
         chain, key, bundle = creds
         if self._mtls is None or self._mtls[0] != chain:
             self._mtls = (chain, client_context(chain, key, bundle))

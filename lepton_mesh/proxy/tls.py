@@ -6,43 +6,35 @@ per certificate or bundle change and swaps them in; a connection keeps the
 context it started with.
 
 Invariants:
-- TLS 1.2 is the floor, TLS 1.3 is preferred (OpenSSL picks the highest both
-  sides speak). TLS 1.2 suites are ECDHE with AES-GCM or ChaCha20-Poly1305
-  only: forward secrecy and AEAD. TLS 1.3 suites are all of that already.
-- Chains are verified against the trust bundle only (never the system store),
-  with strict X.509 checks. Host names are not checked: mesh certificates
-  carry SPIFFE IDs, not DNS names. Instead the caller checks that the peer is
-  the service it meant to reach (`verify_peer_identity`); any certificate the
-  bundle accepts is not enough.
+- The contexts are `identity.tls_contexts`' (shared with the control daemon):
+  TLS 1.2 floor, TLS 1.3 preferred, ECDHE+AEAD suites, chains verified
+  against the trust bundle only (never the system store) with strict X.509
+  checks, key material handed to OpenSSL through a memfd. Host names are not
+  checked: mesh certificates carry SPIFFE IDs, not DNS names. Instead the
+  caller checks that the peer is the service it meant to reach
+  (`verify_peer_identity`); any certificate the bundle accepts is not enough.
 - Session tickets stay on (OP_NO_TICKET would make OpenSSL keep every session
   in the server-side cache: ~20 MiB under churn that is never released).
   Ticket keys belong to one server context, so a new context (new certificate
   or bundle) invalidates every ticket issued before: a session never outlives
   the trust it was verified under.
-- Key material goes to OpenSSL through an anonymous in-memory file (memfd)
-  where the platform has one, else through a 0600 file in a fresh 0700
-  directory that is removed right after loading; see `_load_cert_chain`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import socket
 import ssl
-import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Hashable, Iterator
 from contextvars import ContextVar
 
+from lepton_mesh.identity import tls_contexts
 from lepton_mesh.identity.errors import InvalidSpiffeId
 from lepton_mesh.identity.spiffe import SpiffeId, as_spiffe_id, spiffe_id_of_peercert
 
-# ECDHE key exchange, AEAD ciphers; OpenSSL expands these to the ECDSA and RSA
-# variants (mesh certificates are ECDSA, so only those are ever negotiated).
-TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 # A client resumes with one ticket per endpoint: a second ticket per full
 # handshake would cost the server an encryption and ~250 bytes for nothing.
 SERVER_TICKETS = 1
@@ -118,56 +110,6 @@ class MeshClientContext(ssl.SSLContext):
         return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
 
 
-def _harden(ctx: ssl.SSLContext) -> None:
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_ciphers(TLS12_CIPHERS)
-    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    # Strict RFC 5280 checks; the bundle holds roots only, so partial chains
-    # (an intermediate as a trust anchor) are never wanted.
-    ctx.verify_flags = (ctx.verify_flags | ssl.VERIFY_X509_STRICT) & ~ssl.VERIFY_X509_PARTIAL_CHAIN
-
-
-def _load_trust(ctx: ssl.SSLContext, bundle_pem: bytes) -> None:
-    # cadata takes the roots from memory; nothing else (no system store) is trusted.
-    ctx.load_verify_locations(cadata=bundle_pem.decode("ascii"))
-
-
-def _load_cert_chain(ctx: ssl.SSLContext, cert_chain_pem: bytes, key_pem: bytes) -> None:
-    """Hand the chain and key to OpenSSL, which reads them only from a path.
-
-    Preferred: a memfd (an anonymous file in RAM, no name in any file system,
-    gone when its last descriptor closes), opened by OpenSSL through
-    /proc/self/fd. Elsewhere: a 0600 file inside a fresh 0700 directory,
-    removed as soon as OpenSSL has read it, so the key is on disk for
-    milliseconds and only where the sidecar's own user can read it.
-    """
-    data = cert_chain_pem.rstrip(b"\n") + b"\n" + key_pem
-    if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
-        fd = os.memfd_create("lepton-tls", os.MFD_CLOEXEC)
-        try:
-            _write_all(fd, data)
-            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
-        finally:
-            os.close(fd)
-        return
-    with tempfile.TemporaryDirectory(prefix="lepton-tls-") as d:
-        path = os.path.join(d, "credentials.pem")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            _write_all(fd, data)
-        finally:
-            os.close(fd)
-        ctx.load_cert_chain(path)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
 def server_context(
     cert_chain_pem: bytes,
     key_pem: bytes,
@@ -179,24 +121,19 @@ def server_context(
     against the bundle. With `require_client_cert=False` a client may connect
     without a certificate (then `peer_identity` is None); one it does present
     must still verify."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    _harden(ctx)
-    ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
-    ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
-    ctx.num_tickets = SERVER_TICKETS
-    _load_trust(ctx, bundle_pem)
-    _load_cert_chain(ctx, cert_chain_pem, key_pem)
-    return ctx
+    return tls_contexts.server_context(
+        cert_chain_pem,
+        key_pem,
+        bundle_pem,
+        require_client_cert=require_client_cert,
+        tickets=SERVER_TICKETS,
+    )
 
 
 def client_context(cert_chain_pem: bytes, key_pem: bytes, bundle_pem: bytes) -> MeshClientContext:
     """The outbound context: presents the workload chain, verifies the server's
     chain against the bundle. The caller must still `verify_peer_identity`."""
-    ctx = MeshClientContext(ssl.PROTOCOL_TLS_CLIENT)
-    _harden(ctx)
-    _load_trust(ctx, bundle_pem)
-    _load_cert_chain(ctx, cert_chain_pem, key_pem)
-    return ctx
+    return tls_contexts.client_context(cert_chain_pem, key_pem, bundle_pem, cls=MeshClientContext)
 
 
 # --- peer identity --------------------------------------------------------------
