@@ -64,6 +64,23 @@ class ConfigError(Exception):
     def single(cls, file: str, line: int | None, path: str, message: str) -> ConfigError:
         return cls([Problem(file, line, path, message)])
 
+    @classmethod
+    def in_reading_order(
+        cls, problems: Iterable[Problem], files: Iterable[str] = ()
+    ) -> ConfigError:
+        """The problems file by file, each top to bottom, unknown lines last.
+
+        Files named in `files` come first, in that order; the others as first
+        seen. Loaders collect problems in the order they check things (a rule
+        spanning objects runs last), which is not the order a reader fixes them in.
+        """
+        order: dict[str, int] = {file: i for i, file in enumerate(files)}
+        ordered = list(problems)
+        for p in ordered:
+            order.setdefault(p.file, len(order))
+        ordered.sort(key=lambda p: (order[p.file], p.line is None, p.line or 0))
+        return cls(ordered)
+
     def __str__(self) -> str:
         return "\n".join(str(p) for p in self.problems)
 

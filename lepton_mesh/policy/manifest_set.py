@@ -158,11 +158,7 @@ def resulting_set(
         if (where := _not_plain(manifest)) is not None:
             problems.append(Problem(doc.source, doc.line(), "", f"not plain data: {where}"))
     if problems:
-        order: dict[str, int] = {}
-        for p in problems:
-            order.setdefault(p.file, len(order))
-        problems.sort(key=lambda p: (order[p.file], p.line is None, p.line or 0))
-        raise ConfigError(problems)
+        raise ConfigError.in_reading_order(problems)
     return result
 
 

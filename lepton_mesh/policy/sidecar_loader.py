@@ -132,13 +132,8 @@ def _build(
     c = Checker(source, lines, problems)
     cfg = _sidecar(c, data, base_dir)
     if problems or cfg is None:
-        # This file first, then policy files in the order first seen; each
-        # top to bottom, unknown lines last.
-        order: dict[str, int] = {source: 0}
-        for p in problems:
-            order.setdefault(p.file, len(order))
-        problems.sort(key=lambda p: (order[p.file], p.line is None, p.line or 0))
-        raise ConfigError(problems)
+        # This file first, then policy files in the order first seen.
+        raise ConfigError.in_reading_order(problems, (source,))
     return cfg
 
 

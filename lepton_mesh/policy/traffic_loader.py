@@ -147,14 +147,8 @@ def collect_policies(
 
 
 def _raise_if_any(problems: list[Problem], sources: Iterable[str] = ()) -> None:
-    if not problems:
-        return
-    # Files in the order given (else first seen), each top to bottom; unknown lines last.
-    order: dict[str, int] = {source: i for i, source in enumerate(sources)}
-    for p in problems:
-        order.setdefault(p.file, len(order))
-    problems.sort(key=lambda p: (order[p.file], p.line is None, p.line or 0))
-    raise ConfigError(problems)
+    if problems:
+        raise ConfigError.in_reading_order(problems, sources)
 
 
 # --- what is kept across documents -------------------------------------------
