@@ -1,0 +1,120 @@
+"""Helpers for tests/deploy: where deploy/ is, its YAML, the CLI's parsers.
+
+No Docker engine is needed by anything here: the files under deploy/ are
+checked by reading them (and by the tools that lint or validate them), and
+by running the parts that are plain lepton-mesh commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+COMPOSE_DIR = DEPLOY / "compose"
+KUBE_DIR = DEPLOY / "kubernetes"
+DOCS = REPO / "docs" / "deployment.md"
+
+# The commands whose every flag an operator may set (docs/deployment.md's table).
+OPERATOR_COMMANDS = ("control", "sidecar", "run")
+
+# Python snippets in probes and health checks are run with `python -c`.
+_PY_C = "-c"
+
+
+def tool(name: str) -> str:
+    """A console script installed next to this interpreter (the dev extra's tools)."""
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        raise AssertionError(f"{name} is not installed: pip install -e '.[dev]'")
+    return str(path)
+
+
+def yaml_documents(path: Path) -> list[Any]:
+    with path.open(encoding="utf-8") as f:
+        return [doc for doc in yaml.safe_load_all(f) if doc is not None]
+
+
+def subcommand_parser(name: str) -> argparse.ArgumentParser | None:
+    """The `lepton-mesh NAME` parser, or None when this build has no such command."""
+    from lepton_mesh.cli import build_parser
+
+    parser = build_parser()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices.get(name)
+    return None
+
+
+def option_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """Every long flag the parser defines (not --help) -> its action."""
+    return {
+        flag: action
+        for action in parser._actions
+        if not isinstance(action, argparse._HelpAction)
+        for flag in action.option_strings
+        if flag.startswith("--")
+    }
+
+
+def control_env_names() -> dict[str, str]:
+    """`lepton-mesh control` flag -> its LEPTON_* variable, read from the help texts."""
+    parser = subcommand_parser("control")
+    assert parser is not None
+    out = {}
+    for flag, action in option_actions(parser).items():
+        found = re.search(r"\[\$(LEPTON_[A-Z_]+)\]", action.help or "")
+        assert found, f"control {flag}: its help names no LEPTON_* variable"
+        out[flag] = found.group(1)
+    return out
+
+
+def parse_cli(argv: list[str], env: dict[str, str] | None = None) -> argparse.Namespace:
+    """Parse as `lepton-mesh ARGV` would with ENV set (control reads defaults from it)."""
+    from lepton_mesh.cli import build_parser
+
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        return build_parser().parse_args(argv)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def python_snippets(command: list[str]) -> Iterator[str]:
+    """The code of each `python -c CODE` in an exec-form command."""
+    for i, word in enumerate(command[:-1]):
+        if word == _PY_C and i > 0 and Path(command[i - 1]).name.startswith("python"):
+            yield command[i + 1]
+
+
+def assert_shell_syntax(script: str, what: str) -> None:
+    result = subprocess.run(["sh", "-n", "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, f"{what}: not valid sh: {result.stderr}"
+
+
+def exec_lines(script: str) -> list[list[str]]:
+    """The `exec lepton-mesh ...` lines of a shell script, as argv (without `exec`)."""
+    return [
+        shlex.split(line)[1:]
+        for line in script.splitlines()
+        if line.strip().startswith("exec lepton-mesh ")
+    ]
+
+
+def port_of(address: str) -> int:
+    return int(address.rpartition(":")[2])
