@@ -18,7 +18,9 @@ Invariants:
 - The issuing key is read from `--ca-dir` (a mounted secret) by
   `identity.ca.CertificateAuthority`, kept in memory, and never written,
   logged or put in an error. The daemon's own serving key is made in memory
-  and handed to OpenSSL through an anonymous memory file (memfd).
+  and handed to OpenSSL through an anonymous memory file (memfd), by
+  `identity.tls_contexts`, which also gives the serving contexts the mesh's
+  TLS settings (the sidecars' own).
 - The CA files are polled (`reload_interval`); a change is loaded whole and
   swapped in one assignment, or refused (a half-replaced pair during
   `certs rotate-root activate` does not load) and the previous CA kept.
@@ -40,7 +42,6 @@ import datetime as dt
 import logging
 import os
 import ssl
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -63,6 +64,7 @@ from lepton_mesh.identity.errors import (
 )
 from lepton_mesh.identity.spiffe import SpiffeId, spiffe_id_of_peercert
 from lepton_mesh.identity.store import CaFiles
+from lepton_mesh.identity.tls_contexts import server_context, server_context_without_credentials
 
 __all__ = [
     "CONTROL_NAMESPACE",
@@ -83,8 +85,9 @@ CONTROL_NAMESPACE = mp.CONTROL_NAMESPACE
 CONTROL_SERVICE = mp.CONTROL_SERVICE
 # A CSR is a few hundred bytes; anything this large is not one of ours.
 MAX_CSR_BYTES = 16 * 1024
-# Same TLS floor and suites as the sidecars' contexts (proxy/tls.py).
-_TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+# TLS 1.3 session tickets per handshake: none, so a stream never resumes a
+# session verified under an older bundle.
+SERVING_TICKETS = 0
 # The serving certificate is renewed at this fraction of its lifetime.
 RENEW_AT = 2 / 3
 
@@ -366,7 +369,11 @@ class IdentityService:
     def ssl_context(self) -> ssl.SSLContext:
         """The listener's context: it moves every new connection to the current one."""
         if self._dispatch is None:
-            ctx = _base_context()
+            # Client certificates are optional on every serving context (a
+            # sidecar bootstraps without one) but verified when presented.
+            ctx = server_context_without_credentials(
+                require_client_cert=False, tickets=SERVING_TICKETS
+            )
             ctx.sni_callback = self._select
             self._dispatch = ctx
         return self._dispatch
@@ -379,10 +386,13 @@ class IdentityService:
         key = generate_key()
         identity = self.control_identity
         issued = authority.issue(build_csr(key, identity), identity)
-        ctx = _base_context()
-        ctx.load_verify_locations(cadata=self.trust.bundle_pem)
-        _load_cert_chain(ctx, issued.chain_pem, private_key_pem(key))
-        self._current = ctx
+        self._current = server_context(
+            issued.chain_pem,
+            private_key_pem(key),
+            self.trust.bundle_pem,
+            require_client_cert=False,
+            tickets=SERVING_TICKETS,
+        )
         self.serving_serial = issued.serial
         now = time.time()
         self._renew_at = now + (issued.not_after.timestamp() - now) * RENEW_AT
@@ -414,50 +424,6 @@ def _by_certificate(claimed: SpiffeId, peercert: Mapping[str, Any]) -> SpiffeId:
             f"the client certificate is {presented}, the hello says {claimed}",
         )
     return presented
-
-
-def _base_context() -> ssl.SSLContext:
-    """A server context with the mesh's TLS settings (proxy/tls.py's, for the
-    control stream): TLS 1.2+, ECDHE+AEAD, no compression or renegotiation,
-    strict chains from the bundle only. Client certificates are optional (a
-    sidecar bootstraps without one) but verified when presented."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_ciphers(_TLS12_CIPHERS)
-    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
-    ctx.verify_mode = ssl.CERT_OPTIONAL
-    ctx.verify_flags = (ctx.verify_flags | ssl.VERIFY_X509_STRICT) & ~ssl.VERIFY_X509_PARTIAL_CHAIN
-    ctx.num_tickets = 0  # TLS 1.3: no resumption of a session verified under an old bundle
-    return ctx
-
-
-def _load_cert_chain(ctx: ssl.SSLContext, chain_pem: bytes, key_pem: bytes) -> None:
-    """OpenSSL reads a key only from a path: give it an anonymous memory file
-    (no name in any file system), else a 0600 file in a fresh 0700 directory
-    removed right after (proxy/tls.py does the same for sidecars)."""
-    data = chain_pem.rstrip(b"\n") + b"\n" + key_pem
-    if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
-        fd = os.memfd_create("lepton-control-tls", os.MFD_CLOEXEC)
-        try:
-            _write_all(fd, data)
-            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
-        finally:
-            os.close(fd)
-        return
-    with tempfile.TemporaryDirectory(prefix="lepton-control-tls-") as d:
-        path = os.path.join(d, "credentials.pem")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            _write_all(fd, data)
-        finally:
-            os.close(fd)
-        ctx.load_cert_chain(path)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def peer_certificate(transport: Any) -> tuple[dict[str, Any] | None, x509.Certificate | None]:
