@@ -5,7 +5,8 @@ OpenAPI document, and a test checks the two against `ROUTES` both ways.
 
 Rules every handler follows:
 - Authentication first: a bearer token (ES256 JWT, `auth.py`); `read` for
-  GETs, `admin` for writes. Only the OpenAPI document is public.
+  GETs, `admin` for writes. Only the OpenAPI document is public (and
+  /metrics, which is outside the API: `add_metrics`).
 - Reads answer from this replica's cache (registry, policies, history), so
   they keep working while etcd is down; writes go to etcd and answer 503
   `store_unavailable` when it does not answer.
@@ -39,7 +40,15 @@ from lepton_mesh.policy.errors import ConfigError, Problem
 from lepton_mesh.policy.traffic_loader import KINDS
 from lepton_mesh.policy.yaml_source import Document, load_documents
 
-__all__ = ["ROUTES", "AdminContext", "AdminServer", "ApiError", "build_app", "start_admin_api"]
+__all__ = [
+    "ROUTES",
+    "AdminContext",
+    "AdminServer",
+    "ApiError",
+    "add_metrics",
+    "build_app",
+    "start_admin_api",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -547,9 +556,28 @@ class AdminServer:
         await self._runner.cleanup()
 
 
+def add_metrics(app: web.Application, ctx: AdminContext) -> None:
+    """GET /metrics: the replica's Prometheus metrics (control/metrics.py), without a token.
+
+    Outside /api/v1 and `ROUTES` on purpose: it is Prometheus text for a
+    scraper, not part of the JSON API that the OpenAPI document describes.
+    """
+    from lepton_mesh.control.metrics import ControlMetrics
+
+    metrics = ControlMetrics(ctx)
+
+    async def serve_metrics(request: web.Request) -> web.StreamResponse:
+        body, content_type = metrics.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    app.router.add_get("/metrics", serve_metrics)
+
+
 async def start_admin_api(ctx: AdminContext, host: str, port: int) -> AdminServer:
-    """Serve the admin API on host:port (0: any free port) until `close()`."""
-    runner = web.AppRunner(build_app(ctx), access_log=None)
+    """Serve the admin API and /metrics on host:port (0: any free port) until `close()`."""
+    app = build_app(ctx)
+    add_metrics(app, ctx)
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:
