@@ -8,6 +8,7 @@ by running the parts that are plain lepton-mesh commands.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import shlex
@@ -40,9 +41,12 @@ def tool(name: str) -> str:
     return str(path)
 
 
+@functools.cache
 def yaml_documents(path: Path) -> list[Any]:
+    """The file's documents, read once: callers must not change them (copy first)."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     with path.open(encoding="utf-8") as f:
-        return [doc for doc in yaml.safe_load_all(f) if doc is not None]
+        return [doc for doc in yaml.load_all(f, Loader=loader) if doc is not None]
 
 
 def subcommand_parser(name: str) -> argparse.ArgumentParser | None:
@@ -108,9 +112,9 @@ def assert_shell_syntax(script: str, what: str) -> None:
 
 
 def exec_lines(script: str) -> list[list[str]]:
-    """The `exec lepton-mesh ...` lines of a shell script, as argv (without `exec`)."""
+    """The arguments of each `exec lepton-mesh ARGS` line of a shell script."""
     return [
-        shlex.split(line)[1:]
+        shlex.split(line)[2:]
         for line in script.splitlines()
         if line.strip().startswith("exec lepton-mesh ")
     ]
