@@ -1,8 +1,8 @@
-"""Parsers for addresses and endpoints, shared by the sidecar and policy loaders.
+"""Parsers for addresses, endpoints and protocols, shared by the sidecar and policy loaders.
 
 `host:port` or `[v6]:port`; endpoints as a bare address or a mapping with
-address, weight, labels and healthy. Problems go to the `Checker` with the
-field path, like every other field parser.
+address, weight, labels and healthy; what a service speaks. Problems go to
+the `Checker` with the field path, like every other field parser.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from lepton_mesh.policy.errors import Path
 from lepton_mesh.policy.fields import (
     Checker,
     check_mapping,
+    choice,
     expected,
     integer,
     parse_boolean,
@@ -26,6 +27,9 @@ from lepton_mesh.policy.fields import (
 
 _ENDPOINT_FIELDS = ("address", "weight", "labels", "healthy")
 _weight = integer(1, 10_000)
+
+# What a service speaks: a sidecar's own services and ExternalServices alike.
+parse_protocol = choice(("http", "tcp"), "'http' or 'tcp'")
 
 
 # --- addresses --------------------------------------------------------------

@@ -128,6 +128,22 @@ def parse_boolean(c: Checker, value: Any, path: Path) -> bool | None:
     return None
 
 
+def choice(
+    choices: tuple[str, ...], listed: str | None = None
+) -> Callable[[Checker, Any, Path], str | None]:
+    """One of `choices`; the problem says 'expected <listed>' (default: 'one of a, b, c')."""
+    shown = listed if listed is not None else f"one of {', '.join(choices)}"
+
+    def parse(c: Checker, value: Any, path: Path) -> str | None:
+        if value in choices:
+            return str(value)
+        hint = did_you_mean(value, choices) if isinstance(value, str) else ""
+        c.error(path, f"expected {shown}, found {describe(value)}{hint}")
+        return None
+
+    return parse
+
+
 def integer(lo: int, hi: int | None = None) -> Callable[[Checker, Any, Path], int | None]:
     def parse(c: Checker, value: Any, path: Path) -> int | None:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -270,6 +286,28 @@ def check_mapping(
         else:
             out[key] = item
     return out
+
+
+def check_list(c: Checker, value: Any, path: Path, what: str, *, empty: str = "") -> list[Any]:
+    """`value` as a list of `what` ([] if it is not one, problem recorded).
+
+    An empty list is a problem only when `empty` says why ("an empty list
+    <empty>"): where leaving the field out means something else.
+    """
+    if not isinstance(value, list):
+        expected(c, path, f"a list of {what}", value)
+        return []
+    if not value and empty:
+        c.error(path, f"an empty list {empty}")
+    return value
+
+
+def required(c: Checker, m: Mapping[str, Any], path: Path, key: str, parse: Parser) -> Any:
+    """`m[key]` through `parse`, or None with a problem where the field is missing."""
+    if key not in m:
+        c.error((*path, key), "required field is missing")
+        return None
+    return parse(c, m[key], (*path, key))
 
 
 def parse_fields(

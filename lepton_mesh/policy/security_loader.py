@@ -32,7 +32,9 @@ import jwt
 from lepton_mesh.policy.errors import Path, Problem
 from lepton_mesh.policy.fields import (
     Checker,
+    check_list,
     check_mapping,
+    choice,
     describe,
     did_you_mean,
     duration,
@@ -42,6 +44,7 @@ from lepton_mesh.policy.fields import (
     parse_boolean,
     parse_name,
     parse_string,
+    required,
 )
 from lepton_mesh.policy.security import (
     ACTIONS,
@@ -97,23 +100,6 @@ _RESERVED_HEADERS = frozenset(
 )
 
 
-def _list(c: Checker, value: Any, path: Path, what: str, *, empty: str = "") -> list[Any]:
-    """`value` as a list; an empty one is an error when `empty` says why."""
-    if not isinstance(value, list):
-        expected(c, path, f"a list of {what}", value)
-        return []
-    if not value and empty:
-        c.error(path, f"an empty list {empty}")
-    return value
-
-
-def _required(c: Checker, m: Mapping[str, Any], path: Path, key: str, parse: Any) -> Any:
-    if key not in m:
-        c.error((*path, key), "required field is missing")
-        return None
-    return parse(c, m[key], (*path, key))
-
-
 def _text(c: Checker, value: Any, path: Path, what: str) -> str | None:
     """A non-empty string without whitespace or control characters."""
     text = parse_string(c, value, path)
@@ -142,7 +128,7 @@ def _strings(
     c: Checker, value: Any, path: Path, what: str, parse: Callable[..., str | None]
 ) -> tuple[str, ...] | None:
     """A non-empty list of unique items, each through `parse`; None if any is invalid."""
-    items = _list(c, value, path, what, empty="matches nothing; omit the field instead")
+    items = check_list(c, value, path, what, empty="matches nothing; omit the field instead")
     out: list[str] = []
     ok = bool(items)
     for i, item in enumerate(items):
@@ -265,7 +251,7 @@ def _cidr(c: Checker, value: Any, path: Path) -> IPNetwork | None:
 
 
 def _cidrs(c: Checker, value: Any, path: Path) -> tuple[IPNetwork, ...] | None:
-    items = _list(c, value, path, "IP blocks", empty="matches nothing; omit the field instead")
+    items = check_list(c, value, path, "IP blocks", empty="matches nothing; omit the field instead")
     parsed = [_cidr(c, item, (*path, i)) for i, item in enumerate(items)]
     if not items or any(p is None for p in parsed):
         return None
@@ -286,7 +272,7 @@ _port = integer(1, 65535)
 
 
 def _ports(c: Checker, value: Any, path: Path) -> frozenset[int] | None:
-    items = _list(c, value, path, "ports", empty="matches nothing; omit the field instead")
+    items = check_list(c, value, path, "ports", empty="matches nothing; omit the field instead")
     parsed = [_port(c, item, (*path, i)) for i, item in enumerate(items)]
     if not items or any(p is None for p in parsed):
         return None
@@ -296,14 +282,6 @@ def _ports(c: Checker, value: Any, path: Path) -> frozenset[int] | None:
 def _methods(c: Checker, value: Any, path: Path) -> frozenset[str] | None:
     parsed = _strings(c, value, path, "HTTP methods", _method)
     return None if parsed is None else frozenset(parsed)
-
-
-def _choice(c: Checker, value: Any, path: Path, choices: tuple[str, ...]) -> str | None:
-    if value in choices:
-        return str(value)
-    hint = did_you_mean(value, choices) if isinstance(value, str) else ""
-    c.error(path, f"expected one of {', '.join(choices)}, found {describe(value)}{hint}")
-    return None
 
 
 # --- RequestAuthentication ------------------------------------------------------------
@@ -470,7 +448,7 @@ _TOKEN_HEADER_FIELDS = ("name", "prefix")
 
 
 def _token_headers(c: Checker, value: Any, path: Path) -> tuple[TokenHeader, ...] | None:
-    items = _list(c, value, path, "headers ({name, prefix})")
+    items = check_list(c, value, path, "headers ({name, prefix})")
     out: list[TokenHeader] = []
     ok = True
     for i, item in enumerate(items):
@@ -481,7 +459,7 @@ def _token_headers(c: Checker, value: Any, path: Path) -> tuple[TokenHeader, ...
         if m is None:
             ok = False
             continue
-        name = _required(c, m, ipath, "name", _header_name)
+        name = required(c, m, ipath, "name", _header_name)
         prefix = parse_string(c, m["prefix"], (*ipath, "prefix")) if "prefix" in m else ""
         if name is None or prefix is None:
             ok = False
@@ -518,7 +496,7 @@ _CLAIM_HEADER_FIELDS = ("claim", "header")
 def _claims_to_headers(
     c: Checker, value: Any, path: Path, token_headers: tuple[TokenHeader, ...]
 ) -> tuple[ClaimToHeader, ...] | None:
-    items = _list(c, value, path, "{claim, header} mappings")
+    items = check_list(c, value, path, "{claim, header} mappings")
     out: list[ClaimToHeader] = []
     ok = True
     for i, item in enumerate(items):
@@ -527,8 +505,8 @@ def _claims_to_headers(
         if m is None:
             ok = False
             continue
-        claim = _required(c, m, ipath, "claim", lambda c, v, p: _text(c, v, p, "claim name"))
-        header = _required(c, m, ipath, "header", _header_name)
+        claim = required(c, m, ipath, "claim", lambda c, v, p: _text(c, v, p, "claim name"))
+        header = required(c, m, ipath, "header", _header_name)
         if claim is None or header is None:
             ok = False
             continue
@@ -557,8 +535,8 @@ def _provider(c: Checker, value: Any, path: Path) -> JwtProvider | None:
     if m is None:
         return None
     before = len(c.problems)
-    name = _required(c, m, path, "name", parse_name)
-    issuer = _required(c, m, path, "issuer", lambda c, v, p: _text(c, v, p, "issuer"))
+    name = required(c, m, path, "name", parse_name)
+    issuer = required(c, m, path, "issuer", lambda c, v, p: _text(c, v, p, "issuer"))
     kw: dict[str, Any] = {}
     algorithms: tuple[str, ...] = ()
     if "algorithms" not in m:
@@ -643,7 +621,7 @@ def _request_authentication(
     m = check_mapping(c, value, path, _AUTHN_FIELDS)
     if m is None:
         return None
-    service = _required(c, m, path, "service", parse_name)
+    service = required(c, m, path, "service", parse_name)
     providers: list[JwtProvider] = []
     ok = True
     if "providers" not in m:
@@ -651,7 +629,7 @@ def _request_authentication(
         ok = False
     else:
         ppath = (*path, "providers")
-        items = _list(
+        items = check_list(
             c,
             m["providers"],
             ppath,
@@ -694,6 +672,7 @@ _RULE_FIELDS = ("name", "from", "to", "when")
 _SOURCE_PARSERS: dict[str, Callable[[Checker, Any, Path], Any]] = {}
 _OPERATION_FIELDS = ("methods", "not_methods", "paths", "not_paths", "ports", "not_ports")
 _CONDITION_FIELDS = ("key", "values", "not_values")
+_action = choice(ACTIONS)
 
 
 def _pattern_list(
@@ -806,7 +785,7 @@ def _condition(c: Checker, value: Any, path: Path) -> Condition | None:
     m = check_mapping(c, value, path, _CONDITION_FIELDS)
     if m is None:
         return None
-    key = _required(c, m, path, "key", _condition_key)
+    key = required(c, m, path, "key", _condition_key)
     if "values" not in m and "not_values" not in m:
         c.error(path, "values or not_values is needed")
         return None
@@ -841,7 +820,7 @@ def _parts(
     if key not in m:
         return ()
     kpath = (*path, key)
-    items = _list(c, m[key], kpath, what, empty=f"matches nothing; omit '{key}' to match any")
+    items = check_list(c, m[key], kpath, what, empty=f"matches nothing; omit '{key}' to match any")
     parsed = [parse(c, item, (*kpath, i)) for i, item in enumerate(items)]
     if not items or any(p is None for p in parsed):
         return None
@@ -868,13 +847,13 @@ def _authorization_policy(
     m = check_mapping(c, value, path, _AUTHZ_FIELDS)
     if m is None:
         return None
-    service = _required(c, m, path, "service", parse_name)
-    action = _choice(c, m["action"], (*path, "action"), ACTIONS) if "action" in m else "ALLOW"
+    service = required(c, m, path, "service", parse_name)
+    action = _action(c, m["action"], (*path, "action")) if "action" in m else "ALLOW"
     dry_run = parse_boolean(c, m["dry_run"], (*path, "dry_run")) if "dry_run" in m else False
     rules: list[AuthorizationRule] = []
     ok = True
     rpath = (*path, "rules")
-    items = _list(c, m["rules"], rpath, "rules") if "rules" in m else []
+    items = check_list(c, m["rules"], rpath, "rules") if "rules" in m else []
     seen: dict[str, int] = {}
     for i, item in enumerate(items):
         rule = _authz_rule(c, item, (*rpath, i), i)
@@ -955,7 +934,7 @@ def _rate_key(c: Checker, value: Any, path: Path) -> RateKey | None:
 
 
 def _overrides(c: Checker, value: Any, path: Path) -> tuple[RateOverride, ...] | None:
-    items = _list(c, value, path, "overrides", empty="overrides nothing; omit it")
+    items = check_list(c, value, path, "overrides", empty="overrides nothing; omit it")
     out: list[RateOverride] = []
     ok = bool(items)
     seen: dict[str, int] = {}
@@ -965,8 +944,8 @@ def _overrides(c: Checker, value: Any, path: Path) -> tuple[RateOverride, ...] |
         if m is None:
             ok = False
             continue
-        key = _required(c, m, ipath, "key_value", parse_string)
-        rps = _required(c, m, ipath, "requests_per_second", _rps)
+        key = required(c, m, ipath, "key_value", parse_string)
+        rps = required(c, m, ipath, "requests_per_second", _rps)
         burst = (
             _burst(c, m["burst"], (*ipath, "burst"))
             if "burst" in m
@@ -1006,7 +985,7 @@ def _limit(c: Checker, value: Any, path: Path, index: int) -> RateLimitRule | No
         return None
     before = len(c.problems)
     name = parse_name(c, m["name"], (*path, "name")) if "name" in m else f"limit-{index}"
-    rps = _required(c, m, path, "requests_per_second", _rps)
+    rps = required(c, m, path, "requests_per_second", _rps)
     burst = _burst(c, m["burst"], (*path, "burst")) if "burst" in m else None
     key = _rate_key(c, m["key"], (*path, "key")) if "key" in m else RateKey()
     kw: dict[str, Any] = {}
@@ -1034,7 +1013,7 @@ def _rate_limit(c: Checker, value: Any, name: str, namespace: str, where: str) -
     m = check_mapping(c, value, path, _RATE_FIELDS)
     if m is None:
         return None
-    service = _required(c, m, path, "service", parse_name)
+    service = required(c, m, path, "service", parse_name)
     limits: list[RateLimitRule] = []
     ok = True
     if "limits" not in m:
@@ -1042,7 +1021,9 @@ def _rate_limit(c: Checker, value: Any, name: str, namespace: str, where: str) -
         ok = False
     else:
         lpath = (*path, "limits")
-        items = _list(c, m["limits"], lpath, "limits", empty="limits nothing; give at least one")
+        items = check_list(
+            c, m["limits"], lpath, "limits", empty="limits nothing; give at least one"
+        )
         ok = bool(items)
         seen: dict[str, int] = {}
         for i, item in enumerate(items):

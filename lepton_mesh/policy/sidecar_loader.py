@@ -45,6 +45,7 @@ from lepton_mesh.policy.endpoint_fields import (
     address_parser,
     endpoint_address,
     parse_endpoints,
+    parse_protocol,
     valid_host,
 )
 from lepton_mesh.policy.errors import ConfigError, Path, Problem, format_path
@@ -52,8 +53,8 @@ from lepton_mesh.policy.fields import (
     Checker,
     Parser,
     check_mapping,
+    choice,
     describe,
-    did_you_mean,
     duration,
     expected,
     integer,
@@ -154,7 +155,6 @@ def _access_log(c: Checker, value: Any, path: Path) -> AccessLogConfig | None:
 # --- services and endpoints -------------------------------------------------
 
 _SERVICE_FIELDS = ("protocol", "listen", "endpoints")
-_PROTOCOLS = ("http", "tcp")
 _listen_address = address_parser(port_zero_ok=True)
 _weight = integer(1, 10_000)
 
@@ -179,11 +179,7 @@ def _service(c: Checker, name: str, value: Any, path: Path) -> ServiceConfig | N
     m = check_mapping(c, value, path, _SERVICE_FIELDS)
     if m is None:
         return None
-    protocol = m.get("protocol", "http")
-    if protocol not in _PROTOCOLS:
-        hint = did_you_mean(protocol, _PROTOCOLS) if isinstance(protocol, str) else ""
-        c.error((*path, "protocol"), f"expected 'http' or 'tcp', found {describe(protocol)}{hint}")
-        protocol = "http"
+    protocol = parse_protocol(c, m.get("protocol", "http"), (*path, "protocol")) or "http"
     listen = None
     if "listen" in m:
         listen = _listen_address(c, m["listen"], (*path, "listen"))
@@ -369,14 +365,6 @@ _TLS_FILES = ("cert", "key", "bundle")
 _TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}")
 
 
-def _tls_mode(c: Checker, value: Any, path: Path) -> str | None:
-    if value in TLS_MODES:
-        return str(value)
-    hint = did_you_mean(value, TLS_MODES) if isinstance(value, str) else ""
-    c.error(path, f"expected STRICT, PERMISSIVE or DISABLE, found {describe(value)}{hint}")
-    return None
-
-
 def _trust_domain(c: Checker, value: Any, path: Path) -> str | None:
     td = parse_string(c, value, path)
     if td is not None and (not _TRUST_DOMAIN.fullmatch(td) or td.strip(".") != td):
@@ -389,17 +377,9 @@ def _trust_domain(c: Checker, value: Any, path: Path) -> str | None:
     return td
 
 
-def _tls_source(c: Checker, value: Any, path: Path) -> str | None:
-    if value in TLS_SOURCES:
-        return str(value)
-    hint = did_you_mean(value, TLS_SOURCES) if isinstance(value, str) else ""
-    c.error(path, f"expected files or control, found {describe(value)}{hint}")
-    return None
-
-
 _TLS_SETTINGS: dict[str, Parser] = {
-    "source": _tls_source,
-    "mode": _tls_mode,
+    "source": choice(TLS_SOURCES, "files or control"),
+    "mode": choice(TLS_MODES, "STRICT, PERMISSIVE or DISABLE"),
     "trust_domain": _trust_domain,
     "tcp_app": address_parser(port_zero_ok=False),
     "max_handshakes": integer(1, 65_536),

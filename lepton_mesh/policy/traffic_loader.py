@@ -29,11 +29,12 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from lepton_mesh.policy.endpoint_fields import parse_endpoints
+from lepton_mesh.policy.endpoint_fields import parse_endpoints, parse_protocol
 from lepton_mesh.policy.errors import ConfigError, Path, Problem
 from lepton_mesh.policy.fields import (
     Checker,
     Parser,
+    check_list,
     check_mapping,
     describe,
     did_you_mean,
@@ -46,6 +47,7 @@ from lepton_mesh.policy.fields import (
     parse_name,
     parse_percent,
     parse_string,
+    required,
     section,
 )
 from lepton_mesh.policy.security import SECURITY_KINDS, SecurityPolicies
@@ -292,20 +294,13 @@ def _metadata(c: Checker, value: Any) -> tuple[str | None, str]:
     m = check_mapping(c, value, path, _METADATA)
     if m is None:
         return None, "default"
-    name = _required(c, m, path, "name", parse_name)
+    name = required(c, m, path, "name", parse_name)
     namespace = parse_name(c, m["namespace"], (*path, "namespace")) if "namespace" in m else None
     # Accepted so manifests kept for Kubernetes tooling load as they are; not used.
     for key in ("labels", "annotations"):
         if key in m:
             _string_map(c, m[key], (*path, key))
     return name, namespace or "default"
-
-
-def _required(c: Checker, m: Mapping[str, Any], path: Path, key: str, parse: Parser) -> Any:
-    if key not in m:
-        c.error((*path, key), "required field is missing")
-        return None
-    return parse(c, m[key], (*path, key))
 
 
 # --- small parsers ---------------------------------------------------------------
@@ -325,16 +320,6 @@ _PROXY_OWNED = frozenset(
     }
 )
 _BAD_VALUE_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-
-
-def _list(c: Checker, value: Any, path: Path, what: str, *, empty_hint: str = "") -> list[Any]:
-    """`value` as a list (problems recorded; [] if not one)."""
-    if not isinstance(value, list):
-        expected(c, path, f"a list of {what}", value)
-        return []
-    if not value and empty_hint:
-        c.error(path, f"an empty list {empty_hint}")
-    return value
 
 
 def _header_name(c: Checker, value: Any, path: Path) -> str | None:
@@ -358,7 +343,7 @@ def _method(c: Checker, value: Any, path: Path) -> str | None:
 
 
 def _methods(c: Checker, value: Any, path: Path) -> frozenset[str] | None:
-    items = _list(c, value, path, "HTTP methods", empty_hint="matches nothing; omit it for any")
+    items = check_list(c, value, path, "HTTP methods", empty="matches nothing; omit it for any")
     parsed = [_method(c, item, (*path, i)) for i, item in enumerate(items)]
     methods = frozenset(m for m in parsed if m is not None)
     return methods or None
@@ -444,7 +429,7 @@ def _route(
     m = check_mapping(c, value, path, _ROUTE_FIELDS)
     if m is None:
         return None
-    destination = _required(c, m, path, "destination", parse_name)
+    destination = required(c, m, path, "destination", parse_name)
     rules: tuple[RouteRule, ...] = ()
     if "rules" not in m:
         c.error((*path, "rules"), "required field is missing")
@@ -456,7 +441,7 @@ def _route(
 
 
 def _rules(col: _Collector, c: Checker, value: Any, path: Path) -> tuple[RouteRule, ...]:
-    items = _list(c, value, path, "rules", empty_hint="routes nothing; give at least one rule")
+    items = check_list(c, value, path, "rules", empty="routes nothing; give at least one rule")
     rules: list[RouteRule] = []
     # Rules whose `match` parsed without any problem: only those take part in
     # the shadowing check (a dropped condition would make a rule look broader).
@@ -507,7 +492,7 @@ def _rule(
 
 def _matches(c: Checker, value: Any, path: Path) -> tuple[RouteMatch, ...]:
     hint = "matches nothing; omit 'match' to match every request"
-    items = _list(c, value, path, "alternatives", empty_hint=hint)
+    items = check_list(c, value, path, "alternatives", empty=hint)
     out = [_alternative(c, item, (*path, i)) for i, item in enumerate(items)]
     return tuple(m for m in out if m is not None)
 
@@ -552,7 +537,7 @@ def _value_matches(c: Checker, m: Mapping[str, Any], path: Path, key: str) -> tu
         return ()
     lpath = (*path, key)
     what = "header conditions" if key == "headers" else "query conditions"
-    items = _list(c, m[key], lpath, what, empty_hint=f"adds no condition; omit '{key}'")
+    items = check_list(c, m[key], lpath, what, empty=f"adds no condition; omit '{key}'")
     out: list[HeaderMatch | QueryMatch] = []
     seen: dict[str, int] = {}
     for i, item in enumerate(items):
@@ -611,7 +596,7 @@ def _value_match(
 
 def _backends(col: _Collector, c: Checker, value: Any, path: Path) -> tuple[Backend, ...]:
     hint = "sends nowhere; omit 'backends' to send to the destination"
-    items = _list(c, value, path, "backends", empty_hint=hint)
+    items = check_list(c, value, path, "backends", empty=hint)
     out: list[Backend] = []
     weights: list[int] = []
     seen: dict[tuple[str, str | None], int] = {}
@@ -622,7 +607,7 @@ def _backends(col: _Collector, c: Checker, value: Any, path: Path) -> tuple[Back
         if m is None:
             complete = False
             continue
-        service = _required(c, m, bpath, "service", parse_name)
+        service = required(c, m, bpath, "service", parse_name)
         subset = parse_name(c, m["subset"], (*bpath, "subset")) if "subset" in m else None
         weight: int | None = 100
         if "weight" in m:
@@ -662,7 +647,7 @@ def _mirror(col: _Collector, c: Checker, value: Any, path: Path) -> Mirror | Non
     m = check_mapping(c, value, path, _MIRROR_FIELDS)
     if m is None:
         return None
-    service = _required(c, m, path, "service", parse_name)
+    service = required(c, m, path, "service", parse_name)
     subset = parse_name(c, m["subset"], (*path, "subset")) if "subset" in m else None
     percent = parse_percent(c, m["percent"], (*path, "percent")) if "percent" in m else 100.0
     if service is None or percent is None:
@@ -706,12 +691,12 @@ def _retry(c: Checker, value: Any, path: Path) -> RetryPolicy | None:
         fields["retry_on"] = _retry_on(c, m["retry_on"], (*path, "retry_on"))
     if "retriable_status_codes" in m:
         cpath = (*path, "retriable_status_codes")
-        items = _list(c, m["retriable_status_codes"], cpath, "status codes")
+        items = check_list(c, m["retriable_status_codes"], cpath, "status codes")
         codes = [_status_code(c, item, (*cpath, i)) for i, item in enumerate(items)]
         fields["retriable_status_codes"] = frozenset(x for x in codes if x is not None)
     if "retriable_methods" in m:
         mpath = (*path, "retriable_methods")
-        items = _list(c, m["retriable_methods"], mpath, "HTTP methods")
+        items = check_list(c, m["retriable_methods"], mpath, "HTTP methods")
         methods = [_method(c, item, (*mpath, i)) for i, item in enumerate(items)]
         fields["retriable_methods"] = frozenset(x for x in methods if x is not None)
     if "per_try_timeout" in m:
@@ -734,7 +719,7 @@ def _retry(c: Checker, value: Any, path: Path) -> RetryPolicy | None:
 
 
 def _retry_on(c: Checker, value: Any, path: Path) -> frozenset[str] | None:
-    items = _list(c, value, path, "retry conditions")
+    items = check_list(c, value, path, "retry conditions")
     out: set[str] = set()
     for i, item in enumerate(items):
         text = parse_string(c, item, (*path, i))
@@ -782,7 +767,7 @@ def _header_ops(c: Checker, value: Any, path: Path) -> HeaderOps:
     remove: list[str] = []
     if "remove" in m:
         rpath = (*path, "remove")
-        for i, item in enumerate(_list(c, m["remove"], rpath, "header names")):
+        for i, item in enumerate(check_list(c, m["remove"], rpath, "header names")):
             name = _owned_header_name(c, item, (*rpath, i))
             if name is None:
                 continue
@@ -840,16 +825,16 @@ def _fault(c: Checker, value: Any, path: Path) -> Fault | None:
         dpath = (*path, "delay")
         d = check_mapping(c, m["delay"], dpath, ("percent", "fixed"))
         if d is not None:
-            percent = _required(c, d, dpath, "percent", parse_percent)
-            fixed = _required(c, d, dpath, "fixed", _positive_duration)
+            percent = required(c, d, dpath, "percent", parse_percent)
+            fixed = required(c, d, dpath, "fixed", _positive_duration)
             if percent is not None and fixed is not None:
                 delay = FaultDelay(percent, fixed)
     if "abort" in m:
         apath = (*path, "abort")
         a = check_mapping(c, m["abort"], apath, ("percent", "status"))
         if a is not None:
-            percent = _required(c, a, apath, "percent", parse_percent)
-            status = _required(c, a, apath, "status", integer(200, 599))
+            percent = required(c, a, apath, "percent", parse_percent)
+            status = required(c, a, apath, "status", integer(200, 599))
             if percent is not None and status is not None:
                 abort = FaultAbort(percent, status)
     trigger = False
@@ -912,7 +897,7 @@ def _destination_policy(
     m = check_mapping(c, value, path, _DESTINATION_FIELDS)
     if m is None:
         return None
-    service = _required(c, m, path, "service", parse_name)
+    service = required(c, m, path, "service", parse_name)
     fields: dict[str, Any] = {}
     if "subsets" in m:
         fields["subsets"] = _subsets(c, m["subsets"], (*path, "subsets"))
@@ -939,13 +924,13 @@ def _destination_policy(
 def _subsets(c: Checker, value: Any, path: Path) -> tuple[Subset, ...]:
     out: list[Subset] = []
     seen: dict[str, int] = {}
-    for i, item in enumerate(_list(c, value, path, "subsets")):
+    for i, item in enumerate(check_list(c, value, path, "subsets")):
         spath = (*path, i)
         m = check_mapping(c, item, spath, ("name", "labels"))
         if m is None:
             continue
-        name = _required(c, m, spath, "name", parse_name)
-        labels = _required(c, m, spath, "labels", _string_map)
+        name = required(c, m, spath, "name", parse_name)
+        labels = required(c, m, spath, "labels", _string_map)
         if labels == {}:
             c.error((*spath, "labels"), "must select on at least one label")
             continue
@@ -1046,26 +1031,20 @@ def _outlier(c: Checker, value: Any, path: Path) -> OutlierDetection | bool | No
 # --- ExternalService ------------------------------------------------------------
 
 _EXTERNAL_FIELDS = ("service", "protocol", "endpoints")
-_EXTERNAL_PROTOCOLS = ("http", "tcp")
 
 
 def _external_service(
     c: Checker, value: Any, name: str, namespace: str, where: str
 ) -> ExternalService | None:
     # Endpoints are written exactly as a sidecar config's static endpoints
-    # ('host:port' or {address, weight, labels, healthy}): one syntax, one
-    # parser. Imported here because sidecar_loader imports this module.
-
+    # ('host:port' or {address, weight, labels, healthy}), and the protocol
+    # as a sidecar's own service's: one syntax, one parser.
     path: Path = ("spec",)
     m = check_mapping(c, value, path, _EXTERNAL_FIELDS)
     if m is None:
         return None
-    service = _required(c, m, path, "service", parse_name)
-    protocol = m.get("protocol", "http")
-    if protocol not in _EXTERNAL_PROTOCOLS:
-        hint = did_you_mean(protocol, _EXTERNAL_PROTOCOLS) if isinstance(protocol, str) else ""
-        c.error((*path, "protocol"), f"expected 'http' or 'tcp', found {describe(protocol)}{hint}")
-        protocol = "http"
+    service = required(c, m, path, "service", parse_name)
+    protocol = parse_protocol(c, m.get("protocol", "http"), (*path, "protocol")) or "http"
     endpoints = ()
     if "endpoints" not in m:
         c.error((*path, "endpoints"), "required field is missing")
