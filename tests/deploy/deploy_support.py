@@ -15,7 +15,7 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
@@ -23,6 +23,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 COMPOSE_DIR = DEPLOY / "compose"
+COMPOSE = COMPOSE_DIR / "docker-compose.yaml"
 KUBE_DIR = DEPLOY / "kubernetes"
 DOCS = REPO / "docs" / "deployment.md"
 
@@ -122,3 +123,54 @@ def exec_lines(script: str) -> list[list[str]]:
 
 def port_of(address: str) -> int:
     return int(address.rpartition(":")[2])
+
+
+# --- deploy/compose/docker-compose.yaml -------------------------------------------------
+
+IMAGE = "${LEPTON_IMAGE:-lepton-mesh:0.1.0}"
+
+
+def compose() -> dict[str, Any]:
+    (doc,) = yaml_documents(COMPOSE)
+    return doc
+
+
+def services() -> dict[str, dict[str, Any]]:
+    return compose()["services"]
+
+
+def lepton_services() -> dict[str, dict[str, Any]]:
+    return {n: s for n, s in services().items() if s.get("image") == IMAGE}
+
+
+def runs_cli(s: dict[str, Any]) -> bool:
+    """The image's entrypoint (lepton-mesh) with the service's command as arguments."""
+    return s.get("image") == IMAGE and "entrypoint" not in s
+
+
+def sidecars() -> dict[str, dict[str, Any]]:
+    return {n: s for n, s in services().items() if runs_cli(s) and s["command"][0] == "sidecar"}
+
+
+def controls() -> dict[str, dict[str, Any]]:
+    return {n: s for n, s in services().items() if runs_cli(s) and s["command"][0] == "control"}
+
+
+def mounts(s: dict[str, Any]) -> dict[str, str]:
+    """Container path -> source (a named volume, or a path relative to deploy/compose)."""
+    out = {}
+    for v in s.get("volumes", []):
+        source, target = v.split(":")[:2]
+        out[target] = source
+    return out
+
+
+def volume_at(s: dict[str, Any], path: str) -> tuple[str, str]:
+    """(volume or host path, path inside it) that holds PATH in service S."""
+    best = max(
+        (t for t in mounts(s) if PurePosixPath(path).is_relative_to(t)),
+        key=len,
+        default=None,
+    )
+    assert best is not None, f"nothing is mounted where {path} is"
+    return mounts(s)[best], str(PurePosixPath(path).relative_to(best))
