@@ -46,6 +46,14 @@ from lepton_mesh.policy.fields import (
     parse_string,
     required,
 )
+from lepton_mesh.policy.http_fields import (
+    PROXY_OWNED_HEADERS,
+    TOKEN_RE,
+    field_value,
+    parse_cookie_name,
+    parse_header_name,
+    parse_method,
+)
 from lepton_mesh.policy.security import (
     ACTIONS,
     CONDITION_KEYS,
@@ -79,25 +87,11 @@ _API_VERSION = "lepton-mesh/v1"  # traffic_loader.API_VERSION (it imports this m
 
 # --- small parsers -------------------------------------------------------------------
 
-_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _CONTROL = re.compile(r"[\x00-\x20\x7f]")
 # Headers a claim may never become: they frame the message or belong to one
-# hop (the proxy owns them), `host` routes it, and `x-lepton-*` are the mesh's own.
-_RESERVED_HEADERS = frozenset(
-    {
-        "connection",
-        "content-length",
-        "host",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
+# hop (the proxy owns them, the proxy credentials with them), `host` routes
+# it, and `x-lepton-*` are the mesh's own.
+_RESERVED_HEADERS = PROXY_OWNED_HEADERS | {"host", "proxy-authenticate", "proxy-authorization"}
 
 
 def _text(c: Checker, value: Any, path: Path, what: str) -> str | None:
@@ -112,16 +106,6 @@ def _text(c: Checker, value: Any, path: Path, what: str) -> str | None:
         c.error(path, f"{what} {text!r} contains whitespace or control characters")
         return None
     return text
-
-
-def _header_name(c: Checker, value: Any, path: Path) -> str | None:
-    text = parse_string(c, value, path)
-    if text is None:
-        return None
-    if not _TOKEN_RE.fullmatch(text):
-        c.error(path, f"invalid header name {text!r}: letters, digits and !#$%&'*+-.^_`|~ only")
-        return None
-    return text.lower()
 
 
 def _strings(
@@ -223,15 +207,7 @@ def _path_pattern(c: Checker, value: Any, path: Path) -> str | None:
     return text
 
 
-def _value_pattern(c: Checker, value: Any, path: Path) -> str | None:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        c.error(path, f"expected a string, found {describe(value)} (quote it to make it a string)")
-        return None
-    text = parse_string(c, value, path)
-    if text is not None and re.search(r"[\x00-\x08\x0a-\x1f\x7f]", text):
-        c.error(path, "values may not contain control characters (CR, LF, NUL...)")
-        return None
-    return text
+_value_pattern = field_value("values")
 
 
 def _cidr(c: Checker, value: Any, path: Path) -> IPNetwork | None:
@@ -258,16 +234,6 @@ def _cidrs(c: Checker, value: Any, path: Path) -> tuple[IPNetwork, ...] | None:
     return tuple(p for p in parsed if p is not None)
 
 
-def _method(c: Checker, value: Any, path: Path) -> str | None:
-    text = parse_string(c, value, path)
-    if text is None:
-        return None
-    if not _TOKEN_RE.fullmatch(text):
-        c.error(path, f"invalid HTTP method {text!r}")
-        return None
-    return text.upper()
-
-
 _port = integer(1, 65535)
 
 
@@ -280,7 +246,7 @@ def _ports(c: Checker, value: Any, path: Path) -> frozenset[int] | None:
 
 
 def _methods(c: Checker, value: Any, path: Path) -> frozenset[str] | None:
-    parsed = _strings(c, value, path, "HTTP methods", _method)
+    parsed = _strings(c, value, path, "HTTP methods", parse_method)
     return None if parsed is None else frozenset(parsed)
 
 
@@ -459,7 +425,7 @@ def _token_headers(c: Checker, value: Any, path: Path) -> tuple[TokenHeader, ...
         if m is None:
             ok = False
             continue
-        name = required(c, m, ipath, "name", _header_name)
+        name = required(c, m, ipath, "name", parse_header_name)
         prefix = parse_string(c, m["prefix"], (*ipath, "prefix")) if "prefix" in m else ""
         if name is None or prefix is None:
             ok = False
@@ -476,14 +442,6 @@ def _token_headers(c: Checker, value: Any, path: Path) -> tuple[TokenHeader, ...
             continue
         out.append(TokenHeader(name, prefix))
     return tuple(out) if ok else None
-
-
-def _cookie_name(c: Checker, value: Any, path: Path) -> str | None:
-    text = parse_string(c, value, path)
-    if text is not None and not _TOKEN_RE.fullmatch(text):
-        c.error(path, f"invalid cookie name {text!r}")
-        return None
-    return text
 
 
 def _param_name(c: Checker, value: Any, path: Path) -> str | None:
@@ -506,7 +464,7 @@ def _claims_to_headers(
             ok = False
             continue
         claim = required(c, m, ipath, "claim", lambda c, v, p: _text(c, v, p, "claim name"))
-        header = required(c, m, ipath, "header", _header_name)
+        header = required(c, m, ipath, "header", parse_header_name)
         if claim is None or header is None:
             ok = False
             continue
@@ -571,7 +529,7 @@ def _provider(c: Checker, value: Any, path: Path) -> JwtProvider | None:
         )
     if "from_cookies" in m:
         kw["from_cookies"] = _strings(
-            c, m["from_cookies"], (*path, "from_cookies"), "cookie names", _cookie_name
+            c, m["from_cookies"], (*path, "from_cookies"), "cookie names", parse_cookie_name
         )
     no_place = not headers and not kw.get("from_params") and not kw.get("from_cookies")
     if no_place and len(c.problems) == before:
@@ -748,7 +706,7 @@ def _condition_key(
         return text, _PLAIN_KEYS[text], "", ()
     if m := _HEADER_KEY.fullmatch(text):
         name = m[1]
-        if not _TOKEN_RE.fullmatch(name):
+        if not TOKEN_RE.fullmatch(name):
             c.error(path, f"invalid header name {name!r} in {text!r}")
             return None
         return text, "header", name.lower(), ()
@@ -927,7 +885,7 @@ def _rate_key(c: Checker, value: Any, path: Path) -> RateKey | None:
             if m is not None:
                 c.error((*path, "header"), "required field is missing")
             return None
-        header = _header_name(c, m["header"], (*path, "header"))
+        header = parse_header_name(c, m["header"], (*path, "header"))
         return None if header is None else RateKey("header", header)
     expected(c, path, _KEY_CHOICES, value)
     return None

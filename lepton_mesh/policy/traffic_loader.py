@@ -50,6 +50,13 @@ from lepton_mesh.policy.fields import (
     required,
     section,
 )
+from lepton_mesh.policy.http_fields import (
+    PROXY_OWNED_HEADERS,
+    field_value,
+    parse_cookie_name,
+    parse_header_name,
+    parse_method,
+)
 from lepton_mesh.policy.security import SECURITY_KINDS, SecurityPolicies
 from lepton_mesh.policy.security_loader import SecurityCollector, ServiceKey
 from lepton_mesh.policy.traffic import (
@@ -305,56 +312,14 @@ def _metadata(c: Checker, value: Any) -> tuple[str | None, str]:
 
 # --- small parsers ---------------------------------------------------------------
 
-_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-# Headers the proxy owns: they frame the message or belong to one hop.
-_PROXY_OWNED = frozenset(
-    {
-        "connection",
-        "content-length",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
-_BAD_VALUE_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-
-
-def _header_name(c: Checker, value: Any, path: Path) -> str | None:
-    text = parse_string(c, value, path)
-    if text is None:
-        return None
-    if not _TOKEN_RE.fullmatch(text):
-        c.error(path, f"invalid header name {text!r}: letters, digits and !#$%&'*+-.^_`|~ only")
-        return None
-    return text.lower()
-
-
-def _method(c: Checker, value: Any, path: Path) -> str | None:
-    text = parse_string(c, value, path)
-    if text is None:
-        return None
-    if not _TOKEN_RE.fullmatch(text):
-        c.error(path, f"invalid HTTP method {text!r}")
-        return None
-    return text.upper()
+_header_value = field_value("header values")
 
 
 def _methods(c: Checker, value: Any, path: Path) -> frozenset[str] | None:
     items = check_list(c, value, path, "HTTP methods", empty="matches nothing; omit it for any")
-    parsed = [_method(c, item, (*path, i)) for i, item in enumerate(items)]
+    parsed = [parse_method(c, item, (*path, i)) for i, item in enumerate(items)]
     methods = frozenset(m for m in parsed if m is not None)
     return methods or None
-
-
-def _header_value(c: Checker, value: Any, path: Path) -> str | None:
-    text = parse_string(c, value, path)
-    if text is not None and _BAD_VALUE_CHARS.search(text):
-        c.error(path, "header values may not contain control characters (CR, LF, NUL...)")
-        return None
-    return text
 
 
 def _regex(c: Checker, value: Any, path: Path) -> str | None:
@@ -566,7 +531,7 @@ def _value_match(
         c.error((*path, "name"), "required field is missing")
         name = None
     elif header:
-        name = _header_name(c, m["name"], (*path, "name"))
+        name = parse_header_name(c, m["name"], (*path, "name"))
     else:
         name = parse_string(c, m["name"], (*path, "name"))
         if name == "":
@@ -697,7 +662,7 @@ def _retry(c: Checker, value: Any, path: Path) -> RetryPolicy | None:
     if "retriable_methods" in m:
         mpath = (*path, "retriable_methods")
         items = check_list(c, m["retriable_methods"], mpath, "HTTP methods")
-        methods = [_method(c, item, (*mpath, i)) for i, item in enumerate(items)]
+        methods = [parse_method(c, item, (*mpath, i)) for i, item in enumerate(items)]
         fields["retriable_methods"] = frozenset(x for x in methods if x is not None)
     if "per_try_timeout" in m:
         fields["per_try_timeout"] = _timeout(c, m["per_try_timeout"], (*path, "per_try_timeout"))
@@ -779,8 +744,8 @@ def _header_ops(c: Checker, value: Any, path: Path) -> HeaderOps:
 
 
 def _owned_header_name(c: Checker, value: Any, path: Path) -> str | None:
-    name = _header_name(c, value, path)
-    if name in _PROXY_OWNED:
+    name = parse_header_name(c, value, path)
+    if name in PROXY_OWNED_HEADERS:
         c.error(path, f"{name!r} frames the message or belongs to one hop: the proxy owns it")
         return None
     return name
@@ -986,13 +951,8 @@ def _hash_on(c: Checker, value: Any, path: Path) -> HashOn | None:
     m = check_mapping(c, value, path, _HASH_ON_FIELDS)
     if m is None:
         return None
-    header = _header_name(c, m["header"], (*path, "header")) if "header" in m else None
-    cookie = None
-    if "cookie" in m:
-        cookie = parse_string(c, m["cookie"], (*path, "cookie"))
-        if cookie is not None and not _TOKEN_RE.fullmatch(cookie):
-            c.error((*path, "cookie"), f"invalid cookie name {cookie!r}")
-            cookie = None
+    header = parse_header_name(c, m["header"], (*path, "header")) if "header" in m else None
+    cookie = parse_cookie_name(c, m["cookie"], (*path, "cookie")) if "cookie" in m else None
     source_ip = (
         bool(parse_boolean(c, m["source_ip"], (*path, "source_ip"))) if "source_ip" in m else False
     )
