@@ -4,6 +4,7 @@ the jobs, where they point, and promtool's own check where promtool can read the
 from __future__ import annotations
 
 import pytest
+import yaml
 from obsdeploy_files import (
     JOBS,
     OBSERVABILITY,
@@ -72,3 +73,23 @@ def test_promtool_checks_the_config(path) -> None:
     if "field kubernetes_sd_configs not found" in output:
         pytest.skip("this promtool is built without Kubernetes discovery (Debian's is)")
     assert result.returncode == 0, output
+
+
+def _pod_ports(manifest: dict) -> list[dict]:
+    """Every container port of a workload manifest's pod template, init containers too."""
+    spec = manifest.get("spec", {}).get("template", {}).get("spec", {})
+    containers = spec.get("containers", []) + spec.get("initContainers", [])
+    return [port for c in containers for port in c.get("ports", [])]
+
+
+def test_the_kubernetes_manifests_name_the_ports_prometheus_keeps() -> None:
+    """deploy/kubernetes/ and prometheus.yml agree on the port names (and numbers)."""
+    ports: dict[str, set[int]] = {}
+    for path in sorted((OBSERVABILITY.parent / "kubernetes").rglob("*.yaml")):
+        for manifest in yaml.safe_load_all(path.read_text()):
+            for port in _pod_ports(manifest or {}):
+                ports.setdefault(port.get("name", ""), set()).add(port["containerPort"])
+    control_admin = ControlOptions(etcd=("x",)).admin
+    assert control_admin is not None
+    assert ports.get(PORT_NAMES["lepton-sidecars"]) == {Listeners().admin.port}
+    assert ports.get(PORT_NAMES["lepton-control"]) == {control_admin[1]}
