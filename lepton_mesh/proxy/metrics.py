@@ -309,7 +309,8 @@ MIRROR_REQUESTS = _Spec(
 TLS_HANDSHAKE_FAILURES = _Spec(
     "lepton_tls_handshake_failures_total",
     "TLS handshakes that failed, inbound or outbound, by reason (unknown_ca, expired, "
-    "not_yet_valid, identity_mismatch, no_client_certificate, protocol_version, other).",
+    "not_yet_valid, identity_mismatch, no_client_certificate, protocol_version, plaintext, "
+    "other).",
     "counter",
     ("reason",),
 )

@@ -44,7 +44,13 @@ SslConnection = ssl.SSLObject | ssl.SSLSocket
 
 class HandshakeFailure:
     """Reasons a TLS handshake failed: the `reason` label of
-    `lepton_tls_handshake_failures_total`. Stable strings."""
+    `lepton_tls_handshake_failures_total`. Stable strings.
+
+    PLAINTEXT: the peer sent something that is not TLS where a handshake was
+    expected (plaintext HTTP to a STRICT port, or a plaintext answer to our
+    ClientHello): a caller or endpoint outside the mesh, or one not yet
+    switched to mTLS, rather than a broken certificate.
+    """
 
     UNKNOWN_CA = "unknown_ca"
     EXPIRED = "expired"
@@ -52,6 +58,7 @@ class HandshakeFailure:
     IDENTITY_MISMATCH = "identity_mismatch"
     NO_CLIENT_CERTIFICATE = "no_client_certificate"
     PROTOCOL_VERSION = "protocol_version"
+    PLAINTEXT = "plaintext"
     OTHER = "other"
 
     ALL = (
@@ -61,6 +68,7 @@ class HandshakeFailure:
         IDENTITY_MISMATCH,
         NO_CLIENT_CERTIFICATE,
         PROTOCOL_VERSION,
+        PLAINTEXT,
         OTHER,
     )
 
@@ -258,6 +266,15 @@ _SSL_REASONS = {
     "VERSION_TOO_LOW": HandshakeFailure.PROTOCOL_VERSION,
     "WRONG_SSL_VERSION": HandshakeFailure.PROTOCOL_VERSION,
     "UNSUPPORTED_SSL_VERSION": HandshakeFailure.PROTOCOL_VERSION,
+    # A first record that is not TLS. OpenSSL names the HTTP requests it knows
+    # (GET, POST, HEAD, PUT) and a proxy's CONNECT; any other bytes (another
+    # method, h2c's preface, a plaintext server's answer to our ClientHello)
+    # are a wrong version number, which is what PeekTLS calls plaintext too.
+    # (OpenSSL also says WRONG_VERSION_NUMBER for a later record whose version
+    # changed mid-handshake: only a broken TLS stack does that.)
+    "HTTP_REQUEST": HandshakeFailure.PLAINTEXT,
+    "HTTPS_PROXY_REQUEST": HandshakeFailure.PLAINTEXT,
+    "WRONG_VERSION_NUMBER": HandshakeFailure.PLAINTEXT,
 }
 
 

@@ -82,7 +82,9 @@ async def test_plaintext_to_a_strict_port_is_refused(
     with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
         await get(b.addresses["inbound"], "chat")
     assert app.seen == []
-    await wait_for(lambda: metric(b, "lepton_tls_handshake_failures_total", reason="other") == 1)
+    await wait_for(
+        lambda: metric(b, "lepton_tls_handshake_failures_total", reason="plaintext") == 1
+    )
 
 
 async def test_permissive_accepts_tls_and_plaintext_on_one_port(

@@ -46,7 +46,10 @@ def _verify_error(code: int) -> ssl.SSLCertVerificationError:
         (_ssl_error("TLSV1_ALERT_PROTOCOL_VERSION"), F.PROTOCOL_VERSION),
         (_ssl_error("NO_PROTOCOLS_AVAILABLE"), F.PROTOCOL_VERSION),
         (_ssl_error("SSLV3_ALERT_BAD_CERTIFICATE"), F.OTHER),
-        (_ssl_error("HTTP_REQUEST"), F.OTHER),
+        (_ssl_error("HTTP_REQUEST"), F.PLAINTEXT),
+        (_ssl_error("HTTPS_PROXY_REQUEST"), F.PLAINTEXT),
+        (_ssl_error("WRONG_VERSION_NUMBER"), F.PLAINTEXT),
+        (_ssl_error("UNEXPECTED_MESSAGE"), F.OTHER),  # a TLS record, just not a handshake
         (_ssl_error(None), F.OTHER),
         (tls.PeerIdentityError("spiffe://cluster.local/ns/a/svc/b", None), F.IDENTITY_MISMATCH),
         (ConnectionResetError(), F.OTHER),

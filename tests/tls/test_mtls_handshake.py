@@ -3,11 +3,14 @@ what is accepted, what is refused, and the reason each side reports."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import ssl
 
 import pytest
 from tls_support import (
+    DEADLINE,
     Pki,
     client_ctx,
     connect,
@@ -166,11 +169,49 @@ async def test_tls11_client_is_refused(pki: Pki, servers) -> None:
     assert (outcome.kind, outcome.reason) == ("failed", HandshakeFailure.PROTOCOL_VERSION)
 
 
-async def test_plaintext_to_a_tls_port_is_refused(pki: Pki, servers) -> None:
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"GET / HTTP/1.1\r\nHost: chat\r\n\r\n",  # OpenSSL: HTTP_REQUEST
+        b"CONNECT chat:443 HTTP/1.1\r\n\r\n",  # HTTPS_PROXY_REQUEST
+        b"OPTIONS * HTTP/1.1\r\nHost: chat\r\n\r\n",  # a method OpenSSL does not name
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",  # h2c prior knowledge
+        b"\x00\x01\x02\x03\x04\x05",  # not HTTP at all
+    ],
+    ids=["get", "connect", "options", "h2c", "binary"],
+)
+async def test_plaintext_to_a_tls_port_is_refused(pki: Pki, servers, payload: bytes) -> None:
     from tls_support import connect_plain
 
     srv = await servers(server_ctx(pki.creds("chat"), pki.bundle_pem))
     with pytest.raises((ConnectionError, EOFError)):
-        await connect_plain(srv.port, b"GET / HTTP/1.1\r\nHost: chat\r\n\r\n")
+        await connect_plain(srv.port, payload)
     outcome = await srv.next_outcome()
-    assert (outcome.kind, outcome.reason) == ("failed", HandshakeFailure.OTHER)
+    assert (outcome.kind, outcome.reason) == ("failed", HandshakeFailure.PLAINTEXT)
+
+
+async def test_a_plaintext_answer_to_our_client_hello_is_plaintext(pki: Pki) -> None:
+    served: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def http_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.read(65536)  # the ClientHello, taken as a bad request
+            writer.write(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+            await reader.read()  # until the client gives up: no reset before it read the answer
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            served.set_result(None)
+
+    srv = await asyncio.start_server(http_server, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(ssl.SSLError) as caught:
+            await connect(port, client_ctx(pki.creds("web"), pki.bundle_pem))
+        assert tls.classify_handshake_error(caught.value) == HandshakeFailure.PLAINTEXT
+        async with asyncio.timeout(DEADLINE):
+            await served
+    finally:
+        srv.close()
+        await srv.wait_closed()
