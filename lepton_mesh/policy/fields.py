@@ -302,6 +302,29 @@ def check_list(c: Checker, value: Any, path: Path, what: str, *, empty: str = ""
     return value
 
 
+def valid_items(
+    c: Checker, value: Any, path: Path, what: str, parse: Parser, *, empty: str = ""
+) -> list[Any]:
+    """The items of the list `value` that `parse` accepts; the others are reported and left out."""
+    return [item for item in _each(c, value, path, what, parse, empty) if item is not None]
+
+
+def all_items(
+    c: Checker, value: Any, path: Path, what: str, parse: Parser, *, empty: str = ""
+) -> list[Any] | None:
+    """Every item of the list `value` through `parse`; None if there is none or one is invalid.
+
+    For lists that narrow what a rule matches: one item dropped would widen it.
+    """
+    parsed = _each(c, value, path, what, parse, empty)
+    return None if not parsed or any(item is None for item in parsed) else parsed
+
+
+def _each(c: Checker, value: Any, path: Path, what: str, parse: Parser, empty: str) -> list[Any]:
+    items = check_list(c, value, path, what, empty=empty)
+    return [parse(c, item, (*path, i)) for i, item in enumerate(items)]
+
+
 def required(c: Checker, m: Mapping[str, Any], path: Path, key: str, parse: Parser) -> Any:
     """`m[key]` through `parse`, or None with a problem where the field is missing."""
     if key not in m:

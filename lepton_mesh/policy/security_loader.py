@@ -32,6 +32,7 @@ import jwt
 from lepton_mesh.policy.errors import Path, Problem
 from lepton_mesh.policy.fields import (
     Checker,
+    all_items,
     check_list,
     check_mapping,
     choice,
@@ -94,6 +95,10 @@ _CONTROL = re.compile(r"[\x00-\x20\x7f]")
 _RESERVED_HEADERS = PROXY_OWNED_HEADERS | {"host", "proxy-authenticate", "proxy-authorization"}
 
 
+# Why an empty list narrowing a match is refused (the rule would match nothing).
+_NARROWS_NOTHING = "matches nothing; omit the field instead"
+
+
 def _text(c: Checker, value: Any, path: Path, what: str) -> str | None:
     """A non-empty string without whitespace or control characters."""
     text = parse_string(c, value, path)
@@ -112,7 +117,7 @@ def _strings(
     c: Checker, value: Any, path: Path, what: str, parse: Callable[..., str | None]
 ) -> tuple[str, ...] | None:
     """A non-empty list of unique items, each through `parse`; None if any is invalid."""
-    items = check_list(c, value, path, what, empty="matches nothing; omit the field instead")
+    items = check_list(c, value, path, what, empty=_NARROWS_NOTHING)
     out: list[str] = []
     ok = bool(items)
     for i, item in enumerate(items):
@@ -227,22 +232,16 @@ def _cidr(c: Checker, value: Any, path: Path) -> IPNetwork | None:
 
 
 def _cidrs(c: Checker, value: Any, path: Path) -> tuple[IPNetwork, ...] | None:
-    items = check_list(c, value, path, "IP blocks", empty="matches nothing; omit the field instead")
-    parsed = [_cidr(c, item, (*path, i)) for i, item in enumerate(items)]
-    if not items or any(p is None for p in parsed):
-        return None
-    return tuple(p for p in parsed if p is not None)
+    parsed = all_items(c, value, path, "IP blocks", _cidr, empty=_NARROWS_NOTHING)
+    return None if parsed is None else tuple(parsed)
 
 
 _port = integer(1, 65535)
 
 
 def _ports(c: Checker, value: Any, path: Path) -> frozenset[int] | None:
-    items = check_list(c, value, path, "ports", empty="matches nothing; omit the field instead")
-    parsed = [_port(c, item, (*path, i)) for i, item in enumerate(items)]
-    if not items or any(p is None for p in parsed):
-        return None
-    return frozenset(p for p in parsed if p is not None)
+    parsed = all_items(c, value, path, "ports", _port, empty=_NARROWS_NOTHING)
+    return None if parsed is None else frozenset(parsed)
 
 
 def _methods(c: Checker, value: Any, path: Path) -> frozenset[str] | None:
@@ -777,12 +776,9 @@ def _parts(
 ) -> tuple[Any, ...] | None:
     if key not in m:
         return ()
-    kpath = (*path, key)
-    items = check_list(c, m[key], kpath, what, empty=f"matches nothing; omit '{key}' to match any")
-    parsed = [parse(c, item, (*kpath, i)) for i, item in enumerate(items)]
-    if not items or any(p is None for p in parsed):
-        return None
-    return tuple(parsed)
+    empty = f"matches nothing; omit '{key}' to match any"
+    parsed = all_items(c, m[key], (*path, key), what, parse, empty=empty)
+    return None if parsed is None else tuple(parsed)
 
 
 def _authz_rule(c: Checker, value: Any, path: Path, index: int) -> AuthorizationRule | None:

@@ -49,6 +49,7 @@ from lepton_mesh.policy.fields import (
     parse_string,
     required,
     section,
+    valid_items,
 )
 from lepton_mesh.policy.http_fields import (
     PROXY_OWNED_HEADERS,
@@ -316,10 +317,8 @@ _header_value = field_value("header values")
 
 
 def _methods(c: Checker, value: Any, path: Path) -> frozenset[str] | None:
-    items = check_list(c, value, path, "HTTP methods", empty="matches nothing; omit it for any")
-    parsed = [parse_method(c, item, (*path, i)) for i, item in enumerate(items)]
-    methods = frozenset(m for m in parsed if m is not None)
-    return methods or None
+    hint = "matches nothing; omit it for any"
+    return frozenset(valid_items(c, value, path, "HTTP methods", parse_method, empty=hint)) or None
 
 
 def _regex(c: Checker, value: Any, path: Path) -> str | None:
@@ -457,9 +456,7 @@ def _rule(
 
 def _matches(c: Checker, value: Any, path: Path) -> tuple[RouteMatch, ...]:
     hint = "matches nothing; omit 'match' to match every request"
-    items = check_list(c, value, path, "alternatives", empty=hint)
-    out = [_alternative(c, item, (*path, i)) for i, item in enumerate(items)]
-    return tuple(m for m in out if m is not None)
+    return tuple(valid_items(c, value, path, "alternatives", _alternative, empty=hint))
 
 
 def _alternative(c: Checker, value: Any, path: Path) -> RouteMatch | None:
@@ -656,14 +653,12 @@ def _retry(c: Checker, value: Any, path: Path) -> RetryPolicy | None:
         fields["retry_on"] = _retry_on(c, m["retry_on"], (*path, "retry_on"))
     if "retriable_status_codes" in m:
         cpath = (*path, "retriable_status_codes")
-        items = check_list(c, m["retriable_status_codes"], cpath, "status codes")
-        codes = [_status_code(c, item, (*cpath, i)) for i, item in enumerate(items)]
-        fields["retriable_status_codes"] = frozenset(x for x in codes if x is not None)
+        codes = valid_items(c, m["retriable_status_codes"], cpath, "status codes", _status_code)
+        fields["retriable_status_codes"] = frozenset(codes)
     if "retriable_methods" in m:
         mpath = (*path, "retriable_methods")
-        items = check_list(c, m["retriable_methods"], mpath, "HTTP methods")
-        methods = [parse_method(c, item, (*mpath, i)) for i, item in enumerate(items)]
-        fields["retriable_methods"] = frozenset(x for x in methods if x is not None)
+        methods = valid_items(c, m["retriable_methods"], mpath, "HTTP methods", parse_method)
+        fields["retriable_methods"] = frozenset(methods)
     if "per_try_timeout" in m:
         fields["per_try_timeout"] = _timeout(c, m["per_try_timeout"], (*path, "per_try_timeout"))
     if "backoff" in m:
