@@ -56,33 +56,8 @@ class AckRow(NamedTuple):
 
 
 def ack_rows(push: Any) -> list[AckRow]:
-    """Every welcomed stream's `AckRow`, from the push server.
-
-    A stream's wanted version is its group's snapshot version (a group's
-    snapshot keeps its version while its content is unchanged, so comparing
-    with the global revision would call every sidecar behind). PushServer has
-    no public view of that yet: this reads its streams, which push.py owns.
-    When PushServer grows `ack_rows()` (same rows), that is used instead.
-    """
-    public: Callable[[], Iterable[AckRow]] | None = getattr(push, "ack_rows", None)
-    if public is not None:
-        return [AckRow(*row) for row in public()]
-    rows = []
-    for stream in list(push._streams):
-        group, reg = stream._group, stream._reg
-        if group is None or reg is None:
-            continue  # not welcomed yet: nothing was sent to it
-        status = reg.status
-        rows.append(
-            AckRow(
-                reg.node_id,
-                str(status.get("service", "")),
-                str(status.get("namespace", "")),
-                group.version,
-                int(status.get("applied_version") or 0),
-            )
-        )
-    return rows
+    """Every welcomed stream's `AckRow`, from the push server."""
+    return [AckRow(*row) for row in push.ack_rows()]
 
 
 class ControlMetrics:

@@ -156,6 +156,26 @@ class PushServer:
     def connections(self) -> int:
         return len(self._streams)
 
+    def ack_rows(self) -> list[tuple[str, str, str, int, int]]:
+        """(node_id, service, namespace, wanted version, applied version) per
+        welcomed stream; wanted is its group's snapshot version (for metrics)."""
+        rows = []
+        for stream in list(self._streams):
+            group, reg = stream._group, stream._reg
+            if group is None or reg is None:
+                continue  # not welcomed yet: nothing was sent to it
+            status = reg.status
+            rows.append(
+                (
+                    reg.node_id,
+                    str(status.get("service", "")),
+                    str(status.get("namespace", "")),
+                    group.version,
+                    int(status.get("applied_version") or 0),
+                )
+            )
+        return rows
+
     def groups(self) -> int:
         return len(self._groups)
 
