@@ -5,6 +5,7 @@
 - `ca`: the CA side: root and intermediate creation, `CertificateAuthority.issue`.
 - `bundle`: trust bundles (one or more roots) and chain verification.
 - `store`: the CA directory on disk, `certs init` and root rotation steps.
+- `tls_contexts`: the SSL contexts both sides build (mesh TLS settings, keys loaded from memory).
 - `errors`: typed errors with reason codes.
 
 Imports only the standard library and `cryptography`: the control daemon uses

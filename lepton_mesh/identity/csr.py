@@ -3,7 +3,7 @@
 The sidecar calls `generate_key()`, sends `build_csr(key, identity)` to the
 control daemon and gets back a certificate chain. The key never leaves the
 sidecar process: nothing here writes a file, and `private_key_pem` exists only
-to hand the key to `ssl` (see proxy/tls.py for how that avoids the disk).
+to hand the key to `ssl` (see identity/tls_contexts.py for how that avoids the disk).
 """
 
 from __future__ import annotations
