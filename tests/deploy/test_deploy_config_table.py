@@ -105,6 +105,9 @@ def test_the_environment_column_is_what_the_code_reads(row):
     if action.nargs == 0:  # a switch: no value a variable could give
         assert row.env is None
         return
+    named = re.search(r"\$(LEPTON_[A-Z_]+)", action.help or "")
+    in_help = named.group(1) if named else None
+    assert row.env == in_help, f"{row.flag}: its help names {in_help or 'no variable'}"
     var = row.env or "LEPTON_" + row.flag.removeprefix("--").replace("-", "_").upper()
     value = "127.0.0.1:1" if "address" in action.metavar.lower() or ":" in action.metavar else "7"
     try:
