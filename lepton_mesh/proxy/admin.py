@@ -5,7 +5,8 @@ lean and the admin port shares the data plane's parser. The server talks to
 the sidecar only through `AdminHooks`; every hook is synchronous and cheap.
 
 Routes: GET /, /metrics, /ready, /live, /config, /clusters; POST /drain,
-/quit. HEAD is accepted wherever GET is.
+/quit (from loopback only: they stop the sidecar, and the admin port is often
+bound beyond loopback for probes and scraping). HEAD is accepted wherever GET is.
 
 Protocol rules (the things a client can count on):
 - Keep-alive, HTTP/1.0 and 1.1; every response has Content-Length.
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import logging
 import typing
 from collections import deque
@@ -49,6 +51,7 @@ _log = logging.getLogger(__name__)
 NOT_FOUND = "not_found"
 METHOD_NOT_ALLOWED = "method_not_allowed"
 HOOK_FAILED = "admin_hook_failed"
+FORBIDDEN = "forbidden"
 
 JSON = "application/json"
 
@@ -165,19 +168,34 @@ ROUTES: dict[str, _Route] = {
 }
 
 
-def dispatch(hooks: AdminHooks, method: str, path: str) -> _Response:
-    """The response for one request, HEAD answered as GET (the body is dropped later)."""
+# Writes that stop the sidecar. The admin port is often bound beyond loopback
+# (probes and Prometheus in a pod), so only a local caller may use them.
+_LOCAL_ONLY = frozenset({"/drain", "/quit"})
+
+
+def dispatch(hooks: AdminHooks, method: str, path: str, *, local: bool = True) -> _Response:
+    """The response for one request, HEAD answered as GET (the body is dropped later).
+    `local`: the caller connected from a loopback address."""
     route = ROUTES.get(path)
     if route is None:
         return _error(404, NOT_FOUND, f"no admin endpoint {path}")
     handler = route.methods.get("GET" if method == "HEAD" else method)
     if handler is None:
         return _error(405, METHOD_NOT_ALLOWED, f"{method} not allowed on {path}")
+    if path in _LOCAL_ONLY and not local:
+        return _error(403, FORBIDDEN, f"{method} {path} is accepted from loopback only")
     try:
         return handler(hooks)
     except Exception as exc:
         _log.exception("admin hook for %s %s failed", method, path)
         return _error(500, HOOK_FAILED, f"{type(exc).__name__}: {exc}")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return host == ""  # a Unix socket or a transport without a peer: local
 
 
 def _allow(path: str) -> str:
@@ -215,6 +233,7 @@ class AdminProtocol(asyncio.Protocol):
         "_hooks",
         "_idle",
         "_limits",
+        "_local",
         "_loop",
         "_parser",
         "_pending",
@@ -248,6 +267,7 @@ class AdminProtocol(asyncio.Protocol):
         self._head_bytes = 0
         # Per-request state.
         self._url = b""
+        self._local = True
         self._content_length = 0
         self._expect_continue = False
         self._body_bytes = 0
@@ -256,6 +276,8 @@ class AdminProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = typing.cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self._local = _is_loopback(peer[0] if peer else "")
         self._gate.attach(transport)
         self._arm_idle()
 
@@ -370,7 +392,7 @@ class AdminProtocol(asyncio.Protocol):
                 self._write(_error(item.status, item.reason, item.detail), keep_alive=False)
                 self._close()
                 return
-            resp = dispatch(self._hooks, item.method, item.path)
+            resp = dispatch(self._hooks, item.method, item.path, local=self._local)
             self._write(
                 resp,
                 keep_alive=item.keep_alive,

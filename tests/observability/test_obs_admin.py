@@ -394,3 +394,48 @@ async def test_quit_is_called_after_its_answer_is_written() -> None:
     (before,) = written_at_quit
     assert statuses(before) == [202] and before.endswith(b'{"quitting":true}')
     proto.connection_lost(None)
+
+
+class _CountingHooks:
+    """Records which stopping hooks ran; the read-only ones answer minimally."""
+
+    def __init__(self) -> None:
+        self.drains = 0
+        self.quits = 0
+
+    def readiness(self) -> tuple[bool, str]:
+        return True, ""
+
+    def start_drain(self) -> None:
+        self.drains += 1
+
+    def quit(self) -> None:
+        self.quits += 1
+
+
+@pytest.mark.parametrize(
+    ("path", "local", "status"),
+    [
+        ("/drain", True, 202),
+        ("/quit", True, 202),
+        ("/drain", False, 403),
+        ("/quit", False, 403),
+        ("/ready", False, 200),  # probes and scrapes come from outside the pod
+    ],
+)
+def test_stopping_the_sidecar_is_for_loopback_callers_only(
+    path: str, local: bool, status: int
+) -> None:
+    from lepton_mesh.proxy.admin import _is_loopback, dispatch
+
+    hooks = _CountingHooks()
+    method = "GET" if path == "/ready" else "POST"
+    resp = dispatch(hooks, method, path, local=local)  # type: ignore[arg-type]
+    assert resp.status == status
+    assert hooks.drains + hooks.quits == (1 if status == 202 else 0)
+    assert [_is_loopback(h) for h in ("127.0.0.1", "::1", "10.0.0.5", "0.0.0.0")] == [
+        True,
+        True,
+        False,
+        False,
+    ]
