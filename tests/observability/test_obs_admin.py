@@ -335,6 +335,9 @@ class FakeTransport:
     def write(self, data: bytes) -> None:
         self.out += data
 
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
     def close(self) -> None:
         self.closed = True
 
