@@ -325,6 +325,31 @@ def _each(c: Checker, value: Any, path: Path, what: str, parse: Parser, empty: s
     return [parse(c, item, (*path, i)) for i, item in enumerate(items)]
 
 
+def required_list(
+    c: Checker, m: Mapping[str, Any], path: Path, key: str, what: str, *, empty: str
+) -> list[Any]:
+    """`m[key]` as a list of `what`; [] where it is missing or not a list (problem recorded)."""
+    if key not in m:
+        c.error((*path, key), "required field is missing")
+        return []
+    return check_list(c, m[key], (*path, key), what, empty=empty)
+
+
+def name_reused(
+    c: Checker, seen: dict[str, int], name: str, path: Path, index: int, what: str
+) -> bool:
+    """Whether an earlier item of the list at `path` has this name (a problem then).
+
+    `seen` keeps each name's first index; the problem names that item as a
+    path would, so 'rules[0]' for a rule under `rules`.
+    """
+    first = seen.setdefault(name, index)
+    if first == index:
+        return False
+    c.error((*path, index), f"{what} name {name!r} is already used by {path[-1]}[{first}]")
+    return True
+
+
 def required(c: Checker, m: Mapping[str, Any], path: Path, key: str, parse: Parser) -> Any:
     """`m[key]` through `parse`, or None with a problem where the field is missing."""
     if key not in m:

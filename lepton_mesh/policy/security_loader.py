@@ -41,11 +41,13 @@ from lepton_mesh.policy.fields import (
     duration,
     expected,
     integer,
+    name_reused,
     number,
     parse_boolean,
     parse_name,
     parse_string,
     required,
+    required_list,
 )
 from lepton_mesh.policy.http_fields import (
     PROXY_OWNED_HEADERS,
@@ -579,44 +581,34 @@ def _request_authentication(
     if m is None:
         return None
     service = required(c, m, path, "service", parse_name)
+    ppath = (*path, "providers")
+    empty = "accepts no token; give at least one provider"
+    items = required_list(c, m, path, "providers", "providers", empty=empty)
     providers: list[JwtProvider] = []
-    ok = True
-    if "providers" not in m:
-        c.error((*path, "providers"), "required field is missing")
-        ok = False
-    else:
-        ppath = (*path, "providers")
-        items = check_list(
-            c,
-            m["providers"],
-            ppath,
-            "providers",
-            empty="accepts no token; give at least one provider",
-        )
-        ok = bool(items)
-        names: dict[str, int] = {}
-        issuers: dict[str, int] = {}
-        for i, item in enumerate(items):
-            provider = _provider(c, item, (*ppath, i))
-            if provider is None:
-                ok = False
-                continue
-            if provider.name in names:
-                c.error(
-                    (*ppath, i, "name"),
-                    f"provider {provider.name!r} is already defined at [{names[provider.name]}]",
-                )
-                ok = False
-            elif provider.issuer in issuers:
-                c.error(
-                    (*ppath, i, "issuer"),
-                    f"issuer {provider.issuer!r} is already providers[{issuers[provider.issuer]}]'s: "
-                    "a token's issuer picks its provider, so each issuer has one",
-                )
-                ok = False
-            names.setdefault(provider.name, i)
-            issuers.setdefault(provider.issuer, i)
-            providers.append(provider)
+    ok = bool(items)
+    names: dict[str, int] = {}
+    issuers: dict[str, int] = {}
+    for i, item in enumerate(items):
+        provider = _provider(c, item, (*ppath, i))
+        if provider is None:
+            ok = False
+            continue
+        if provider.name in names:
+            c.error(
+                (*ppath, i, "name"),
+                f"provider {provider.name!r} is already defined at [{names[provider.name]}]",
+            )
+            ok = False
+        elif provider.issuer in issuers:
+            c.error(
+                (*ppath, i, "issuer"),
+                f"issuer {provider.issuer!r} is already providers[{issuers[provider.issuer]}]'s: "
+                "a token's issuer picks its provider, so each issuer has one",
+            )
+            ok = False
+        names.setdefault(provider.name, i)
+        issuers.setdefault(provider.issuer, i)
+        providers.append(provider)
     if service is None or not ok:
         return None
     return RequestAuthentication(name, namespace, service, tuple(providers), source=where)
@@ -781,6 +773,27 @@ def _parts(
     return None if parsed is None else tuple(parsed)
 
 
+def _named_items(
+    c: Checker, items: list[Any], path: Path, parse: Callable[..., Any], what: str
+) -> tuple[list[Any], bool]:
+    """Each item through `parse(c, item, path, index)`; whether all parsed, names unique.
+
+    `parse` names an unnamed item by its index ('rule-2'), so every item has a name.
+    """
+    out: list[Any] = []
+    ok = True
+    seen: dict[str, int] = {}
+    for i, item in enumerate(items):
+        parsed = parse(c, item, (*path, i), i)
+        if parsed is None:
+            ok = False
+            continue
+        if name_reused(c, seen, parsed.name, path, i, what):
+            ok = False
+        out.append(parsed)
+    return out, ok
+
+
 def _authz_rule(c: Checker, value: Any, path: Path, index: int) -> AuthorizationRule | None:
     m = check_mapping(c, value, path, _RULE_FIELDS)
     if m is None:
@@ -804,23 +817,9 @@ def _authorization_policy(
     service = required(c, m, path, "service", parse_name)
     action = _action(c, m["action"], (*path, "action")) if "action" in m else "ALLOW"
     dry_run = parse_boolean(c, m["dry_run"], (*path, "dry_run")) if "dry_run" in m else False
-    rules: list[AuthorizationRule] = []
-    ok = True
     rpath = (*path, "rules")
     items = check_list(c, m["rules"], rpath, "rules") if "rules" in m else []
-    seen: dict[str, int] = {}
-    for i, item in enumerate(items):
-        rule = _authz_rule(c, item, (*rpath, i), i)
-        if rule is None:
-            ok = False
-            continue
-        if rule.name in seen:
-            c.error(
-                (*rpath, i), f"rule name {rule.name!r} is already used by rules[{seen[rule.name]}]"
-            )
-            ok = False
-        seen.setdefault(rule.name, i)
-        rules.append(rule)
+    rules, ok = _named_items(c, items, rpath, _authz_rule, "rule")
     if (
         not items
         and action in ("DENY", "AUDIT")
@@ -968,32 +967,10 @@ def _rate_limit(c: Checker, value: Any, name: str, namespace: str, where: str) -
     if m is None:
         return None
     service = required(c, m, path, "service", parse_name)
-    limits: list[RateLimitRule] = []
-    ok = True
-    if "limits" not in m:
-        c.error((*path, "limits"), "required field is missing")
-        ok = False
-    else:
-        lpath = (*path, "limits")
-        items = check_list(
-            c, m["limits"], lpath, "limits", empty="limits nothing; give at least one"
-        )
-        ok = bool(items)
-        seen: dict[str, int] = {}
-        for i, item in enumerate(items):
-            limit = _limit(c, item, (*lpath, i), i)
-            if limit is None:
-                ok = False
-                continue
-            if limit.name in seen:
-                c.error(
-                    (*lpath, i),
-                    f"limit name {limit.name!r} is already used by limits[{seen[limit.name]}]",
-                )
-                ok = False
-            seen.setdefault(limit.name, i)
-            limits.append(limit)
-    if service is None or not ok:
+    empty = "limits nothing; give at least one"
+    items = required_list(c, m, path, "limits", "limits", empty=empty)
+    limits, ok = _named_items(c, items, (*path, "limits"), _limit, "limit")
+    if service is None or not items or not ok:
         return None
     return RateLimit(name, namespace, service, tuple(limits), source=where)
 

@@ -41,6 +41,7 @@ from lepton_mesh.policy.fields import (
     duration,
     expected,
     integer,
+    name_reused,
     number,
     parse_boolean,
     parse_fields,
@@ -415,11 +416,7 @@ def _rules(col: _Collector, c: Checker, value: Any, path: Path) -> tuple[RouteRu
         rule, match_ok = _rule(col, c, item, (*path, i), i)
         if rule is None:
             continue
-        if rule.name in seen:
-            c.error(
-                (*path, i), f"rule name {rule.name!r} is already used by rules[{seen[rule.name]}]"
-            )
-        seen.setdefault(rule.name, i)
+        name_reused(c, seen, rule.name, path, i, "rule")
         rules.append(rule)
         if match_ok:
             clean.append((i, rule))
