@@ -573,10 +573,31 @@ def add_metrics(app: web.Application, ctx: AdminContext) -> None:
     app.router.add_get("/metrics", serve_metrics)
 
 
+def add_probes(app: web.Application, ctx: AdminContext) -> None:
+    """GET /live and /ready, without a token, for orchestrators' probes.
+
+    Ready once the replica's cache has done its first full read of etcd: from
+    then on it can serve sidecars (from the cache even while etcd is away).
+    Outside /api/v1 and the OpenAPI document, like /metrics.
+    """
+
+    async def live(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"live": True})
+
+    async def ready(request: web.Request) -> web.StreamResponse:
+        if ctx.cache.ready.is_set():
+            return web.json_response({"ready": True})
+        return web.json_response({"ready": False, "reason": "cache_not_loaded"}, status=503)
+
+    app.router.add_get("/live", live)
+    app.router.add_get("/ready", ready)
+
+
 async def start_admin_api(ctx: AdminContext, host: str, port: int) -> AdminServer:
-    """Serve the admin API and /metrics on host:port (0: any free port) until `close()`."""
+    """Serve the admin API, /metrics and the probes on host:port (0: any free port)."""
     app = build_app(ctx)
     add_metrics(app, ctx)
+    add_probes(app, ctx)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)

@@ -86,6 +86,14 @@ async def test_openapi_is_served_without_a_token(api: Api) -> None:
     assert reply.status == 200 and reply.body == document()
 
 
+async def test_probes_answer_without_a_token(api: Api) -> None:
+    """Orchestrators' probes: live always, ready once the cache has read etcd."""
+    live = await api.call("GET", "/live", token=None)
+    ready = await api.call("GET", "/ready", token=None)
+    assert (live.status, live.body) == (200, {"live": True})
+    assert (ready.status, ready.body) == (200, {"ready": True})
+
+
 # --- authentication and roles, on every route -------------------------------------------
 
 _SAMPLE = {"kind": "Route", "namespace": "default", "name": "x", "node_id": "n", "revision": "1"}
