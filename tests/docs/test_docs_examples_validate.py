@@ -25,7 +25,9 @@ from docs_support import REPO, Block, blocks, doc_pages
 
 from lepton_mesh.policy.traffic_loader import API_VERSION, KINDS
 
-CLI = Path(sys.executable).with_name("lepton-mesh")
+# The installed command; `python -m lepton_mesh` where it is not next to the interpreter.
+_SCRIPT = Path(sys.executable).with_name("lepton-mesh")
+CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "lepton_mesh"]
 YAML_BLOCKS = [b for page in doc_pages() for b in blocks(page) if b.lang in ("yaml", "yml")]
 
 
@@ -48,7 +50,7 @@ CHECKED = [b for b in YAML_BLOCKS if kind_of(b) is not None]
 
 def validate(*paths: str | Path, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(CLI), "validate", *map(str, paths)],
+        [*CLI, "validate", *map(str, paths)],
         cwd=cwd,
         capture_output=True,
         text=True,
