@@ -32,6 +32,7 @@ import jwt
 from lepton_mesh.policy.errors import Path, Problem
 from lepton_mesh.policy.fields import (
     Checker,
+    Parser,
     all_items,
     check_list,
     check_mapping,
@@ -618,8 +619,6 @@ def _request_authentication(
 
 _AUTHZ_FIELDS = ("service", "action", "dry_run", "rules")
 _RULE_FIELDS = ("name", "from", "to", "when")
-_SOURCE_PARSERS: dict[str, Callable[[Checker, Any, Path], Any]] = {}
-_OPERATION_FIELDS = ("methods", "not_methods", "paths", "not_paths", "ports", "not_ports")
 _CONDITION_FIELDS = ("key", "values", "not_values")
 _action = choice(ACTIONS)
 
@@ -630,46 +629,52 @@ def _pattern_list(
     return lambda c, v, p: _strings(c, v, p, what, parse)
 
 
-for _field, _parse in (
-    ("identities", _pattern_list(_identity, "SPIFFE IDs")),
-    ("services", _pattern_list(_label_pattern("service"), "service names")),
-    ("namespaces", _pattern_list(_label_pattern("namespace"), "namespaces")),
-    ("principals", _pattern_list(_principal, "principals")),
-    ("ip_blocks", _cidrs),
-):
-    _SOURCE_PARSERS[_field] = _parse
-    _SOURCE_PARSERS[f"not_{_field}"] = _parse
+def _with_negations(parsers: dict[str, Parser]) -> dict[str, Parser]:
+    """Each field followed by its `not_` twin, which takes the same values."""
+    return {key: parse for field, parse in parsers.items() for key in (field, f"not_{field}")}
+
+
+_SOURCE_PARSERS = _with_negations(
+    {
+        "identities": _pattern_list(_identity, "SPIFFE IDs"),
+        "services": _pattern_list(_label_pattern("service"), "service names"),
+        "namespaces": _pattern_list(_label_pattern("namespace"), "namespaces"),
+        "principals": _pattern_list(_principal, "principals"),
+        "ip_blocks": _cidrs,
+    }
+)
+_OPERATION_PARSERS = _with_negations(
+    {"methods": _methods, "paths": _pattern_list(_path_pattern, "paths"), "ports": _ports}
+)
 
 
 def _source(c: Checker, value: Any, path: Path) -> Source | None:
-    m = check_mapping(c, value, path, _SOURCE_PARSERS)
-    if m is None:
-        return None
-    if not m and isinstance(value, Mapping) and not value:
-        c.error(path, "an empty source matches every caller; omit 'from' instead")
-        return None
-    parsed = {k: _SOURCE_PARSERS[k](c, v, (*path, k)) for k, v in m.items()}
-    if any(v is None for v in parsed.values()) or not m:
-        return None
-    return Source(**parsed)
+    empty = "an empty source matches every caller; omit 'from' instead"
+    parsed = _clause(c, value, path, _SOURCE_PARSERS, empty)
+    return None if parsed is None else Source(**parsed)
 
 
 def _operation(c: Checker, value: Any, path: Path) -> Operation | None:
-    m = check_mapping(c, value, path, _OPERATION_FIELDS)
+    empty = "an empty operation matches every request; omit 'to' instead"
+    parsed = _clause(c, value, path, _OPERATION_PARSERS, empty)
+    return None if parsed is None else Operation(**parsed)
+
+
+def _clause(
+    c: Checker, value: Any, path: Path, parsers: dict[str, Parser], empty: str
+) -> dict[str, Any] | None:
+    """The fields of a `from` or `to` item; None if any is invalid, or there is none
+    (an empty one would match everything, so `empty` says to leave it out)."""
+    m = check_mapping(c, value, path, parsers)
     if m is None:
         return None
     if not m and isinstance(value, Mapping) and not value:
-        c.error(path, "an empty operation matches every request; omit 'to' instead")
+        c.error(path, empty)
         return None
-    parsers: dict[str, Callable[[Checker, Any, Path], Any]] = {
-        "methods": _methods,
-        "paths": _pattern_list(_path_pattern, "paths"),
-        "ports": _ports,
-    }
-    parsed = {k: parsers[k.removeprefix("not_")](c, v, (*path, k)) for k, v in m.items()}
+    parsed = {k: parsers[k](c, v, (*path, k)) for k, v in m.items()}
     if any(v is None for v in parsed.values()) or not m:
         return None
-    return Operation(**parsed)
+    return parsed
 
 
 _HEADER_KEY = re.compile(r"request\.headers\[([^\[\]]*)\]")
