@@ -87,6 +87,9 @@ HOLD_LIMIT = 64 * 1024
 # larger body is streamed and its request is not retried.
 REPLAY_LIMIT = 64 * 1024
 
+# Response headers the outbound side sets itself, replacing any from upstream.
+_OUR_RESPONSE_HEADERS = frozenset({b"x-lepton-attempts"})
+
 # Outcomes as the outlier detector counts them.
 _GATEWAY = frozenset({502, 503, 504})
 
@@ -435,7 +438,10 @@ class Exchange:
         self._cancel_try_timer()
         keep = self.down_keep_alive and self.req_done and not down.listener.draining
         rt = self.rt
-        extra = b"x-lepton-attempts: %d\r\n" % self.attempts
+        # Tries are the calling side's business: only the outbound listener says
+        # how many it made (and its own count replaces any from further hops).
+        outbound = down.listener.reporter == "source"
+        extra = b"x-lepton-attempts: %d\r\n" % self.attempts if outbound else b""
         if rt is not None and rt.resp_extra:
             extra += rt.resp_extra
         if self._budget_exhausted:
@@ -449,7 +455,9 @@ class Exchange:
             keep_alive=keep,
             upgrade=upgrade,
             extra=extra,
-            remove=rt.resp_remove if rt is not None else frozenset(),
+            remove=(rt.resp_remove if rt is not None else frozenset()) | _OUR_RESPONSE_HEADERS
+            if outbound
+            else (rt.resp_remove if rt is not None else frozenset()),
         )
         self.framing = framing
         self.down_keep_alive = keep and not framing.close_delimited
@@ -717,7 +725,8 @@ class Exchange:
         rid = self.facts.request_id
         body = error_body(err, rid.decode("latin-1"))
         self.resp_bytes = len(body)
-        extra = b"x-lepton-attempts: %d\r\n" % self.attempts if self.attempts else b""
+        outbound = self.down.listener.reporter == "source"
+        extra = b"x-lepton-attempts: %d\r\n" % self.attempts if self.attempts and outbound else b""
         self.down.send(
             error_response(
                 err,

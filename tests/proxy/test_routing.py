@@ -301,6 +301,8 @@ async def test_two_hops_outbound_to_inbound_to_app(sidecars, echo) -> None:
             seen = resp.json()
             assert seen["target"] == f"/hop/{i}"
             assert seen_header(seen, "x-request-id") == [f"r{i}"]
+            # Only the calling side counts tries: one header, however many hops.
+            assert [v for n, v in resp.headers if n.lower() == "x-lepton-attempts"] == ["1"]
     assert echo.connections == 1
 
 
