@@ -1,10 +1,20 @@
 """The sidecar process: its listeners, its running snapshot, its lifecycle.
 
 Lifecycle: `start()` binds every listener (or raises before serving
-anything), then the sidecar is ready. `swap_config()` replaces the snapshot
-in one assignment. `drain()` stops accepting, lets in-flight requests finish
-(responses say `Connection: close`), and closes what is left when the drain
-timeout passes. `stop()` closes everything at once.
+anything), then the sidecar is ready (`wait_ready()` returns). `swap_config()`
+replaces the snapshot in one assignment. `stop()` closes everything at once.
+
+Draining (docs/lifecycle.md) has two phases, bounded by `timeouts.drain`:
+1. Control is told first (callers stop picking us), then inbound stops
+   accepting and answers in-flight requests with `Connection: close`.
+   Outbound and the tcp services keep serving the local app during the
+   outbound grace: the app may still be finishing work that calls others.
+2. Outbound and the tcp services stop accepting too; in-flight requests
+   finish until the deadline (at least `LAST_CALL_GRACE` after the grace),
+   then `drain()` returns and what is left is closed by `stop()`.
+`start_drain()` (`/drain`, `/quit`, SIGINT) has no grace; `terminate()`
+(SIGTERM) grants the whole drain period; `lepton-mesh run` grants it until
+its app exits (`end_outbound_grace()`), then gives phase 2 the full period.
 
 With `control` in its config, a `ControlClient` feeds the sidecar: ready
 only once a snapshot from control (or the last-known-good one) is applied,
@@ -20,8 +30,10 @@ at start, as listener addresses are.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from lepton_mesh.policy.sidecar_config import Address, SidecarConfig
@@ -38,6 +50,9 @@ from lepton_mesh.proxy.pool import Pools
 from lepton_mesh.proxy.snapshot import Snapshot
 from lepton_mesh.proxy.tcp_proxy import TcpProxy
 
+# Phase 2 of a drain lasts at least this long (or `timeouts.drain`, if shorter).
+LAST_CALL_GRACE = 1.0
+
 
 class Sidecar:
     def __init__(self, cfg: SidecarConfig) -> None:
@@ -48,11 +63,20 @@ class Sidecar:
         self.snapshot: Snapshot
         self.addresses: dict[str, Address] = {}
         self.draining = False
-        self.ready = False
+        self._ready = False
+        self._ready_event = asyncio.Event()
+        # Set to end the outbound grace of a drain (phase 1 -> phase 2).
+        self._grace_over = asyncio.Event()
+        # Outbound (and the tcp services) still accept: phase 1 of a drain, or no drain.
+        self._outbound_open = True
+        # `lepton-mesh run` sets this: there, /quit means "stop the app", which
+        # then stops the sidecar; a sidecar alone drains and exits.
+        self.quit_handler: Callable[[], None] | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self._tcp: dict[str, TcpProxy] = {}
         self._drained: asyncio.Event | None = None
         self._drain_task: asyncio.Task[None] | None = None
+        self._stop_task: asyncio.Task[None] | None = None
         self._stopped: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         # Created here so that its settings (`control.timing`) can be adjusted before start().
@@ -60,6 +84,23 @@ class Sidecar:
         self.identity = MeshIdentity.from_config(cfg) if cfg.tls is not None else None
 
     # -- start / config ------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """Config applied (and, with `tls.source: control`, a certificate held)."""
+        return self._ready
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        self._ready = value
+        if value:
+            self._ready_event.set()
+        else:
+            self._ready_event.clear()
+
+    async def wait_ready(self) -> None:
+        """Return once the sidecar is ready (as `/ready` would say before any drain)."""
+        await self._ready_event.wait()
 
     async def start(self) -> None:
         loop = self.loop = asyncio.get_running_loop()
@@ -132,26 +173,53 @@ class Sidecar:
 
     # -- drain / stop -------------------------------------------------------
 
-    def start_drain(self) -> asyncio.Task[None]:
+    def start_drain(self, *, outbound_grace: float | None = 0.0) -> asyncio.Task[None]:
+        """Start draining; the task ends when in-flight requests finished or the deadline passed.
+
+        `outbound_grace`: seconds outbound keeps serving the app after inbound
+        stopped accepting, None until `end_outbound_grace()`. Only the first
+        call starts a drain; a later one without grace ends the grace now.
+        """
         if self._drain_task is None:
-            self._drain_task = asyncio.get_running_loop().create_task(self.drain())
+            # Phase 1 begins now, not when the task first runs: a response
+            # leaving inbound after this call already says `Connection: close`.
+            self.draining = True
+            if self.control is not None:
+                self.control.send_draining()  # first: callers stop sending before we stop accepting
+            self.inbound.start_drain()
+            self._drain_task = asyncio.get_running_loop().create_task(self._drain(outbound_grace))
+        elif outbound_grace == 0:
+            self.end_outbound_grace()
         return self._drain_task
 
+    def end_outbound_grace(self) -> None:
+        """The app no longer needs outbound (it exited, or `/quit`): go to phase 2."""
+        self._grace_over.set()
+
     async def drain(self) -> None:
-        if self.draining:
-            await self._drained.wait()  # type: ignore[union-attr]
-            return
-        self.draining = True
-        if self.control is not None:
-            self.control.send_draining()  # first: callers stop sending before we stop accepting
+        """Drain with no outbound grace (or end the grace of a drain under way)."""
+        await self.start_drain()
+
+    async def _drain(self, grace: float | None) -> None:
+        loop = asyncio.get_running_loop()
         timeout = self.snapshot.cfg.timeouts.drain
-        for listener in (self.outbound, self.inbound):
-            listener.start_drain()
+        deadline = loop.time() + timeout
+        if grace is None or grace > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    await self._grace_over.wait()
+            if grace is None:  # the app just exited: its in-flight calls get the full period
+                deadline = loop.time() + timeout
+        # Idle connections close at once; a call the app made just before the
+        # grace ended still gets a moment, whatever the deadline says.
+        deadline = max(deadline, loop.time() + min(LAST_CALL_GRACE, timeout))
+        self._outbound_open = False
+        self.outbound.start_drain()
         for proxy in self._tcp.values():
             proxy.stop_listening()
         self.check_drained()
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout_at(deadline):
                 await self._drained.wait()  # type: ignore[union-attr]
         except TimeoutError:
             print(
@@ -161,7 +229,8 @@ class Sidecar:
         self._drained.set()  # type: ignore[union-attr]
 
     def check_drained(self) -> None:
-        if not self.draining or self._drained is None:
+        # Never during the outbound grace: a quiet moment there does not end the drain.
+        if not self.draining or self._outbound_open or self._drained is None:
             return
         busy = (
             self.outbound.busy() + self.inbound.busy() + sum(p.active() for p in self._tcp.values())
@@ -171,6 +240,10 @@ class Sidecar:
 
     async def stop(self) -> None:
         self.ready = False
+        # A stop ends any drain under way: its task returns instead of waiting on.
+        self._grace_over.set()
+        if self._drained is not None:
+            self._drained.set()
         if self.control is not None:
             await self.control.aclose()
         for server in self._servers:
@@ -196,6 +269,23 @@ class Sidecar:
 
     async def drain_and_stop(self) -> None:
         await self.start_drain()
+        await self.stop()
+
+    def terminate(self) -> None:
+        """SIGTERM: inbound first, outbound for the whole drain period, then stop.
+        A second SIGTERM ends the outbound grace."""
+        if self._stop_task is not None:
+            self.end_outbound_grace()
+            return
+        self._drain_then_stop(self.snapshot.cfg.timeouts.drain)
+
+    def _drain_then_stop(self, grace: float) -> None:
+        task = self.start_drain(outbound_grace=grace)
+        if self._stop_task is None:  # one stop, however many signals and /quit calls
+            self._stop_task = self.loop.create_task(self._stop_after(task))  # type: ignore[union-attr]
+
+    async def _stop_after(self, task: asyncio.Task[None]) -> None:
+        await task
         await self.stop()
 
     # -- admin hooks ------------------------------------------------------------
@@ -263,7 +353,11 @@ class Sidecar:
         return self.metrics.render()
 
     def quit(self) -> None:
-        self.loop.create_task(self.drain_and_stop())  # type: ignore[union-attr]
+        """`/quit`, SIGINT: drain with no outbound grace, then stop."""
+        if self.quit_handler is not None:
+            self.quit_handler()
+            return
+        self._drain_then_stop(0.0)
 
     def _listener_stats(self) -> list[tuple[str, int]]:
         rows = [
@@ -281,12 +375,16 @@ def _pool_json(pool: Any) -> dict[str, int] | None:
 
 
 async def serve(cfg: SidecarConfig) -> int:
-    """Run a sidecar until SIGTERM/SIGINT or `POST /quit`; drain first, exit 0."""
+    """Run a sidecar until SIGTERM/SIGINT or `POST /quit`; drain first, exit 0.
+
+    SIGTERM (Kubernetes, Docker) keeps outbound up for the app for the drain
+    period; SIGINT (a terminal's Ctrl-C) and `/quit` drain everything at once.
+    """
     sidecar = Sidecar(cfg)
     await sidecar.start()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, sidecar.quit)
+    loop.add_signal_handler(signal.SIGTERM, sidecar.terminate)
+    loop.add_signal_handler(signal.SIGINT, sidecar.quit)
     addrs = " ".join(f"{k}={v}" for k, v in sidecar.addresses.items())
     print(f"lepton-mesh sidecar {cfg.service}: ready ({addrs})", file=sys.stderr, flush=True)
     await sidecar.wait_stopped()
