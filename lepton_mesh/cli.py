@@ -30,6 +30,29 @@ def _cmd_sidecar(args: argparse.Namespace) -> int:
         return 1
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from lepton_mesh.policy.sidecar_loader import load_sidecar_config
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        print("lepton-mesh run: give the app's command after `--`", file=sys.stderr)
+        return 2
+    cfg = load_sidecar_config(args.config)
+    from lepton_mesh.runner import run
+
+    return run(cfg, command, ready_timeout=args.ready_timeout, proxy_env=not args.no_proxy_env)
+
+
+def _seconds(text: str) -> float:
+    """`60`, `500ms`, `2m` -> seconds (argparse type; 0 is refused)."""
+    from lepton_mesh.policy.fields import to_seconds
+
+    seconds = to_seconds(text)
+    if seconds is None or seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: use a duration like 500ms, 60s or 2m")
+    return seconds
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from lepton_mesh.demo import run_demo
 
@@ -702,6 +725,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sidecar", help="run a sidecar proxy next to one service instance")
     p.add_argument("--config", required=True, metavar="FILE", help="static sidecar config (YAML)")
     p.set_defaults(func=_cmd_sidecar)
+
+    p = sub.add_parser(
+        "run",
+        help="start a sidecar, then the app once it is ready; exit with the app's exit code",
+        usage="%(prog)s --config FILE [options] -- CMD [ARG...]",
+    )
+    p.add_argument("--config", required=True, metavar="FILE", help="sidecar config (YAML)")
+    p.add_argument(
+        "--ready-timeout",
+        type=_seconds,
+        default=60.0,
+        metavar="DURATION",
+        help="exit 1 if the sidecar is not ready by then (default 60s)",
+    )
+    p.add_argument(
+        "--no-proxy-env",
+        action="store_true",
+        help="do not set HTTP_PROXY/NO_PROXY for the app",
+    )
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
+    p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("demo", help="run the example mesh end to end and print a summary")
     p.add_argument("--keep", action="store_true", help="leave the mesh running for exploration")
