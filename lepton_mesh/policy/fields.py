@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
 from lepton_mesh.policy.errors import Path, Problem, format_path
@@ -277,15 +277,28 @@ def check_mapping(
         expected(c, path, "a mapping", value)
         return None
     out: dict[str, Any] = {}
-    for key, item in value.items():
-        if not isinstance(key, str):
-            c.bad_key(path, key, f"field names must be strings, found {describe(key)}")
-        elif key not in allowed:
+    for key, item in string_entries(c, value, path, "field names"):
+        if key not in allowed:
             hint = did_you_mean(key, allowed) or f"; expected one of: {', '.join(allowed)}"
             c.error((*path, key), f"unknown field {key!r}{hint}")
         else:
             out[key] = item
     return out
+
+
+def string_entries(
+    c: Checker, m: Mapping[Any, Any], path: Path, keys: str
+) -> Iterator[tuple[str, Any]]:
+    """The entries of `m` whose keys are strings; any other key is a problem at its line.
+
+    YAML allows `1: x` or `true: x`; no field, label or service is named so.
+    A generator, so these problems and the caller's stay in document order.
+    """
+    for key, item in m.items():
+        if isinstance(key, str):
+            yield key, item
+        else:
+            c.bad_key(path, key, f"{keys} must be strings, found {describe(key)}")
 
 
 def check_list(c: Checker, value: Any, path: Path, what: str, *, empty: str = "") -> list[Any]:
@@ -376,20 +389,21 @@ def section(cls: Callable[..., T], fields: Mapping[str, Parser]) -> Callable[...
     return parse
 
 
-def parse_labels(c: Checker, value: Any, path: Path) -> dict[str, str] | None:
+def string_map(c: Checker, value: Any, path: Path, what: str, keys: str) -> dict[str, str] | None:
+    """A mapping of `what`, strings to strings; an entry that is not is reported and left out."""
     if not isinstance(value, Mapping):
-        expected(c, path, "a mapping of label to value", value)
+        expected(c, path, f"a mapping of {what}", value)
         return None
     out: dict[str, str] = {}
-    ok = True
-    for key, item in value.items():
-        if not isinstance(key, str):
-            c.bad_key(path, key, f"label names must be strings, found {describe(key)}")
-            ok = False
-            continue
+    for key, item in string_entries(c, value, path, keys):
         text = parse_string(c, item, (*path, key))
-        if text is None:
-            ok = False
-        else:
+        if text is not None:
             out[key] = text
-    return out if ok else None
+    return out
+
+
+def parse_labels(c: Checker, value: Any, path: Path) -> dict[str, str] | None:
+    """Labels, or None if any entry is invalid: one left out would change what they select."""
+    before = len(c.problems)
+    labels = string_map(c, value, path, "label to value", "label names")
+    return labels if len(c.problems) == before else None

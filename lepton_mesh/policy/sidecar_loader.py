@@ -65,6 +65,7 @@ from lepton_mesh.policy.fields import (
     parse_string,
     section,
     size,
+    string_entries,
 )
 from lepton_mesh.policy.security import SecurityPolicies
 from lepton_mesh.policy.security_loader import security_to_manifests
@@ -164,10 +165,7 @@ def _services(c: Checker, value: Any, path: Path) -> Mapping[str, ServiceConfig]
         expected(c, path, "a mapping of service name to service", value)
         return None
     out: dict[str, ServiceConfig] = {}
-    for key, item in value.items():
-        if not isinstance(key, str):
-            c.bad_key(path, key, f"service names must be strings, found {describe(key)}")
-            continue
+    for key, item in string_entries(c, value, path, "service names"):
         name = parse_name(c, key, (*path, key))
         svc = _service(c, name or "", item, (*path, key))
         if name is not None and svc is not None:

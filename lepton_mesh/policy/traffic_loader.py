@@ -50,6 +50,8 @@ from lepton_mesh.policy.fields import (
     parse_string,
     required,
     section,
+    string_entries,
+    string_map,
     valid_items,
 )
 from lepton_mesh.policy.http_fields import (
@@ -340,18 +342,7 @@ def _regex(c: Checker, value: Any, path: Path) -> str | None:
 
 
 def _string_map(c: Checker, value: Any, path: Path) -> dict[str, str] | None:
-    if not isinstance(value, Mapping):
-        expected(c, path, "a mapping of names to strings", value)
-        return None
-    out: dict[str, str] = {}
-    for key, item in value.items():
-        if not isinstance(key, str):
-            c.bad_key(path, key, f"names must be strings, found {describe(key)}")
-            continue
-        text = parse_string(c, item, (*path, key))
-        if text is not None:
-            out[key] = text
-    return out
+    return string_map(c, value, path, "names to strings", "names")
 
 
 def _exactly_one(c: Checker, m: Mapping[str, Any], path: Path, keys: tuple[str, ...]) -> str | None:
@@ -749,10 +740,7 @@ def _header_pairs(c: Checker, value: Any, path: Path, *, many: bool) -> tuple[tu
         return ()
     out: list[tuple[str, str]] = []
     seen: set[str] = set()
-    for key, item in value.items():
-        if not isinstance(key, str):
-            c.bad_key(path, key, f"header names must be strings, found {describe(key)}")
-            continue
+    for key, item in string_entries(c, value, path, "header names"):
         name = _owned_header_name(c, key, (*path, key))
         if name is None:
             continue
