@@ -1,7 +1,7 @@
 """Turn RequestAuthentication, AuthorizationPolicy and RateLimit manifests into the security model.
 
-The envelope (`apiVersion`, `kind`, `metadata`) is `traffic_loader`'s: it
-dispatches these kinds here, so the sidecar's `policies:`, `lepton-mesh
+The envelope (`apiVersion`, `kind`, `metadata`) is read by `traffic_loader`,
+which dispatches these kinds here, so the sidecar's `policies:`, `lepton-mesh
 validate` and the control daemon's policy store all validate them as part
 of one set. `SecurityCollector` parses each spec (recording every problem
 with file, line and field path, as the other loaders do) and then checks
@@ -58,6 +58,7 @@ from lepton_mesh.policy.http_fields import (
     parse_header_name,
     parse_method,
 )
+from lepton_mesh.policy.manifest_fields import envelope
 from lepton_mesh.policy.security import (
     ACTIONS,
     CONDITION_KEYS,
@@ -85,8 +86,6 @@ from lepton_mesh.policy.security import (
 __all__ = ["SecurityCollector", "ServiceKey", "security_to_manifests"]
 
 ServiceKey = tuple[str, str]  # (namespace, service)
-
-_API_VERSION = "lepton-mesh/v1"  # traffic_loader.API_VERSION (it imports this module)
 
 
 # --- small parsers -------------------------------------------------------------------
@@ -1085,15 +1084,6 @@ def _needs_token(rule: AuthorizationRule) -> str | None:
 # --- back to data, for /config -------------------------------------------------------------------
 
 
-def _envelope(kind: str, name: str, namespace: str, spec: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "apiVersion": _API_VERSION,
-        "kind": kind,
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": spec,
-    }
-
-
 def security_to_manifests(sec: SecurityPolicies) -> list[dict[str, Any]]:
     """One service's security policies as manifests; the loader gives back equal
     objects (except `source`). Inline JWKS are written out: they hold public keys only."""
@@ -1101,7 +1091,7 @@ def security_to_manifests(sec: SecurityPolicies) -> list[dict[str, Any]]:
     if sec.authentication is not None:
         a = sec.authentication
         spec = {"service": a.service, "providers": [_provider_json(p) for p in a.providers]}
-        out.append(_envelope("RequestAuthentication", a.name, a.namespace, spec))
+        out.append(envelope("RequestAuthentication", a.name, a.namespace, spec))
     for p in sec.authorization:
         spec = {
             "service": p.service,
@@ -1109,11 +1099,11 @@ def security_to_manifests(sec: SecurityPolicies) -> list[dict[str, Any]]:
             "dry_run": p.dry_run,
             "rules": [_rule_json(r) for r in p.rules],
         }
-        out.append(_envelope("AuthorizationPolicy", p.name, p.namespace, spec))
+        out.append(envelope("AuthorizationPolicy", p.name, p.namespace, spec))
     if sec.rate_limit is not None:
         r = sec.rate_limit
         spec = {"service": r.service, "limits": [_limit_json(lim) for lim in r.limits]}
-        out.append(_envelope("RateLimit", r.name, r.namespace, spec))
+        out.append(envelope("RateLimit", r.name, r.namespace, spec))
     return out
 
 

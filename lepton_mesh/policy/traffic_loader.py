@@ -61,6 +61,12 @@ from lepton_mesh.policy.http_fields import (
     parse_header_name,
     parse_method,
 )
+from lepton_mesh.policy.manifest_fields import (
+    API_VERSION,
+    ENVELOPE_FIELDS,
+    envelope,
+    parse_metadata,
+)
 from lepton_mesh.policy.security import SECURITY_KINDS, SecurityPolicies
 from lepton_mesh.policy.security_loader import SecurityCollector, ServiceKey
 from lepton_mesh.policy.traffic import (
@@ -101,7 +107,6 @@ __all__ = [
     "traffic_to_manifests",
 ]
 
-API_VERSION = "lepton-mesh/v1"
 KINDS = ("Route", "DestinationPolicy", "ExternalService", *SECURITY_KINDS)
 
 
@@ -247,10 +252,6 @@ class _Collector:
 
 # --- the envelope --------------------------------------------------------------
 
-_ENVELOPE = ("apiVersion", "kind", "metadata", "spec")
-_METADATA = ("name", "namespace", "labels", "annotations")
-
-
 # People arrive from Istio: name our kind for theirs instead of a spelling guess.
 _ISTIO_KINDS = {
     "VirtualService": "Route",
@@ -263,9 +264,9 @@ def _manifest(col: _Collector, c: Checker, data: Any) -> None:
     if not isinstance(data, Mapping):
         expected(c, (), "a manifest (a mapping with apiVersion, kind, metadata, spec)", data)
         return
-    m = check_mapping(c, data, (), _ENVELOPE)
+    m = check_mapping(c, data, (), ENVELOPE_FIELDS)
     assert m is not None
-    for key in _ENVELOPE:
+    for key in ENVELOPE_FIELDS:
         if key not in m:
             c.error((key,), "required field is missing")
     if "apiVersion" in m and m["apiVersion"] != API_VERSION:
@@ -280,7 +281,7 @@ def _manifest(col: _Collector, c: Checker, data: Any) -> None:
         else:
             c.error(("kind",), f"expected a kind name, found {describe(kind)}; {known}")
         return
-    name, namespace = _metadata(c, m["metadata"]) if "metadata" in m else (None, "default")
+    name, namespace = parse_metadata(c, m["metadata"]) if "metadata" in m else (None, "default")
     if kind is None or "spec" not in m:
         return
     where = f"{c.source}:{c.line(())}" if c.line(()) is not None else c.source
@@ -298,20 +299,6 @@ def _manifest(col: _Collector, c: Checker, data: Any) -> None:
         policy = _destination_policy(col, c, m["spec"], name or "", namespace, where)
         if policy is not None and name is not None:
             col.add(c, ("spec", "service"), _Found(policy, where, kind, name), policy.service)
-
-
-def _metadata(c: Checker, value: Any) -> tuple[str | None, str]:
-    path: Path = ("metadata",)
-    m = check_mapping(c, value, path, _METADATA)
-    if m is None:
-        return None, "default"
-    name = required(c, m, path, "name", parse_name)
-    namespace = parse_name(c, m["namespace"], (*path, "namespace")) if "namespace" in m else None
-    # Accepted so manifests kept for Kubernetes tooling load as they are; not used.
-    for key in ("labels", "annotations"):
-        if key in m:
-            _string_map(c, m[key], (*path, key))
-    return name, namespace or "default"
 
 
 # --- small parsers ---------------------------------------------------------------
@@ -1111,22 +1098,13 @@ def _external_manifest(e: ExternalService) -> dict[str, Any]:
         for ep in e.endpoints
     ]
     spec = {"service": e.service, "protocol": e.protocol, "endpoints": endpoints}
-    return _envelope("ExternalService", e.name, e.namespace, spec)
-
-
-def _envelope(kind: str, name: str, namespace: str, spec: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "apiVersion": API_VERSION,
-        "kind": kind,
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": spec,
-    }
+    return envelope("ExternalService", e.name, e.namespace, spec)
 
 
 def _route_manifest(route: Route) -> dict[str, Any]:
     rules = [_rule_json(rule) for rule in route.rules]
     spec = {"destination": route.destination, "rules": rules}
-    return _envelope("Route", route.name, route.namespace, spec)
+    return envelope("Route", route.name, route.namespace, spec)
 
 
 def _rule_json(rule: RouteRule) -> dict[str, Any]:
@@ -1242,4 +1220,4 @@ def _destination_manifest(d: DestinationPolicy) -> dict[str, Any]:
             "max_ejection_percent": o.max_ejection_percent,
         },
     }
-    return _envelope("DestinationPolicy", d.name, d.namespace, spec)
+    return envelope("DestinationPolicy", d.name, d.namespace, spec)
