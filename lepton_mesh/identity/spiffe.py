@@ -13,6 +13,9 @@ Invariants:
   applies to names (policy.fields), so every configured service has an identity.
 - A workload certificate carries exactly one URI SAN (the SPIFFE X509-SVID
   rule); a certificate with zero or several has no identity.
+- `cryptography` (~16 MB of RSS) is imported only by the two functions that
+  read a parsed or DER certificate: IDs, and reading them out of the dict
+  `ssl` decodes, cost a sidecar without mTLS nothing.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
-
-from cryptography import x509
+from typing import TYPE_CHECKING, Any
 
 from lepton_mesh.identity.errors import InvalidSpiffeId
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 SCHEME = "spiffe://"
 DEFAULT_TRUST_DOMAIN = "cluster.local"
@@ -102,6 +106,8 @@ def _single(uris: list[str], what: str) -> SpiffeId:
 
 def uri_sans(cert: x509.Certificate) -> list[str]:
     """Every URI in the certificate's subjectAltName (empty if it has none)."""
+    from cryptography import x509  # the caller holds a certificate: already loaded
+
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -116,6 +122,8 @@ def spiffe_id_of_certificate(cert: x509.Certificate) -> SpiffeId:
 
 def spiffe_id_of_der(der: bytes) -> SpiffeId:
     """The identity in a DER certificate (`getpeercert(binary_form=True)`)."""
+    from cryptography import x509
+
     try:
         cert = x509.load_der_x509_certificate(der)
     except ValueError as exc:

@@ -38,6 +38,10 @@ Invariants:
   kernel backlog holds the rest, which bounds the memory handshakes take.
 - Key material is never logged, never in /config, never kept outside the
   contexts (tls.py hands it to OpenSSL through a memfd).
+- Importing this module loads no `cryptography` (~16 MB of RSS): the hot
+  path needs only the constants, `InboundTls` and `open_mesh_connection`.
+  `identity.bundle` (and with it `cryptography`) is imported by the code
+  that builds or describes credentials, once per certificate or /config.
 """
 
 from __future__ import annotations
@@ -54,9 +58,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
-from cryptography import x509
-
-from lepton_mesh.identity.bundle import TrustBundle, fingerprint, load_certificates
 from lepton_mesh.identity.errors import IdentityError, InvalidSpiffeId
 from lepton_mesh.identity.spiffe import SpiffeId, spiffe_id_of_peercert
 from lepton_mesh.policy.endpoints import PLAINTEXT_LABEL, PLAINTEXT_VALUE
@@ -74,6 +75,9 @@ from lepton_mesh.proxy.tls import (
 )
 
 if TYPE_CHECKING:
+    from cryptography import x509
+
+    from lepton_mesh.identity.bundle import TrustBundle
     from lepton_mesh.policy.sidecar_config import Address, SidecarConfig, TlsConfig
 
 log = logging.getLogger(__name__)
@@ -141,6 +145,8 @@ def build_credentials(
     now: dt.datetime | None = None,
 ) -> Credentials:
     """Check the material and build its contexts; TlsCredentialsError says what is wrong."""
+    from lepton_mesh.identity.bundle import TrustBundle, load_certificates
+
     try:
         bundle = TrustBundle.from_pem(bundle_pem)
         chain = load_certificates(chain_pem, what="certificate chain")
@@ -399,6 +405,8 @@ class MeshIdentity:
 
     def describe(self) -> dict[str, Any]:
         """For /config: who we are and what we hold. Public facts only, no key material."""
+        from lepton_mesh.identity.bundle import fingerprint
+
         creds = self.current
         return {
             "spiffe_id": self.id.uri,
@@ -441,6 +449,8 @@ def _read_pem(source: str, field: str, path: str) -> bytes:
 
 
 def _describe_cert(cert: x509.Certificate) -> dict[str, Any]:
+    from lepton_mesh.identity.bundle import fingerprint
+
     now = dt.datetime.now(dt.UTC)
     return {
         "serial": f"{cert.serial_number:x}",
