@@ -19,6 +19,9 @@ Invariants:
   header can make us verify with the wrong kind of key.
 - Time claims (`exp`, `nbf`, `iat`) are checked here against an injectable
   wall clock with the provider's leeway; they must be numbers when present.
+- This module imports PyJWT, so only what builds an `Authenticator` (a
+  service with RequestAuthentication) imports it; the request path of a
+  service without one names only authn_errors.
 - The cache is keyed by SHA-256 of the token (the token itself is not kept
   as a key), bounded (LRU), and an entry is never used at or after the
   token's `exp` (without `exp`: after CACHE_TTL), nor after the provider's
@@ -53,6 +56,7 @@ from jwt.exceptions import (
 
 from lepton_mesh.policy.security import MAX_TOKEN_BYTES, JwtProvider
 from lepton_mesh.policy.security_decisions import claim_header_value, lookup_claim, principal_of
+from lepton_mesh.proxy.authn_errors import JwtCause, JwtFailure, NeedKeys
 from lepton_mesh.proxy.jwks import KeySource, VerifyKey
 
 # A token without `exp` is cached at most this long (seconds).
@@ -62,43 +66,6 @@ CACHE_SIZE = 10_000
 MAX_CLAIM_HEADER_CHARS = 4096
 
 WallClock = Callable[[], float]
-
-
-class JwtCause:
-    """Why a token was refused: the access log's `jwt_cause`. Stable strings."""
-
-    EXPIRED = "expired"
-    NOT_YET_VALID = "not_yet_valid"
-    BAD_SIGNATURE = "bad_signature"
-    WRONG_ISSUER = "wrong_issuer"
-    WRONG_AUDIENCE = "wrong_audience"
-    UNKNOWN_KEY = "unknown_key"
-    MALFORMED = "malformed"
-    ALGORITHM_NOT_ALLOWED = "algorithm_not_allowed"
-    OVERSIZED = "oversized"
-    MISSING = "missing"  # no token, and one is required
-
-
-class JwtFailure(Exception):
-    """A token that does not authenticate; `cause` is a Cause value."""
-
-    __slots__ = ("cause", "detail", "provider")
-
-    def __init__(self, cause: str, detail: str, provider: str | None = None) -> None:
-        super().__init__(f"{cause}: {detail}")
-        self.cause = cause
-        self.detail = detail
-        self.provider = provider
-
-
-class NeedKeys(Exception):
-    """Verification must wait for `future` (a key fetch) and then be tried once more."""
-
-    __slots__ = ("future",)
-
-    def __init__(self, future: Any) -> None:
-        super().__init__("waiting for keys")
-        self.future = future
 
 
 class Verified:

@@ -28,7 +28,8 @@ The pipeline for one request to the local app (`InboundGuard.admit`):
 
 Precomputed per snapshot (`InboundGuard`), built only when the service has
 security policies: a sidecar without them pays nothing, and the outbound side
-never runs any of this. What must outlive a snapshot (JWKS sources and their
+never runs any of this. PyJWT (authn.py) is imported by the first snapshot
+with a RequestAuthentication, not before. What must outlive a snapshot (JWKS sources and their
 keys, rate-limit buckets, counters) lives in `InboundState`, owned by the
 sidecar.
 
@@ -56,15 +57,7 @@ from urllib.parse import unquote_to_bytes
 
 from lepton_mesh.policy.security import JwtProvider
 from lepton_mesh.policy.security_decisions import Authorizer, AuthzDecision, AuthzRequest
-from lepton_mesh.proxy.authn import (
-    Authenticator,
-    JwtCause,
-    JwtFailure,
-    NeedKeys,
-    ProviderRuntime,
-    TokenLocation,
-    Verified,
-)
+from lepton_mesh.proxy.authn_errors import JwtCause, JwtFailure, NeedKeys
 from lepton_mesh.proxy.errors import ProxyError, Reason, bad_request
 from lepton_mesh.proxy.jwks import FileKeys, KeySource, RemoteKeys, StaticKeys
 from lepton_mesh.proxy.ratelimit import RateLimitedError, RateLimitRuntime
@@ -73,6 +66,7 @@ if TYPE_CHECKING:
     import ssl
 
     from lepton_mesh.policy.sidecar_config import SidecarConfig
+    from lepton_mesh.proxy.authn import Authenticator, TokenLocation, Verified
     from lepton_mesh.proxy.http1 import RequestFacts
 
 _INVALID_TOKEN = b'www-authenticate: Bearer error="invalid_token"\r\n'
@@ -270,6 +264,9 @@ class InboundGuard:
         self.authn: Authenticator | None = None
         strip: set[bytes] = set()
         if sec.authentication is not None:
+            # Once per snapshot; PyJWT is loaded only by a service that verifies tokens.
+            from lepton_mesh.proxy.authn import Authenticator, ProviderRuntime
+
             providers = [
                 ProviderRuntime(p, state.key_source(p)) for p in sec.authentication.providers
             ]

@@ -27,6 +27,9 @@ Invariants:
   waits on that one.
 - Everything is bounded: the response size, header size, key count, the time
   one fetch may take.
+- PyJWT (and the `cryptography` it loads: ~20 MB of RSS together) is
+  imported when the first key is parsed, so a sidecar without
+  RequestAuthentication never loads it (`_verify_key`).
 """
 
 from __future__ import annotations
@@ -42,8 +45,6 @@ from urllib.parse import urlsplit
 
 import httptools
 import orjson
-from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
-from jwt.exceptions import InvalidKeyError, PyJWKError
 
 # A fetched JWKS larger than this is refused (real ones are a few KiB).
 MAX_JWKS_BYTES = 256 * 1024
@@ -145,6 +146,10 @@ def parse_jwks(document: bytes | Mapping[str, Any], allowed: frozenset[str]) -> 
 
 
 def _verify_key(jwk: Any, allowed: frozenset[str]) -> VerifyKey:
+    # Once per key per JWKS load, never per request.
+    from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+    from jwt.exceptions import InvalidKeyError, PyJWKError
+
     if not isinstance(jwk, dict):
         raise JwksError("not an object")
     kty = jwk.get("kty")
