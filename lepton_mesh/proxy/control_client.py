@@ -50,6 +50,11 @@ asyncio Protocol over the `meshproto` codec. What the client promises:
 Snapshot versions are applied as they come, a lower one included: a
 snapshot is the complete state the replica serves now, and versions only
 go down when a replica lags, which the next snapshot repairs.
+
+Importing this module loads neither the config loader nor `cryptography`:
+every sidecar imports it, only one with `control:` uses it. The loader is
+imported by the config builder (once per client, once per snapshot), the
+identity client (`cryptography`) only with `tls.source: control`.
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
@@ -74,11 +79,12 @@ from lepton_mesh.identity.tls_contexts import client_context_without_certificate
 from lepton_mesh.policy.endpoints import PLAINTEXT_LABEL, PLAINTEXT_VALUE
 from lepton_mesh.policy.errors import ConfigError, Problem
 from lepton_mesh.policy.sidecar_config import Address, SidecarConfig
-from lepton_mesh.policy.sidecar_loader import sidecar_config_from_mapping, sidecar_config_to_json
 from lepton_mesh.proxy.health_check import HealthChecker
-from lepton_mesh.proxy.identity_client import IdentityClient
 from lepton_mesh.proxy.timers import Deadline
 from lepton_mesh.proxy.tls import PeerIdentityError, client_context, verify_peer_identity
+
+if TYPE_CHECKING:
+    from lepton_mesh.proxy.identity_client import IdentityClient
 
 __all__ = [
     "LKG_FILE",
@@ -155,6 +161,8 @@ class _ConfigBuilder:
     __slots__ = ("_base", "_base_json")
 
     def __init__(self, base: SidecarConfig) -> None:
+        from lepton_mesh.policy.sidecar_loader import sidecar_config_to_json
+
         self._base = base
         data = sidecar_config_to_json(base)
         for key in ("source", "services", "policies"):
@@ -163,6 +171,8 @@ class _ConfigBuilder:
 
     def build(self, snap: mp.Snapshot, source: str) -> tuple[SidecarConfig, tuple[str, ...]]:
         """(config, tcp services left out). Raises `ConfigError` naming every problem."""
+        from lepton_mesh.policy.sidecar_loader import sidecar_config_from_mapping
+
         services: dict[str, Any] = {}
         skipped: list[str] = []
         for name, svc in snap.services.items():
@@ -300,6 +310,8 @@ class ControlClient:
         self.control_identity = SpiffeId(trust_domain, mp.CONTROL_NAMESPACE, mp.CONTROL_SERVICE)
         self.identity: IdentityClient | None = None
         if cfg.tls is not None and cfg.tls.source == "control":
+            from lepton_mesh.proxy.identity_client import IdentityClient
+
             self.identity = IdentityClient(
                 SpiffeId(trust_domain, cfg.namespace, cfg.service),
                 self._install_credentials,
