@@ -269,6 +269,22 @@ _instance_section = section(
 )
 
 
+def _file_path(c: Checker, value: Any, path: Path, base_dir: str, why: str = "") -> str | None:
+    """A file's path, relative to the config file's folder (`base_dir`), made whole.
+
+    Never empty: '' would name the folder itself. `why` follows the problem.
+    """
+    text = parse_string(c, value, path)
+    if text == "":
+        c.error(path, f"must not be empty{why}")
+        return None
+    return None if text is None else _resolve(base_dir, text)
+
+
+def _resolve(base_dir: str, relative: str) -> str:
+    return os.path.normpath(os.path.join(base_dir, relative))
+
+
 _CONTROL_PATHS = {
     "state_dir": "leave it out to keep no state",
     "ca_bundle": "leave it out for a plaintext stream",
@@ -286,13 +302,10 @@ def _control(c: Checker, value: Any, base_dir: str) -> ControlConfig | None:
     addresses = _control_addresses(c, m.get("addresses"), (*path, "addresses"))
     paths: dict[str, str] = {}
     for key, if_empty in _CONTROL_PATHS.items():
-        if key not in m:
-            continue
-        text = parse_string(c, m[key], (*path, key))
-        if text == "":
-            c.error((*path, key), f"must not be empty ({if_empty})")
-        elif text is not None:
-            paths[key] = os.path.normpath(os.path.join(base_dir, text))
+        if key in m:
+            found = _file_path(c, m[key], (*path, key), base_dir, f" ({if_empty})")
+            if found is not None:
+                paths[key] = found
     if addresses is None:
         return None
     return ControlConfig(addresses=addresses, **paths)
@@ -410,11 +423,9 @@ def _tls(c: Checker, value: Any, base_dir: str) -> TlsConfig | None:
         if key not in m:
             c.error((*path, key), "required field is missing")
             continue
-        text = parse_string(c, m.pop(key), (*path, key))
-        if text == "":
-            c.error((*path, key), "must not be empty")
-        elif text is not None:
-            files[key] = os.path.normpath(os.path.join(base_dir, text))
+        found = _file_path(c, m.pop(key), (*path, key), base_dir)
+        if found is not None:
+            files[key] = found
     settings = parse_fields(c, m, path, _TLS_SETTINGS)
     return TlsConfig(**files, **settings) if len(c.problems) == before else None
 
@@ -547,7 +558,7 @@ def _policies(
         if not isinstance(item, str) or not item:
             expected(c, (*path, i), "a policy file path or a manifest", item)
             continue
-        full = os.path.normpath(os.path.join(base_dir, item))
+        full = _resolve(base_dir, item)
         if full in seen:
             c.error((*path, i), f"{item!r} is already listed at [{seen[full]}]")
             continue
