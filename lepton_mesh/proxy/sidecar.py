@@ -37,7 +37,6 @@ from collections.abc import Callable
 from typing import Any
 
 from lepton_mesh.policy.sidecar_config import Address, SidecarConfig
-from lepton_mesh.policy.sidecar_loader import sidecar_config_to_json
 from lepton_mesh.proxy.access_log import AccessLog
 from lepton_mesh.proxy.admin import start_admin_server
 from lepton_mesh.proxy.clusters import Cluster, ServiceStates
@@ -298,6 +297,9 @@ class Sidecar:
         return True, ""
 
     def config_json(self) -> dict[str, Any]:
+        # Imported per /config call: serving never needs the loader, nor what it imports.
+        from lepton_mesh.policy.sidecar_loader import sidecar_config_to_json
+
         out = sidecar_config_to_json(self.snapshot.cfg)
         out["inbound_security"] = self.inbound_state.describe()
         if self.control is not None:
