@@ -28,6 +28,7 @@ import atexit
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -109,11 +110,36 @@ class EtcdTLS:
         return ctx
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A port free right now on 127.0.0.1 (the kernel's choice; a tiny race remains)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A 127.0.0.1 port free now, below the kernel's ephemeral range, new in this process.
+
+    etcd restarts at its ports (and so do the processes tests restart). A port
+    from bind(0) lies in the range the kernel gives outgoing connections' local
+    ports, so while its process is down a connection could take it (seen: etcd
+    failed to restart, a replica was handed etcd's not yet bound port). Below
+    that range only a listener can hold a port, and the probe sees it.
+    """
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    low = max(10000, ephemeral - 12000)
+    for _ in range(500):
+        port = random.randrange(low, ephemeral)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free port in [{low}, {ephemeral})")
 
 
 def die_with_parent_prefix() -> list[str]:

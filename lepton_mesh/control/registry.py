@@ -406,8 +406,9 @@ class Registry:
         self._wake.set()
 
     def abandon(self) -> None:
-        """The replica is dying: forget every registration without revoking,
-        so their leases expire within the TTL (what a crash does; for tests)."""
+        """The replica is going away: forget every registration without revoking.
+        Their sidecars are alive and re-register on another replica, which takes
+        the keys over; a lease nobody takes over expires within its TTL."""
         for reg in self._local.values():
             reg.closed = True
         self._local.clear()

@@ -32,8 +32,6 @@ import contextlib
 import http.client
 import json
 import os
-import random
-import socket
 import subprocess
 import sys
 import threading
@@ -48,7 +46,7 @@ from typing import Any, TypeVar
 import requests
 import yaml
 
-from lepton_mesh.control.etcd_local import LocalEtcd
+from lepton_mesh.control.etcd_local import LocalEtcd, free_port
 
 __all__ = [
     "FIGURES",
@@ -77,7 +75,6 @@ HEALTH_INTERVAL = "200ms"
 T = TypeVar("T")
 
 _LIVE: set[subprocess.Popen[bytes]] = set()
-_HANDED_OUT: set[int] = set()
 
 
 @atexit.register
@@ -114,32 +111,8 @@ def wait_for(
 
 
 def reserve_port() -> int:
-    """A 127.0.0.1 port free now, below the kernel's ephemeral range, new in this run.
-
-    Processes here restart at their ports. A port from bind(0) lies in the
-    range the kernel gives outgoing connections' local ports, so while its
-    process is down a connection could take it (seen: etcd failed to restart,
-    and a replica was handed etcd's not yet bound port). Below that range,
-    only a listener can hold a port, and the probe sees it.
-    """
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            ephemeral = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        ephemeral = 32768
-    low = max(10000, ephemeral - 12000)
-    for _ in range(500):
-        port = random.randrange(low, ephemeral)
-        if port in _HANDED_OUT:
-            continue
-        with socket.socket() as sock:
-            try:
-                sock.bind((LOCAL, port))
-            except OSError:
-                continue
-        _HANDED_OUT.add(port)
-        return port
-    raise RuntimeError(f"no free port in [{low}, {ephemeral})")
+    """A 127.0.0.1 port safe to restart a process at (see etcd_local.free_port)."""
+    return free_port()
 
 
 # --- apps ---------------------------------------------------------------------------
