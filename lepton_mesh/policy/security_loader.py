@@ -133,16 +133,18 @@ def _strings(
     return tuple(out) if ok else None
 
 
-def _star_shape(c: Checker, text: str, path: Path) -> bool:
-    if "***" in text:
+def _pattern_text(c: Checker, value: Any, path: Path, what: str) -> str | None:
+    """`_text` that may hold '*' and '**' wildcards, but not '***'."""
+    text = _text(c, value, path, what)
+    if text is not None and "***" in text:
         c.error(path, f"invalid pattern {text!r}: '***' means nothing; use '*' or '**'")
-        return False
-    return True
+        return None
+    return text
 
 
 def _identity(c: Checker, value: Any, path: Path) -> str | None:
-    text = _text(c, value, path, "identity")
-    if text is None or not _star_shape(c, text, path):
+    text = _pattern_text(c, value, path, "identity")
+    if text is None:
         return None
     if "*" not in text and not text.startswith("spiffe://"):
         c.error(
@@ -177,8 +179,8 @@ def _label_pattern(what: str) -> Callable[[Checker, Any, Path], str | None]:
 
 
 def _principal(c: Checker, value: Any, path: Path) -> str | None:
-    text = _text(c, value, path, "principal")
-    if text is None or not _star_shape(c, text, path):
+    text = _pattern_text(c, value, path, "principal")
+    if text is None:
         return None
     if "*" not in text and "/" not in text:
         c.error(path, f"{text!r} is not a request principal: principals are '<iss>/<sub>'")
@@ -188,8 +190,8 @@ def _principal(c: Checker, value: Any, path: Path) -> str | None:
 
 def _path_pattern(c: Checker, value: Any, path: Path) -> str | None:
     """Exact, prefix ('/v1/*'), suffix ('*/healthz'), '*', or a glob ('/v1/*/x', '/a/**/b')."""
-    text = _text(c, value, path, "path")
-    if text is None or not _star_shape(c, text, path):
+    text = _pattern_text(c, value, path, "path")
+    if text is None:
         return None
     if "?" in text or "#" in text:
         c.error(
