@@ -9,6 +9,7 @@ per request to a file), not what a terminal costs.
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -98,13 +99,15 @@ class Sidecar:
 def serve(
     spec: SidecarSpec, workdir: Path, pin: Sequence[str], deadline_s: float
 ) -> Iterator[Sidecar]:
-    """Start a sidecar for `spec`; yield once /ready says 200; SIGTERM and wait on exit."""
+    """Start a sidecar for `spec`; yield once /ready says 200; SIGINT and wait on exit."""
     conf_path = workdir / f"{spec.label}.yaml"
     conf_path.write_text(yaml.safe_dump(config(spec), sort_keys=False))
     stdout, stderr = workdir / f"{spec.label}.stdout.log", workdir / f"{spec.label}.stderr.log"
     argv = [*pin, binary(), "sidecar", "--config", str(conf_path)]
     proc = spawn(argv, stdout=stdout, stderr=stderr)
-    with running(proc, spec.label):
+    # SIGINT drains at once; SIGTERM would keep outbound open for an app for the
+    # whole drain period (20 s), and the bench has no app that still needs it.
+    with running(proc, spec.label, signal.SIGINT):
         try:
             wait_http(
                 proc, spec.ports.admin, "/ready", want=200, deadline_s=deadline_s, what=spec.label
