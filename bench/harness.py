@@ -106,6 +106,17 @@ def register(name: str) -> Callable[[RunFn], RunFn]:
 
 
 @dataclass(frozen=True, slots=True)
+class WrkRequest:
+    """What wrk sends besides `Host`: the path, and whole header lines sent on every request."""
+
+    path: str = "/"
+    headers: tuple[str, ...] = ()
+
+
+GET_ROOT = WrkRequest()
+
+
+@dataclass(frozen=True, slots=True)
 class Measured:
     """A closed-loop wrk run and what the proxies spent on it."""
 
@@ -157,26 +168,35 @@ class Bench:
         ) as running:
             yield running
 
-    def wrk(self, port: int, host: str | None, duration_s: float) -> wrk.WrkResult:
+    def wrk(
+        self, port: int, host: str | None, duration_s: float, request: WrkRequest = GET_ROOT
+    ) -> wrk.WrkResult:
         argv = wrk.command(
-            url=f"http://127.0.0.1:{port}/",
+            url=f"http://127.0.0.1:{port}{request.path}",
             host=host,
             duration_s=duration_s,
             connections=self.settings.connections,
             threads=self.settings.threads,
             script=self.wrk_script,
             pin=self.pinning.load(),
+            headers=request.headers,
         )
         return wrk.run(argv, duration_s)
 
-    def closed_loop(self, port: int, host: str | None, proxies: Sequence[int]) -> Measured:
+    def closed_loop(
+        self,
+        port: int,
+        host: str | None,
+        proxies: Sequence[int],
+        request: WrkRequest = GET_ROOT,
+    ) -> Measured:
         """Warm up, then one measured wrk run; CPU of `proxies` is read around it."""
         if self.settings.warmup_s > 0:
-            self.wrk(port, host, self.settings.warmup_s)
+            self.wrk(port, host, self.settings.warmup_s, request)
         live = [*proxies, self.upstream.pid]
         before = CpuSample.take(live)
         cpu0, up0 = tree_cpu_seconds(proxies), tree_cpu_seconds([self.upstream.pid])
-        result = self.wrk(port, host, self.settings.duration_s)
+        result = self.wrk(port, host, self.settings.duration_s, request)
         cpu1, up1 = tree_cpu_seconds(proxies), tree_cpu_seconds([self.upstream.pid])
         after = CpuSample.take(live)
         return Measured(
@@ -244,6 +264,18 @@ def per_request_us(cpu_s: float, requests: int) -> float | None:
 
 def rss_of(pids: Sequence[int]) -> list[float]:
     return [round(tree_rss_mb(p), 1) for p in pids]
+
+
+def fail_if_not_all_ok(result: wrk.WrkResult, what: str) -> None:
+    """For runs where any refusal means the thing measured was not what ran (a 401 from a
+    bad token, a 403 from a rule, a 429): wrk's `status` errors, its count of answers
+    with a status of 400 or more, must be 0."""
+    refused = result.errors.get("status", 0)
+    if refused:
+        raise BenchError(
+            f"{what}: {refused} of {result.requests} answers had a status >= 400; "
+            "every answer must be 200 (--keep-workdir keeps the sidecar's access log, which says why)"
+        )
 
 
 def fail_if_errors(result: wrk.WrkResult, what: str) -> dict[str, object]:

@@ -80,11 +80,15 @@ def command(
     threads: int,
     script: Path,
     pin: Sequence[str],
+    headers: Sequence[str] = (),
 ) -> list[str]:
+    """`headers` are whole header lines (`"Authorization: Bearer ..."`), sent on every request."""
     argv = [*pin, "wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(duration_s))}s"]
     argv += ["--timeout", "5s", "--latency", "-s", str(script)]
     if host is not None:
         argv += ["-H", f"Host: {host}"]
+    for line in headers:
+        argv += ["-H", line]
     return [*argv, url]
 
 
