@@ -96,6 +96,13 @@ TARGETS: tuple[Target, ...] = (
         lambda r: _ratio(_figure(r, "two_hop_mtls", "rps"), _figure(r, "two_hop", "rps")),
     ),
     Target(
+        "inbound_policy",
+        "rps / inbound_plain rps",
+        0.8,
+        False,
+        lambda r: _ratio(_figure(r, "inbound_policy", "rps"), _figure(r, "inbound_plain", "rps")),
+    ),
+    Target(
         "mtls_churn",
         "RSS MB above idle 10 s after",
         20.0,
@@ -138,18 +145,29 @@ def _percent(share: float | None) -> float | None:
 
 
 def ratios(results: Results) -> None:
-    """Add x_direct and x_nginx (rps ratios) to every throughput run that has rps."""
+    """Add x_direct and x_nginx (rps ratios) to every throughput run that has rps, and the
+    ratios of the runs read in pairs (two_hop_mtls to two_hop, inbound_policy to inbound_plain)."""
     direct, ref = _figure(results, "direct", "rps"), _figure(results, "nginx", "rps")
     for r in results.values():
         if r.kind == "throughput" and r.error is None:
             r.extra["x_direct"] = _round(_ratio(r.rps, direct))
             r.extra["x_nginx"] = _round(_ratio(r.rps, ref))
-    mtls = results.get("two_hop_mtls")
-    if mtls is not None and mtls.error is None:
-        # The same comparison from CPU per request: what the rps ratio would be if
-        # both had their core to themselves (read it when background_cores is high).
-        plain = _figure(results, "two_hop", "cpu_us_per_req")
-        mtls.extra["cpu_ratio_vs_two_hop"] = _round(_ratio(plain, mtls.cpu_us_per_req))
+    _paired(results, "two_hop_mtls", "two_hop", with_rps=False)
+    _paired(results, "inbound_policy", "inbound_plain", with_rps=True)
+
+
+def _paired(results: Results, run: str, base: str, *, with_rps: bool) -> None:
+    """`run` against the `base` it is read next to: x_<base> (rps ratio) and
+    cpu_ratio_vs_<base>, the same comparison from CPU per request: what the rps
+    ratio would be if both had their core to themselves (read it when
+    background_cores is high)."""
+    r = results.get(run)
+    if r is None or r.error is not None:
+        return
+    if with_rps:
+        r.extra[f"x_{base}"] = _round(_ratio(r.rps, _figure(results, base, "rps")))
+    cpu = _figure(results, base, "cpu_us_per_req")
+    r.extra[f"cpu_ratio_vs_{base}"] = _round(_ratio(cpu, r.cpu_us_per_req))
 
 
 def _round(value: float | None) -> float | None:

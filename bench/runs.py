@@ -10,6 +10,7 @@ as `idle_rss_mb`, once the proxy is ready and before any traffic.
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import itertools
 import json
@@ -18,8 +19,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from bench import certs
-from bench.harness import Bench, RunResult, fail_if_errors, per_request_us, register, rss_of
+from bench import certs, inbound
+from bench.harness import (
+    GET_ROOT,
+    Bench,
+    RunResult,
+    WrkRequest,
+    fail_if_errors,
+    fail_if_not_all_ok,
+    per_request_us,
+    register,
+    rss_of,
+)
 from bench.holdconns import READY
 from bench.meshclients import APPLIED, CHURNED, CONNECTED, GO, RESULT
 from bench.openloop import FIRST_PHASE, MEASURE_END, MEASURE_START, PHASE
@@ -39,11 +50,21 @@ CLIENT_SERVICE = "bench-client"
 
 
 def _throughput(
-    bench: Bench, name: str, port: int, host: str | None, proxies: Sequence[int]
+    bench: Bench,
+    name: str,
+    port: int,
+    host: str | None,
+    proxies: Sequence[int],
+    request: WrkRequest = GET_ROOT,
+    *,
+    all_ok: bool = False,
 ) -> RunResult:
+    """A closed-loop run; `all_ok`: fail on any answer with a status >= 400."""
     idle = rss_of(proxies)
-    measured = bench.closed_loop(port, host, proxies)
+    measured = bench.closed_loop(port, host, proxies, request)
     res = measured.result
+    if all_ok:
+        fail_if_not_all_ok(res, name)
     extra: dict[str, object] = {
         "requests": res.requests,
         "p90_ms": res.p90_ms,
@@ -127,6 +148,50 @@ def two_hop_mtls(bench: Bench) -> RunResult:
 def nginx_proxy(bench: Bench) -> RunResult:
     with bench.nginx_proxy() as proxy:
         return _throughput(bench, "nginx", proxy.port, None, [proxy.pid])
+
+
+# --- inbound request security -----------------------------------------------------
+
+
+@functools.cache
+def _issuer() -> inbound.Issuer:
+    """One key and token per bench process: both inbound runs send the same bytes."""
+    return inbound.issue()
+
+
+def _inbound(bench: Bench, name: str, policies: Sequence[Mapping[str, Any]]) -> RunResult:
+    """wrk -> sidecar B's inbound listener -> upstream; then B's counters must show
+    every request answered 200 and, with `policies`, decided as meant (bench/inbound.py)."""
+    spec = SidecarSpec(
+        f"sidecar-{name}", UPSTREAM_SERVICE, bench.upstream.port, services={}, policies=policies
+    )
+    request = inbound.request(_issuer().token)
+    with bench.sidecar(spec) as b:
+        port = b.ports.inbound
+        result = _throughput(bench, name, port, UPSTREAM_SERVICE, [b.pid], request, all_ok=True)
+        seen = inbound.counts(_get_text(b.ports.admin, "/metrics"))
+    requests = result.extra["requests"]
+    assert isinstance(requests, int)
+    inbound.check_metrics(seen, policy=bool(policies), at_least=requests, what=name)
+    result.extra["request"] = f"GET {inbound.PATH}, token {len(_issuer().token)} bytes"
+    return result
+
+
+@register("inbound_plain")
+def inbound_plain(bench: Bench) -> RunResult:
+    return _inbound(bench, "inbound_plain", [])
+
+
+@register("inbound_policy")
+def inbound_policy(bench: Bench) -> RunResult:
+    """As inbound_plain, with a JWT provider, 50 authorization rules and a rate limit."""
+    result = _inbound(bench, "inbound_policy", inbound.policies(UPSTREAM_SERVICE, _issuer()))
+    result.extra |= {
+        "authz_rules": inbound.RULES,
+        "rate_limit_rps": inbound.RATE,
+        "jwt": "ES256, inline JWKS",
+    }
+    return result
 
 
 # --- fixed-rate latency -----------------------------------------------------------
@@ -238,15 +303,22 @@ def failed_share(summary: Mapping[str, Any]) -> float:
     return int(summary["failed"]) / dispatched if dispatched else 1.0
 
 
-def _get_json(port: int, path: str) -> Any:
+def _get_text(port: int, path: str) -> str:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
         conn.request("GET", path)
-        return json.loads(conn.getresponse().read())
-    except (OSError, http.client.HTTPException, ValueError) as exc:
+        return conn.getresponse().read().decode()
+    except (OSError, http.client.HTTPException, UnicodeDecodeError) as exc:
         raise BenchError(f"GET {path} on port {port}: {exc}") from exc
     finally:
         conn.close()
+
+
+def _get_json(port: int, path: str) -> Any:
+    try:
+        return json.loads(_get_text(port, path))
+    except ValueError as exc:
+        raise BenchError(f"GET {path} on port {port}: {exc}") from exc
 
 
 @register("failover")
