@@ -261,7 +261,7 @@ def size(minimum: int) -> Callable[[Checker, Any, Path], int | None]:
     return parse
 
 
-# --- sections ---------------------------------------------------------------
+# --- mappings and sections ---------------------------------------------------
 
 Parser = Callable[[Checker, Any, Path], Any]
 
@@ -299,68 +299,6 @@ def string_entries(
             yield key, item
         else:
             c.bad_key(path, key, f"{keys} must be strings, found {describe(key)}")
-
-
-def check_list(c: Checker, value: Any, path: Path, what: str, *, empty: str = "") -> list[Any]:
-    """`value` as a list of `what` ([] if it is not one, problem recorded).
-
-    An empty list is a problem only when `empty` says why ("an empty list
-    <empty>"): where leaving the field out means something else.
-    """
-    if not isinstance(value, list):
-        expected(c, path, f"a list of {what}", value)
-        return []
-    if not value and empty:
-        c.error(path, f"an empty list {empty}")
-    return value
-
-
-def valid_items(
-    c: Checker, value: Any, path: Path, what: str, parse: Parser, *, empty: str = ""
-) -> list[Any]:
-    """The items of the list `value` that `parse` accepts; the others are reported and left out."""
-    return [item for item in _each(c, value, path, what, parse, empty) if item is not None]
-
-
-def all_items(
-    c: Checker, value: Any, path: Path, what: str, parse: Parser, *, empty: str = ""
-) -> list[Any] | None:
-    """Every item of the list `value` through `parse`; None if there is none or one is invalid.
-
-    For lists that narrow what a rule matches: one item dropped would widen it.
-    """
-    parsed = _each(c, value, path, what, parse, empty)
-    return None if not parsed or any(item is None for item in parsed) else parsed
-
-
-def _each(c: Checker, value: Any, path: Path, what: str, parse: Parser, empty: str) -> list[Any]:
-    items = check_list(c, value, path, what, empty=empty)
-    return [parse(c, item, (*path, i)) for i, item in enumerate(items)]
-
-
-def required_list(
-    c: Checker, m: Mapping[str, Any], path: Path, key: str, what: str, *, empty: str
-) -> list[Any]:
-    """`m[key]` as a list of `what`; [] where it is missing or not a list (problem recorded)."""
-    if key not in m:
-        c.error((*path, key), "required field is missing")
-        return []
-    return check_list(c, m[key], (*path, key), what, empty=empty)
-
-
-def name_reused(
-    c: Checker, seen: dict[str, int], name: str, path: Path, index: int, what: str
-) -> bool:
-    """Whether an earlier item of the list at `path` has this name (a problem then).
-
-    `seen` keeps each name's first index; the problem names that item as a
-    path would, so 'rules[0]' for a rule under `rules`.
-    """
-    first = seen.setdefault(name, index)
-    if first == index:
-        return False
-    c.error((*path, index), f"{what} name {name!r} is already used by {path[-1]}[{first}]")
-    return True
 
 
 def required(c: Checker, m: Mapping[str, Any], path: Path, key: str, parse: Parser) -> Any:
@@ -407,3 +345,68 @@ def parse_labels(c: Checker, value: Any, path: Path) -> dict[str, str] | None:
     before = len(c.problems)
     labels = string_map(c, value, path, "label to value", "label names")
     return labels if len(c.problems) == before else None
+
+
+# --- lists -------------------------------------------------------------------
+
+
+def check_list(c: Checker, value: Any, path: Path, what: str, *, empty: str = "") -> list[Any]:
+    """`value` as a list of `what` ([] if it is not one, problem recorded).
+
+    An empty list is a problem only when `empty` says why ("an empty list
+    <empty>"): where leaving the field out means something else.
+    """
+    if not isinstance(value, list):
+        expected(c, path, f"a list of {what}", value)
+        return []
+    if not value and empty:
+        c.error(path, f"an empty list {empty}")
+    return value
+
+
+def required_list(
+    c: Checker, m: Mapping[str, Any], path: Path, key: str, what: str, *, empty: str
+) -> list[Any]:
+    """`m[key]` as a list of `what`; [] where it is missing or not a list (problem recorded)."""
+    if key not in m:
+        c.error((*path, key), "required field is missing")
+        return []
+    return check_list(c, m[key], (*path, key), what, empty=empty)
+
+
+def valid_items(
+    c: Checker, value: Any, path: Path, what: str, parse: Parser, *, empty: str = ""
+) -> list[Any]:
+    """The items of the list `value` that `parse` accepts; the others are reported and left out."""
+    return [item for item in _each(c, value, path, what, parse, empty) if item is not None]
+
+
+def all_items(
+    c: Checker, value: Any, path: Path, what: str, parse: Parser, *, empty: str = ""
+) -> list[Any] | None:
+    """Every item of the list `value` through `parse`; None if there is none or one is invalid.
+
+    For lists that narrow what a rule matches: one item dropped would widen it.
+    """
+    parsed = _each(c, value, path, what, parse, empty)
+    return None if not parsed or any(item is None for item in parsed) else parsed
+
+
+def _each(c: Checker, value: Any, path: Path, what: str, parse: Parser, empty: str) -> list[Any]:
+    items = check_list(c, value, path, what, empty=empty)
+    return [parse(c, item, (*path, i)) for i, item in enumerate(items)]
+
+
+def name_reused(
+    c: Checker, seen: dict[str, int], name: str, path: Path, index: int, what: str
+) -> bool:
+    """Whether an earlier item of the list at `path` has this name (a problem then).
+
+    `seen` keeps each name's first index; the problem names that item as a
+    path would, so 'rules[0]' for a rule under `rules`.
+    """
+    first = seen.setdefault(name, index)
+    if first == index:
+        return False
+    c.error((*path, index), f"{what} name {name!r} is already used by {path[-1]}[{first}]")
+    return True
