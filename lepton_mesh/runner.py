@@ -30,14 +30,15 @@ import asyncio
 import contextlib
 import enum
 import os
+import shutil
 import signal
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from lepton_mesh.demo.procs import _die_with_parent, _live_group_members
 from lepton_mesh.policy.sidecar_config import Address, SidecarConfig
+from lepton_mesh.procutil import die_with_parent_prefix, live_group_members
 from lepton_mesh.proxy.sidecar import Sidecar
 
 FORWARDED = (
@@ -219,12 +220,19 @@ class Runner:
             sc.addresses["admin"],
             proxy_env=self.opts.proxy_env,
         )
+        command = list(self.opts.command)
+        if shutil.which(command[0], path=env.get("PATH")) is None:
+            exists = os.path.exists(command[0])
+            what = "Permission denied" if exists else "No such file or directory"
+            raise RunError("app_not_started", f"{command[0]}: {what}", 126 if exists else 127)
         try:
+            # The app gets SIGTERM if we die; set by exec (setpriv), not by a
+            # preexec hook, which is unsafe in a process that has threads.
             self.proc = await asyncio.create_subprocess_exec(
-                *self.opts.command,
+                *die_with_parent_prefix("TERM"),
+                *command,
                 env=env,
                 start_new_session=True,
-                preexec_fn=_die_with_parent(),
             )
         except OSError as exc:
             # As a shell says it: 127 not found, 126 found but not runnable.
@@ -280,7 +288,7 @@ class Runner:
 
 
 async def _group_alive(pgid: int) -> tuple[int, ...]:
-    return await asyncio.to_thread(_live_group_members, pgid)
+    return await asyncio.to_thread(live_group_members, pgid)
 
 
 async def _group_gone(pgid: int, timeout: float) -> bool:

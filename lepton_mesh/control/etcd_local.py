@@ -34,9 +34,7 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -45,12 +43,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from lepton_mesh.procutil import die_with_parent_prefix
+
 __all__ = [
     "EtcdStartError",
     "EtcdTLS",
     "LocalEtcd",
     "LocalEtcdCluster",
     "cluster",
+    "die_with_parent_prefix",
     "etcd_binary",
     "etcdctl_binary",
 ]
@@ -140,20 +141,6 @@ def free_port() -> int:
         _HANDED_OUT.add(port)
         return port
     raise RuntimeError(f"no free port in [{low}, {ephemeral})")
-
-
-def die_with_parent_prefix() -> list[str]:
-    """A command prefix (`setpriv --pdeathsig KILL --`) so a child dies with this process.
-
-    Exec-based, so it is safe where a preexec hook is not (a parent with
-    threads, e.g. gRPC's). Empty off Linux, without setpriv, or off the main
-    thread (the signal is tied to the thread that forked)."""
-    if not sys.platform.startswith("linux"):
-        return []
-    if threading.current_thread() is not threading.main_thread():
-        return []
-    setpriv = shutil.which("setpriv")
-    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
 
 
 def _kill_group(proc: subprocess.Popen[bytes], sig: int) -> None:

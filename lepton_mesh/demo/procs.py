@@ -39,6 +39,7 @@ from types import FrameType
 from typing import Protocol
 
 from lepton_mesh.demo.errors import ChildExited, CommandFailed, NotReady
+from lepton_mesh.procutil import live_group_members
 
 _PROC = Path("/proc")
 _PR_SET_PDEATHSIG = 1
@@ -120,8 +121,12 @@ class ProcessSpec:
     probes: tuple[Probe, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     cwd: Path | None = None
-    # SIGTERM-to-SIGKILL grace; longer than the child's own drain deadline.
+    # stop_signal-to-SIGKILL grace; longer than the child's own drain deadline.
     stop_grace: float = 5.0
+    # How to ask it to stop. A sidecar takes SIGTERM as "my app is still
+    # working: keep its outbound calls going for the drain period"; stopping a
+    # whole mesh wants SIGINT (drain in-flight requests, no grace period).
+    stop_signal: signal.Signals = signal.SIGTERM
 
 
 @dataclass(slots=True)
@@ -255,13 +260,13 @@ class Supervisor:
 
     def _stop(self, child: Child) -> StopResult:
         pgid = child.pid  # leader of its own group, see start()
-        _signal_group(pgid, signal.SIGTERM)
+        _signal_group(pgid, child.spec.stop_signal)
         killed = not self._wait_exit(child, child.spec.stop_grace)
         if killed:
             _signal_group(pgid, signal.SIGKILL)
             self._wait_exit(child, 5.0, hurry_aware=False)
         # The leader is reaped; anything it spawned may still be in the group.
-        left = _live_group_members(pgid)
+        left = live_group_members(pgid)
         if left:
             _signal_group(pgid, signal.SIGKILL)
             left = self._wait_group_empty(pgid, 2.0)
@@ -279,10 +284,10 @@ class Supervisor:
 
     def _wait_group_empty(self, pgid: int, timeout: float) -> tuple[int, ...]:
         end = time.monotonic() + timeout
-        left = _live_group_members(pgid)
+        left = live_group_members(pgid)
         while left and time.monotonic() < end:
             time.sleep(self._poll)
-            left = _live_group_members(pgid)
+            left = live_group_members(pgid)
         return left
 
     @contextlib.contextmanager
@@ -352,52 +357,6 @@ async def run_once(
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
-
-
-def _live_group_members(pgid: int) -> tuple[int, ...]:
-    """Pids in group `pgid` that are not zombies (a zombie holds no socket, no CPU).
-
-    Zombies are excluded because an orphaned grandchild is reaped by whoever
-    adopts it, which we do not control. Without /proc, any member counts.
-    """
-    if not _PROC.is_dir():
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return ()
-        except PermissionError:
-            pass
-        return (pgid,)
-    pids = []
-    for entry in _PROC.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue  # exited while we looked
-        # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) >= 3 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            pids.append(int(entry.name))
-    return tuple(sorted(pids))
-
-
-def pid_alive(pid: int) -> bool:
-    """True if `pid` names a live, non-zombie process."""
-    if _PROC.is_dir():
-        try:
-            stat = (_PROC / str(pid) / "stat").read_text()
-        except OSError:
-            return False
-        return stat[stat.rfind(")") + 2 :].split()[0] not in ("Z", "X")
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _die_with_parent() -> Callable[[], None] | None:

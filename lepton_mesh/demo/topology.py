@@ -17,6 +17,7 @@ daemon, which learns them from the sidecars that registered them.
 
 from __future__ import annotations
 
+import signal
 import socket
 import sys
 from contextlib import ExitStack
@@ -189,7 +190,7 @@ def control_spec(mesh: Mesh, token_key: Path) -> ProcessSpec:
         name="control",
         argv=argv,
         probes=(
-            HttpProbe(HOST, mesh.admin_api, "/api/v1/openapi.json"),
+            HttpProbe(HOST, mesh.admin_api, "/ready"),
             TcpProbe(HOST, mesh.control),
         ),
         stop_grace=CONTROL_STOP_GRACE,
@@ -227,6 +228,7 @@ def sidecar_specs(mesh: Mesh, configs: dict[str, Path]) -> list[ProcessSpec]:
             argv=(py, "-m", "lepton_mesh", "sidecar", "--config", str(configs[node.name])),
             probes=(HttpProbe(HOST, node.admin, "/ready"),),
             stop_grace=SIDECAR_STOP_GRACE,
+            stop_signal=signal.SIGINT,  # the whole mesh stops: no outbound grace
         )
         for node in mesh.nodes
     ]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from lepton_mesh.demo.procs import pid_alive
+from lepton_mesh.procutil import pid_alive
 
 SCRIPT = Path(sys.executable).with_name("lepton-mesh")
 COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "lepton_mesh"]

@@ -17,10 +17,10 @@ from lepton_mesh.demo.procs import (
     ProcessSpec,
     Supervisor,
     TcpProbe,
-    pid_alive,
     run_once,
 )
 from lepton_mesh.demo.topology import free_ports
+from lepton_mesh.procutil import pid_alive
 
 PY = sys.executable
 

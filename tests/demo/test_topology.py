@@ -114,7 +114,7 @@ def test_process_specs_and_their_probes(tmp_path) -> None:
         "--token-key", str(tmp_path / "token.key"), "--id", "demo-control",
     )  # fmt: skip
     assert [p.describe() for p in control.probes] == [
-        "GET http://127.0.0.1:20004/api/v1/openapi.json -> 200",
+        "GET http://127.0.0.1:20004/ready -> 200",
         "TCP connect 127.0.0.1:20003",
     ]
 

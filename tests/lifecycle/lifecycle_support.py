@@ -25,7 +25,8 @@ import yaml
 
 from lepton_mesh import meshproto as mp
 from lepton_mesh.control.etcd_local import die_with_parent_prefix
-from lepton_mesh.demo.procs import _live_group_members, pid_alive
+from lepton_mesh.procutil import live_group_members as _live_group_members
+from lepton_mesh.procutil import pid_alive
 
 LOCAL = "127.0.0.1"
 REPO = Path(__file__).resolve().parents[2]

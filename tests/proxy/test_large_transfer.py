@@ -198,7 +198,7 @@ services:
         yield proc.pid, outbound, up
     finally:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGINT)  # drain without the outbound grace SIGTERM gives
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
