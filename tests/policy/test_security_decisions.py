@@ -784,3 +784,40 @@ def test_unchanged_limits_keep_their_buckets_across_snapshots() -> None:
         RateLimit("rl", "default", "intent", (same, RateLimitRule("b", 5.0, 5))), old
     )
     assert new.check(req(), 0.0) == RateDecision(False, "a", "", 1.0)
+
+
+# --- the decision cache ------------------------------------------------------------
+
+
+def test_cached_decisions_follow_every_input_the_policies_read() -> None:
+    """A decision is cached by the request values policies read: a header a
+    condition names, a claim, the client IP when IP blocks are used. Changing
+    any of them re-decides; an unrelated header does not split the cache."""
+    tenant = Condition("request.headers[x-tenant]", "header", "x-tenant", values=("acme",))
+    team = Condition("request.auth.claims[team]", "claim", "team", ("team",), values=("ops",))
+    az = Authorizer(
+        [
+            policy("p", "ALLOW", rule("by-tenant", conditions=[tenant])),
+            policy("q", "ALLOW", rule("by-team", conditions=[team])),
+            policy(
+                "r",
+                "DENY",
+                rule(
+                    "blocked-net",
+                    sources=[Source(ip_blocks=(ipaddress.ip_network("10.9.0.0/16"),))],
+                ),
+            ),
+        ]
+    )
+    cases = [
+        (req(headers={"x-tenant": "acme"}), allow("p", "by-tenant")),
+        (req(headers={"x-tenant": "acme", "x-other": "1"}), allow("p", "by-tenant")),
+        (req(headers={"x-tenant": "evil"}), NO_MATCH),
+        (req(claims={"team": "ops"}), allow("q", "by-team")),
+        (req(claims={"team": ["dev", "ops"]}), allow("q", "by-team")),
+        (req(claims={"team": "dev"}), NO_MATCH),
+        (req(headers={"x-tenant": "acme"}, ip="10.9.1.1"), deny("r", "blocked-net")),
+    ]
+    for _ in range(2):  # the second pass answers from the cache
+        assert [az.authorize(r) for r, _ in cases] == [want for _, want in cases]
+    assert len(az._cache) == 6  # the unrelated x-other header shared an entry
