@@ -27,8 +27,6 @@ from dataclasses import dataclass, fields
 from types import MappingProxyType
 from typing import Any
 
-import jwt
-
 from lepton_mesh.policy.errors import Path, Problem
 from lepton_mesh.policy.fields import (
     Checker,
@@ -405,6 +403,10 @@ def _jwk_ok(c: Checker, key: Any, path: Path, algorithms: tuple[str, ...]) -> bo
             f"({', '.join(algorithms) or 'none valid'})",
         )
         return False
+    # Imported here, not at module level: PyJWT brings in cryptography (~20 MB
+    # of RSS), and every sidecar loads this module, most with no inline JWKS.
+    import jwt
+
     try:
         jwt.PyJWK(dict(key))
     except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, TypeError, KeyError) as e:

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import jwt
-import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 
@@ -104,11 +103,6 @@ def test_jwt_is_imported_by_the_first_config_with_request_authentication() -> No
     assert steps["valid_token"]["status"] == 200
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lepton_mesh/policy/security_loader.py imports jwt at module level (its JWKS "
-    "check), and sidecar_loader imports it: remove this mark once that import is lazy",
-)
 def test_plaintext_sidecar_loaded_from_yaml_imports_neither(tmp_path: Path) -> None:
     steps = run_child("loaded", {"dir": str(tmp_path)})
     assert steps["outbound"]["status"] == 200
