@@ -23,8 +23,8 @@ from collections.abc import Callable, Sequence
 
 from lepton_mesh.policy.sidecar_config import Address, Endpoint
 from lepton_mesh.policy.traffic import HashOn, LoadBalancer
-from lepton_mesh.proxy.balance import Balancer, _node_hashes, make_balancer, ring_nodes
-from lepton_mesh.proxy.endpoints import EndpointState, EndpointTable
+from lepton_mesh.proxy.outbound.balance import Balancer, _node_hashes, make_balancer, ring_nodes
+from lepton_mesh.proxy.outbound.endpoints import EndpointState, EndpointTable
 
 ALGORITHMS = ("least_request", "peak_ewma", "round_robin", "random", "ring_hash")
 SIZES = (3, 10, 100)

@@ -28,8 +28,8 @@ from collections.abc import Callable
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from lepton_mesh.proxy.access_log import AccessLog
-from lepton_mesh.proxy.metrics import BYTES_BUCKETS, DURATION_BUCKETS_MS, ProxyMetrics
+from lepton_mesh.proxy.observe.access_log import AccessLog
+from lepton_mesh.proxy.observe.metrics import BYTES_BUCKETS, DURATION_BUCKETS_MS, ProxyMetrics
 
 LABELS = ("reporter", "source_workload", "destination_service", "response_code", "response_flags")
 VALUES = ("destination", "frontend", "ratings.default", "200", "-")

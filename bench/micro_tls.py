@@ -2,7 +2,7 @@
 
 Run by hand (not by pytest):  python bench/micro_tls.py [--quick] [--seconds S]
 
-A server process (one uvloop loop, `proxy.tls.server_context`) writes one
+A server process (one uvloop loop, `proxy.security.tls.server_context`) writes one
 byte on every connection; a client process opens connections as fast as it
 can with a few in flight, reads that byte, and closes. Two runs: every
 connection a full handshake (ECDHE + ECDSA P-256 both ways, chain
@@ -30,7 +30,7 @@ from lepton_mesh.identity.bundle import TrustBundle
 from lepton_mesh.identity.ca import CertificateAuthority, create_intermediate, create_root
 from lepton_mesh.identity.csr import build_csr, generate_key, private_key_pem
 from lepton_mesh.identity.spiffe import SpiffeId
-from lepton_mesh.proxy import tls
+from lepton_mesh.proxy.security import tls
 
 IN_FLIGHT = 8
 

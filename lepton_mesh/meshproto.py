@@ -1,6 +1,6 @@
 """The sidecar <-> control stream, protocol version 1: messages and frames, no I/O.
 
-Shared by both ends (the sidecar's `proxy/control_client.py`, the control
+Shared by both ends (the sidecar's `proxy/mesh/control_client.py`, the control
 daemon's push server). docs/control-plane.md is the specification; this
 module is its executable form.
 

@@ -193,7 +193,7 @@ def _trust_domain_of_ca(cert: x509.Certificate) -> str:
 @dataclass(frozen=True, slots=True)
 class IssuedCertificate:
     """What `issue` returns. `chain_pem` is leaf then intermediate, ready for
-    `proxy.tls` contexts; the rest is for logs, metrics and status."""
+    `proxy.security.tls` contexts; the rest is for logs, metrics and status."""
 
     identity: SpiffeId
     chain_pem: bytes

@@ -45,7 +45,7 @@ def build_csr(key: ec.EllipticCurvePrivateKey, identity: SpiffeId | str) -> byte
 
 
 def private_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    """The key as unencrypted PKCS#8 PEM bytes, for `proxy.tls` contexts; never write it out."""
+    """The key as unencrypted PKCS#8 PEM bytes, for `proxy.security.tls` contexts; never write it out."""
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,

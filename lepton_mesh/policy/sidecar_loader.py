@@ -23,7 +23,7 @@ such files: the certificate comes over the control stream, which then needs
 `dependencies`, `instance`, `control` and `health_check` are for a sidecar
 fed by the control daemon (docs/control-plane.md): with `control` set, the
 file's `services` and `policies` are the starting point and each snapshot
-replaces them (`proxy/control_client.py` builds the new config through
+replaces them (`proxy/mesh/control_client.py` builds the new config through
 `sidecar_config_from_mapping`, so a snapshot is validated exactly as a file).
 
 Validation never stops at the first problem: every parser below records what

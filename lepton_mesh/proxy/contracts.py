@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from lepton_mesh.policy.traffic import Backend
-    from lepton_mesh.proxy.clusters import Cluster
     from lepton_mesh.proxy.errors import ProxyError
     from lepton_mesh.proxy.flow import ReadGate
-    from lepton_mesh.proxy.http1 import RequestFacts
-    from lepton_mesh.proxy.pool import Pools
-    from lepton_mesh.proxy.routing import ServiceTarget
+    from lepton_mesh.proxy.http.http1 import RequestFacts
+    from lepton_mesh.proxy.outbound.clusters import Cluster
+    from lepton_mesh.proxy.outbound.pool import Pools
+    from lepton_mesh.proxy.outbound.routing import ServiceTarget
     from lepton_mesh.proxy.snapshot import Snapshot
 
 

@@ -31,7 +31,7 @@ class Reason:
     RETRY_BUDGET_EXHAUSTED = "retry_budget_exhausted"
     UPSTREAM_IDENTITY_MISMATCH = "upstream_identity_mismatch"
     FAULT_INJECTED = "fault_injected"
-    # Inbound request security (proxy/inbound_policy.py).
+    # Inbound request security (proxy/security/inbound_policy.py).
     JWT_INVALID = "jwt_invalid"
     JWT_MISSING = "jwt_missing"
     RBAC_DENIED = "rbac_denied"

@@ -37,17 +37,17 @@ from collections.abc import Callable
 from typing import Any
 
 from lepton_mesh.policy.sidecar_config import Address, SidecarConfig
-from lepton_mesh.proxy.access_log import AccessLog
-from lepton_mesh.proxy.admin import start_admin_server
-from lepton_mesh.proxy.clusters import Cluster, ServiceStates
-from lepton_mesh.proxy.control_client import ControlClient
-from lepton_mesh.proxy.inbound_policy import InboundState
-from lepton_mesh.proxy.listeners import HttpListener
-from lepton_mesh.proxy.metrics import ProxyMetrics
-from lepton_mesh.proxy.mtls import MeshIdentity, plaintext_endpoints
-from lepton_mesh.proxy.pool import Pools
+from lepton_mesh.proxy.http.listeners import HttpListener
+from lepton_mesh.proxy.l4.tcp_proxy import TcpProxy
+from lepton_mesh.proxy.mesh.control_client import ControlClient
+from lepton_mesh.proxy.observe.access_log import AccessLog
+from lepton_mesh.proxy.observe.admin import start_admin_server
+from lepton_mesh.proxy.observe.metrics import ProxyMetrics
+from lepton_mesh.proxy.outbound.clusters import Cluster, ServiceStates
+from lepton_mesh.proxy.outbound.pool import Pools
+from lepton_mesh.proxy.security.inbound_policy import InboundState
+from lepton_mesh.proxy.security.mtls import MeshIdentity, plaintext_endpoints
 from lepton_mesh.proxy.snapshot import Snapshot
-from lepton_mesh.proxy.tcp_proxy import TcpProxy
 
 # Phase 2 of a drain lasts at least this long (or `timeouts.drain`, if shorter).
 LAST_CALL_GRACE = 1.0

@@ -10,7 +10,7 @@ breaker counters, retry budgets) lives in `ServiceStates`, owned by the
 sidecar and passed in; the inbound side's security state (JWKS keys,
 rate-limit buckets, decision counters) likewise in `InboundState`.
 
-`guard` is the inbound request security (proxy/inbound_policy.py) compiled
+`guard` is the inbound request security (proxy/security/inbound_policy.py) compiled
 for this config, None when the service has no security policies: then the
 inbound path pays nothing for it, and the outbound path never does.
 """
@@ -21,10 +21,10 @@ from dataclasses import replace
 
 from lepton_mesh.policy.sidecar_config import Endpoint, SidecarConfig
 from lepton_mesh.policy.traffic import DestinationPolicy, RetryPolicy, default_destination_policy
-from lepton_mesh.proxy.clusters import Cluster, ServiceStates, subset_endpoints
 from lepton_mesh.proxy.errors import ProxyError, Reason
-from lepton_mesh.proxy.inbound_policy import InboundGuard, InboundState
-from lepton_mesh.proxy.routing import ServiceTarget
+from lepton_mesh.proxy.outbound.clusters import Cluster, ServiceStates, subset_endpoints
+from lepton_mesh.proxy.outbound.routing import ServiceTarget
+from lepton_mesh.proxy.security.inbound_policy import InboundGuard, InboundState
 
 # The inbound side forwards to the local app: no retries (the caller's
 # sidecar owns retry decisions), the sidecar's own request timeout.

@@ -9,8 +9,8 @@ from types import MappingProxyType
 
 from lepton_mesh.policy.sidecar_config import Address, Endpoint
 from lepton_mesh.policy.traffic import HashOn, LoadBalancer
-from lepton_mesh.proxy.balance import Balancer, make_balancer
-from lepton_mesh.proxy.endpoints import EndpointState, EndpointTable
+from lepton_mesh.proxy.outbound.balance import Balancer, make_balancer
+from lepton_mesh.proxy.outbound.endpoints import EndpointState, EndpointTable
 
 ALGORITHMS = ("least_request", "peak_ewma", "round_robin", "random", "ring_hash")
 

@@ -8,7 +8,7 @@ import pytest
 from balance_support import FakeClock, addr, balancer, endpoint
 
 from lepton_mesh.policy.sidecar_config import Address, Endpoint
-from lepton_mesh.proxy.endpoints import EndpointState, EndpointTable
+from lepton_mesh.proxy.outbound.endpoints import EndpointState, EndpointTable
 
 
 def test_sync_keeps_state_objects_across_swaps() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from balance_support import ALGORITHMS, balancer, counts, states
 
-from lepton_mesh.proxy.endpoints import EndpointState
+from lepton_mesh.proxy.outbound.endpoints import EndpointState
 
 
 def picked(algorithm: str, eps: list[EndpointState], n: int = 400, **kw: object) -> set[int]:

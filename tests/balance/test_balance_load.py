@@ -8,8 +8,8 @@ import pytest
 from balance_support import FakeClock, balancer, counts, shares, states
 
 from lepton_mesh.policy.sidecar_config import Address
-from lepton_mesh.proxy.balance import Balancer
-from lepton_mesh.proxy.endpoints import (
+from lepton_mesh.proxy.outbound.balance import Balancer
+from lepton_mesh.proxy.outbound.endpoints import (
     DEFAULT_RTT,
     FAILURE_PENALTY_CAP,
     EndpointState,

@@ -9,7 +9,7 @@ import sys
 import pytest
 from balance_support import balancer, counts, endpoint, shares, states
 
-from lepton_mesh.proxy.endpoints import EndpointState, EndpointTable
+from lepton_mesh.proxy.outbound.endpoints import EndpointState, EndpointTable
 
 KEYS = [f"user-{k}".encode() for k in range(10_000)]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from balance_support import balancer, counts, shares, states
 
-from lepton_mesh.proxy import balance
+from lepton_mesh.proxy.outbound import balance
 
 WEIGHTS = (1, 2, 3, 4)
 PICKS = 100_000

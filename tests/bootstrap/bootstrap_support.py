@@ -26,8 +26,8 @@ from lepton_mesh.identity.bundle import TrustBundle, load_certificates
 from lepton_mesh.identity.store import CaFiles
 from lepton_mesh.policy.sidecar_config import Address, SidecarConfig
 from lepton_mesh.policy.sidecar_loader import sidecar_config_from_mapping
-from lepton_mesh.proxy import tls
-from lepton_mesh.proxy.control_client import ControlClient, ControlTiming
+from lepton_mesh.proxy.mesh.control_client import ControlClient, ControlTiming
+from lepton_mesh.proxy.security import tls
 from tests.support.etcd import eventually
 
 __all__ = ["FAST", "FakeSidecar", "Pki", "Replicas", "TlsPeer", "eventually"]
@@ -190,7 +190,7 @@ def hello(
 
 @dataclass
 class RecordingIdentity:
-    """Stands in for `proxy.mtls.MeshIdentity`: checks what `reload` gets as a
+    """Stands in for `proxy.security.mtls.MeshIdentity`: checks what `reload` gets as a
     TLS stack would (the chain verifies against the bundle; the key loads into
     a server context with it) and records it."""
 

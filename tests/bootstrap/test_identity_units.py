@@ -20,7 +20,7 @@ from lepton_mesh.identity.ca import CertificateAuthority
 from lepton_mesh.identity.csr import build_csr, generate_key
 from lepton_mesh.identity.spiffe import SpiffeId
 from lepton_mesh.identity.store import init_ca, rotate_activate, rotate_prepare
-from lepton_mesh.proxy.identity_client import MIN_RENEW_DELAY, IdentityClient, renew_delay
+from lepton_mesh.proxy.mesh.identity_client import MIN_RENEW_DELAY, IdentityClient, renew_delay
 
 CHAT = SpiffeId("cluster.local", "default", "chat")
 

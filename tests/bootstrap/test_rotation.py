@@ -26,7 +26,7 @@ from lepton_mesh.control.identity_service import key_id
 from lepton_mesh.identity.bundle import fingerprint
 from lepton_mesh.identity.csr import build_csr, generate_key, private_key_pem
 from lepton_mesh.identity.spiffe import SpiffeId
-from lepton_mesh.proxy import tls
+from lepton_mesh.proxy.security import tls
 from lepton_mesh.proxy.sidecar import Sidecar
 
 

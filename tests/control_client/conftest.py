@@ -13,7 +13,7 @@ from control_support import FAST, ControlPeer
 from proxy_harness import DEADLINE, Handler, Upstream
 
 from lepton_mesh.policy.sidecar_config import SidecarConfig
-from lepton_mesh.proxy.control_client import ControlTiming
+from lepton_mesh.proxy.mesh.control_client import ControlTiming
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:

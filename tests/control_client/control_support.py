@@ -36,7 +36,7 @@ from proxy_harness import (  # noqa: E402
 from lepton_mesh import meshproto as mp  # noqa: E402
 from lepton_mesh.policy.sidecar_config import Address, SidecarConfig  # noqa: E402
 from lepton_mesh.policy.sidecar_loader import sidecar_config_from_mapping  # noqa: E402
-from lepton_mesh.proxy.control_client import ControlTiming  # noqa: E402
+from lepton_mesh.proxy.mesh.control_client import ControlTiming  # noqa: E402
 
 __all__ = ["DEADLINE", "FAST", "ControlPeer", "PeerConn", "wait_for"]
 

@@ -23,7 +23,7 @@ from proxy_harness import LOCAL, free_port
 
 from lepton_mesh import meshproto as mp
 from lepton_mesh.policy.sidecar_config import Address
-from lepton_mesh.proxy.control_client import LKG_FILE, ControlTiming, backoff_delay
+from lepton_mesh.proxy.mesh.control_client import LKG_FILE, ControlTiming, backoff_delay
 
 
 async def test_hello_names_the_instance_and_its_dependencies(sidecars, peers) -> None:

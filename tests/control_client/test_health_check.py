@@ -13,7 +13,7 @@ from proxy_harness import LOCAL, Conn, free_port, response_bytes
 
 from lepton_mesh import meshproto as mp
 from lepton_mesh.policy.sidecar_config import Address, HealthCheckConfig
-from lepton_mesh.proxy.health_check import HealthChecker, HealthState
+from lepton_mesh.proxy.mesh.health_check import HealthChecker, HealthState
 
 # (results fed in order) -> what `healthy` is after each, None while unknown
 THRESHOLDS: list[tuple[str, int, int, str, list[bool | None]]] = [

@@ -33,7 +33,7 @@ from lepton_mesh.policy.sidecar_config import (
     Timeouts,
     TlsConfig,
 )
-from lepton_mesh.proxy import tls
+from lepton_mesh.proxy.security import tls
 
 TD = "cluster.local"
 LOCAL = "127.0.0.1"

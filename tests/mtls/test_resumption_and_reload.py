@@ -24,7 +24,7 @@ from mtls_support import (
     write_tls,
 )
 
-from lepton_mesh.proxy.mtls import TlsCredentialsError
+from lepton_mesh.proxy.security.mtls import TlsCredentialsError
 
 
 async def two_sidecars(tmp_path: Path, pki: Pki, sidecars, app: App):

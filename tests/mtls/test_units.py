@@ -21,9 +21,14 @@ from lepton_mesh.policy.sidecar_loader import (
     sidecar_config_to_json,
 )
 from lepton_mesh.policy.traffic import ExternalService, TrafficPolicies
-from lepton_mesh.proxy import mtls
-from lepton_mesh.proxy.mtls import MallocTrimmer, MeshIdentity, TlsAcceptor, plaintext_endpoints
-from lepton_mesh.proxy.tcp_proxy import END_FRAME, FrameDecoder, FrameError
+from lepton_mesh.proxy.l4.tcp_proxy import END_FRAME, FrameDecoder, FrameError
+from lepton_mesh.proxy.security import mtls
+from lepton_mesh.proxy.security.mtls import (
+    MallocTrimmer,
+    MeshIdentity,
+    TlsAcceptor,
+    plaintext_endpoints,
+)
 
 
 def frame(payload: bytes) -> bytes:

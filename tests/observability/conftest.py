@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 import pytest
 from obs_support import Admin, FakeHooks, StartAdmin
 
-from lepton_mesh.proxy.admin import AdminLimits, start_admin_server
+from lepton_mesh.proxy.observe.admin import AdminLimits, start_admin_server
 
 
 @pytest.fixture

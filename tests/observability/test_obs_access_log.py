@@ -9,7 +9,7 @@ import orjson
 import pytest
 from obs_support import FakeLoop, ListStream, PipeReader, wait_until
 
-from lepton_mesh.proxy.access_log import FLUSH_BYTES, MAX_BYTES, AccessLog
+from lepton_mesh.proxy.observe.access_log import FLUSH_BYTES, MAX_BYTES, AccessLog
 
 RECORD = {
     "time": "2024-05-01T12:34:56.789012Z",

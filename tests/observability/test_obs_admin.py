@@ -11,7 +11,7 @@ import pytest
 import requests
 from obs_support import Admin, FakeHooks, StartAdmin, read_response
 
-from lepton_mesh.proxy.admin import ROUTES, AdminLimits, AdminProtocol
+from lepton_mesh.proxy.observe.admin import ROUTES, AdminLimits, AdminProtocol
 
 JSON = "application/json"
 
@@ -429,7 +429,7 @@ class _CountingHooks:
 def test_stopping_the_sidecar_is_for_loopback_callers_only(
     path: str, local: bool, status: int
 ) -> None:
-    from lepton_mesh.proxy.admin import _is_loopback, dispatch
+    from lepton_mesh.proxy.observe.admin import _is_loopback, dispatch
 
     hooks = _CountingHooks()
     method = "GET" if path == "/ready" else "POST"

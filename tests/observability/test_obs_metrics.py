@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from lepton_mesh.proxy.metrics import (
+from lepton_mesh.proxy.observe.metrics import (
     BYTES_BUCKETS,
     DURATION_BUCKETS_MS,
     ProxyMetrics,
@@ -222,7 +222,7 @@ def test_a_failing_source_costs_only_its_own_gauges(caplog: pytest.LogCaptureFix
 
     m.set_pool_source(broken)
     m.set_listener_source(lambda: [("outbound", 1)])
-    with caplog.at_level(logging.ERROR, logger="lepton_mesh.proxy.metrics"):
+    with caplog.at_level(logging.ERROR, logger="lepton_mesh.proxy.observe.metrics"):
         got = scrape(m)
     assert got["lepton_upstream_connections_active"] == []
     assert got["lepton_downstream_connections_active"][0][2] == 1.0

@@ -1,4 +1,4 @@
-"""Table tests of the pure HTTP/1.1 rules in lepton_mesh.proxy.http1.
+"""Table tests of the pure HTTP/1.1 rules in lepton_mesh.proxy.http.http1.
 
 Request heads are produced the way the sidecar produces them: raw bytes fed
 to httptools, whole and one byte at a time; both feedings must forward the
@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from lepton_mesh.proxy.errors import ProxyError, Reason
-from lepton_mesh.proxy.http1 import (
+from lepton_mesh.proxy.http.http1 import (
     HOP_BY_HOP,
     Headers,
     chunk_frame,

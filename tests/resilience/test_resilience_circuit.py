@@ -7,7 +7,7 @@ import random
 import pytest
 
 from lepton_mesh.policy.traffic import CircuitLimits
-from lepton_mesh.proxy.circuit import LIMITS, CircuitAccountingError, CircuitBreaker
+from lepton_mesh.proxy.resilience.circuit import LIMITS, CircuitAccountingError, CircuitBreaker
 
 # limit name -> (acquire, release, limits with that one at 2)
 KINDS = {

@@ -12,11 +12,11 @@ from resilience_support import FakeClock, FakeLoop
 from lepton_mesh.policy.sidecar_config import Address
 from lepton_mesh.policy.traffic import CircuitLimits, OutlierDetection
 from lepton_mesh.policy.traffic import RetryBudget as BudgetConfig
-from lepton_mesh.proxy.circuit import CircuitBreaker
-from lepton_mesh.proxy.endpoints import EndpointState
-from lepton_mesh.proxy.metrics import ProxyMetrics, ResilienceRow, resilience_row
-from lepton_mesh.proxy.outlier import OutlierDetector
-from lepton_mesh.proxy.retry_budget import RetryBudget
+from lepton_mesh.proxy.observe.metrics import ProxyMetrics, ResilienceRow, resilience_row
+from lepton_mesh.proxy.outbound.endpoints import EndpointState
+from lepton_mesh.proxy.resilience.circuit import CircuitBreaker
+from lepton_mesh.proxy.resilience.outlier import OutlierDetector
+from lepton_mesh.proxy.resilience.retry_budget import RetryBudget
 
 RESILIENCE_FAMILIES = (
     "lepton_outlier_ejections",
@@ -144,7 +144,7 @@ def test_a_bad_row_costs_only_the_resilience_families(caplog: pytest.LogCaptureF
     m.observe_request("source", "frontend", "dialog.default", 200, "-", 0.001, 0, 0)
     m.observe_mirror("dialog.default", "sent")
     m.set_resilience_source(lambda: [ROW, ("short", 1)])
-    with caplog.at_level(logging.ERROR, logger="lepton_mesh.proxy.metrics"):
+    with caplog.at_level(logging.ERROR, logger="lepton_mesh.proxy.observe.metrics"):
         got = scrape(m)
     assert all(got[name] == [] for name in RESILIENCE_FAMILIES)
     assert got["lepton_requests"][0][2] == 1.0
@@ -159,7 +159,7 @@ def test_a_failing_source_is_logged_and_skipped(caplog: pytest.LogCaptureFixture
         raise RuntimeError("gone")
 
     m.set_resilience_source(broken)
-    with caplog.at_level(logging.ERROR, logger="lepton_mesh.proxy.metrics"):
+    with caplog.at_level(logging.ERROR, logger="lepton_mesh.proxy.observe.metrics"):
         got = scrape(m)
     assert all(got[name] == [] for name in RESILIENCE_FAMILIES)
     assert "resilience source failed" in caplog.text

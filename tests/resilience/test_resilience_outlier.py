@@ -13,8 +13,8 @@ from resilience_support import FakeLoop
 
 from lepton_mesh.policy.sidecar_config import Address
 from lepton_mesh.policy.traffic import OutlierDetection
-from lepton_mesh.proxy.endpoints import EndpointState
-from lepton_mesh.proxy.outlier import OutlierDetector
+from lepton_mesh.proxy.outbound.endpoints import EndpointState
+from lepton_mesh.proxy.resilience.outlier import OutlierDetector
 
 
 def endpoints(n: int) -> list[EndpointState]:

@@ -6,7 +6,7 @@ import pytest
 from resilience_support import FakeClock
 
 from lepton_mesh.policy.traffic import RetryBudget as BudgetConfig
-from lepton_mesh.proxy.retry_budget import RetryBudget, RetryBudgetStats
+from lepton_mesh.proxy.resilience.retry_budget import RetryBudget, RetryBudgetStats
 
 
 def failing_upstream(

@@ -419,7 +419,7 @@ class MeshPki:
 
     def client_context(self, service: str, namespace: str = "default") -> Any:
         """What a peer sidecar of `service` presents when it calls the inbound port."""
-        from lepton_mesh.proxy import tls
+        from lepton_mesh.proxy.security import tls
 
         chain, key = self.issue(service, namespace)
         return tls.client_context(chain, key, self.bundle.to_pem())

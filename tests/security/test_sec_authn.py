@@ -28,14 +28,14 @@ from security_support import (
 )
 
 from lepton_mesh.policy.security import ClaimToHeader, JwtProvider, TokenHeader
-from lepton_mesh.proxy.authn import (
+from lepton_mesh.proxy.security.authn import (
     Authenticator,
     JwtCause,
     JwtFailure,
     NeedKeys,
     ProviderRuntime,
 )
-from lepton_mesh.proxy.jwks import StaticKeys
+from lepton_mesh.proxy.security.jwks import StaticKeys
 
 NOW = 1_800_000_000.0
 

@@ -41,7 +41,7 @@ from lepton_mesh.policy.security import (
     Source,
     TokenHeader,
 )
-from lepton_mesh.proxy.authn import JwtCause
+from lepton_mesh.proxy.security.authn import JwtCause
 
 RSA = rsa_key()
 OTHER = rsa_key("other")

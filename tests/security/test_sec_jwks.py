@@ -28,7 +28,7 @@ from security_support import (
     wait_for,
 )
 
-from lepton_mesh.proxy.jwks import (
+from lepton_mesh.proxy.security.jwks import (
     MAX_JWKS_BYTES,
     FileKeys,
     JwksError,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lepton_mesh.proxy.errors import ProxyError
-from lepton_mesh.proxy.inbound_policy import normalize_path
+from lepton_mesh.proxy.security.inbound_policy import normalize_path
 
 
 @pytest.mark.parametrize(

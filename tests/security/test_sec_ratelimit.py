@@ -19,7 +19,7 @@ from lepton_mesh.policy.security import (
     RequestSelector,
     SecurityPolicies,
 )
-from lepton_mesh.proxy.inbound_policy import InboundState
+from lepton_mesh.proxy.security.inbound_policy import InboundState
 from lepton_mesh.proxy.snapshot import Snapshot
 
 

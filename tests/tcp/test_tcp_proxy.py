@@ -19,7 +19,7 @@ from tcp_support import (
 )
 
 from lepton_mesh.policy.sidecar_config import Address, Endpoint, SidecarConfig
-from lepton_mesh.proxy.tcp_proxy import TcpProxy, connect_order
+from lepton_mesh.proxy.l4.tcp_proxy import TcpProxy, connect_order
 
 
 @dataclass
@@ -193,7 +193,7 @@ async def test_all_endpoints_dead_closes_the_client_and_logs_why(
     dead = [servers.dead_address(), servers.dead_address()]
     run = await start_proxy(tcp_config(*dead))
     c = await servers.connect(run.address)
-    with caplog.at_level(logging.WARNING, logger="lepton_mesh.proxy.tcp_proxy"):
+    with caplog.at_level(logging.WARNING, logger="lepton_mesh.proxy.l4.tcp_proxy"):
         assert await c.reader.read() == b""  # closed, nothing sent
         await until(lambda: run.proxy.active() == 0, "connection closed")
     [line] = caplog.messages
@@ -211,7 +211,7 @@ async def test_no_healthy_endpoint(
     up = await servers.serve()
     run = await start_proxy(tcp_config(Endpoint(up.address, healthy=False)))
     c = await servers.connect(run.address)
-    with caplog.at_level(logging.WARNING, logger="lepton_mesh.proxy.tcp_proxy"):
+    with caplog.at_level(logging.WARNING, logger="lepton_mesh.proxy.l4.tcp_proxy"):
         assert await c.reader.read() == b""
     assert "reason=no_healthy_endpoint" in caplog.text
     assert up.accepted == 0
@@ -332,7 +332,7 @@ async def test_a_bug_while_connecting_closes_the_client(
 
     run.metrics.tcp_opened = broken  # type: ignore[method-assign]
     c = await servers.connect(run.address)
-    with caplog.at_level(logging.ERROR, logger="lepton_mesh.proxy.tcp_proxy"):
+    with caplog.at_level(logging.ERROR, logger="lepton_mesh.proxy.l4.tcp_proxy"):
         assert await c.reader.read() == b""
         await until(lambda: run.proxy.active() == 0, "connection forgotten")
     assert "connecting failed" in caplog.text

@@ -20,7 +20,7 @@ import pytest
 from tcp_support import DEADLINE, FakeMetrics, Servers, tcp_config, until
 
 from lepton_mesh.policy.sidecar_config import Address
-from lepton_mesh.proxy.tcp_proxy import TcpProxy
+from lepton_mesh.proxy.l4.tcp_proxy import TcpProxy
 
 BLOCK = random.Random(7).randbytes(1 << 20)
 TOTAL = 200 << 20

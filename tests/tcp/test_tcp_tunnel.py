@@ -11,7 +11,7 @@ import asyncio
 import pytest
 from tcp_support import DEADLINE, Servers, until
 
-from lepton_mesh.proxy.tunnel import splice
+from lepton_mesh.proxy.l4.tunnel import splice
 
 Closed = list[tuple[int, int]]
 

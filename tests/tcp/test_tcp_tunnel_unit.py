@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from lepton_mesh.proxy.tunnel import splice
+from lepton_mesh.proxy.l4.tunnel import splice
 
 HIGH = 100
 

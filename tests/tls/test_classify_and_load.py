@@ -10,8 +10,8 @@ import tempfile
 import pytest
 from tls_support import Pki, client_ctx, connect, server_ctx, spiffe
 
-from lepton_mesh.proxy import tls
-from lepton_mesh.proxy.tls import HandshakeFailure as F
+from lepton_mesh.proxy.security import tls
+from lepton_mesh.proxy.security.tls import HandshakeFailure as F
 
 
 def _ssl_error(reason: str | None) -> ssl.SSLError:

@@ -19,8 +19,8 @@ from tls_support import (
     tls11_client,
 )
 
-from lepton_mesh.proxy import tls
-from lepton_mesh.proxy.tls import HandshakeFailure, PeerIdentityError
+from lepton_mesh.proxy.security import tls
+from lepton_mesh.proxy.security.tls import HandshakeFailure, PeerIdentityError
 
 NOW = dt.datetime.now(dt.UTC)
 EXPIRED = {"now": NOW - dt.timedelta(days=2), "lifetime": dt.timedelta(hours=1)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from tls_support import Pki, client_ctx, connect, server_ctx, spiffe
 
-from lepton_mesh.proxy import tls
+from lepton_mesh.proxy.security import tls
 
 
 async def test_second_connection_resumes_and_both_sides_still_know_the_peer(

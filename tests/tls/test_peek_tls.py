@@ -10,7 +10,7 @@ import ssl
 import pytest
 from tls_support import DEADLINE, Pki, client_ctx, connect, connect_plain, server_ctx, spiffe
 
-from lepton_mesh.proxy.tls import PeekTLS
+from lepton_mesh.proxy.security.tls import PeekTLS
 
 TLS, PLAIN, MORE = PeekTLS.TLS, PeekTLS.PLAINTEXT, PeekTLS.NEED_MORE
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from tls_support import Pki, client_ctx, connect, server_ctx, spiffe
 
-from lepton_mesh.proxy.tls import HandshakeFailure
+from lepton_mesh.proxy.security.tls import HandshakeFailure
 
 
 @pytest.mark.parametrize(("server_side", "client_side"), [("old", "new"), ("new", "old")])

@@ -22,7 +22,7 @@ from lepton_mesh.identity.bundle import TrustBundle
 from lepton_mesh.identity.ca import CertificateAuthority, create_intermediate, create_root
 from lepton_mesh.identity.csr import build_csr, generate_key, private_key_pem
 from lepton_mesh.identity.spiffe import SpiffeId
-from lepton_mesh.proxy import tls
+from lepton_mesh.proxy.security import tls
 
 TD = "cluster.local"
 DEADLINE = 10.0

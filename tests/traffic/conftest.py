@@ -48,7 +48,7 @@ def seeded(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     weights, faults, mirrors and backoff from, and every balancer's RNG (one
     seeded `random.Random` per cluster, in creation order). Timing between
     concurrent requests still varies; assertions allow for that."""
-    from lepton_mesh.proxy import balance, clusters
+    from lepton_mesh.proxy.outbound import balance, clusters
 
     state = random.getstate()
     random.seed(SEED)

@@ -193,7 +193,7 @@ async def test_a_failing_mirror_setup_never_fails_the_primary(
     this kind shipped once: a missing slot in MirrorCall made every
     start_mirror raise, and pipelined mirrored requests then never got an
     answer, because a request started whole is mirrored inside Exchange.begin.)"""
-    from lepton_mesh.proxy import exchange
+    from lepton_mesh.proxy.http import exchange
 
     def broken(*args, **kw):  # type: ignore[no-untyped-def]
         raise RuntimeError("mirror setup failed")

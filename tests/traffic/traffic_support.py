@@ -51,7 +51,7 @@ from lepton_mesh.policy.traffic import (
     RouteRule,
     TrafficPolicies,
 )
-from lepton_mesh.proxy.access_log import AccessLog
+from lepton_mesh.proxy.observe.access_log import AccessLog
 
 # How early a proxy timer may fire as the client measures it: the event loop
 # arms timers from its cached time, taken when the current loop iteration

@@ -2,7 +2,7 @@
 the inbound accept path, outbound connection checks, and the memory mitigation.
 
 The primitives (contexts, peer identity, session caches, failure reasons,
-PERMISSIVE sniffing) are in proxy/tls.py; this module is what one running
+PERMISSIVE sniffing) are in proxy/security/tls.py; this module is what one running
 sidecar keeps and does with them:
 
 - `MeshIdentity`: who this sidecar is, its current `Credentials` (the contexts
@@ -63,7 +63,7 @@ from lepton_mesh.identity.spiffe import SpiffeId, spiffe_id_of_peercert
 from lepton_mesh.policy.endpoints import PLAINTEXT_LABEL, PLAINTEXT_VALUE
 from lepton_mesh.policy.errors import ConfigError, Problem
 from lepton_mesh.proxy.errors import Reason
-from lepton_mesh.proxy.tls import (
+from lepton_mesh.proxy.security.tls import (
     HandshakeFailure,
     PeekTLS,
     PeerIdentityError,

@@ -10,7 +10,7 @@ Invariants:
   once with 503 `overflow` (no unbounded queue).
 - Idle connections are reused LIFO (the warmest first) and closed after
   `idle_timeout` by one timer per pool, armed only while some are idle.
-- A pool whose `identity` is set opens mTLS connections (proxy/mtls.py): the
+- A pool whose `identity` is set opens mTLS connections (proxy/security/mtls.py): the
   peer must be a sidecar of the pool's service, checked before the connection
   is handed out. A connection verified under an older trust bundle is closed
   instead of returning to `idle`.
@@ -26,13 +26,17 @@ from typing import TYPE_CHECKING
 
 from lepton_mesh.policy.sidecar_config import Address, PoolConfig
 from lepton_mesh.proxy.errors import ProxyError, Reason, UpstreamError
-from lepton_mesh.proxy.mtls import UPSTREAM_IDENTITY_MISMATCH, MeshTlsError, open_mesh_connection
-from lepton_mesh.proxy.tls import HandshakeFailure
-from lepton_mesh.proxy.upstream import UpstreamConnection
+from lepton_mesh.proxy.http.upstream import UpstreamConnection
+from lepton_mesh.proxy.security.mtls import (
+    UPSTREAM_IDENTITY_MISMATCH,
+    MeshTlsError,
+    open_mesh_connection,
+)
+from lepton_mesh.proxy.security.tls import HandshakeFailure
 
 if TYPE_CHECKING:
-    from lepton_mesh.proxy.circuit import CircuitBreaker
-    from lepton_mesh.proxy.mtls import MeshIdentity
+    from lepton_mesh.proxy.resilience.circuit import CircuitBreaker
+    from lepton_mesh.proxy.security.mtls import MeshIdentity
 
 
 class EndpointPool:

@@ -75,9 +75,9 @@ from prometheus_client.core import (
 from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
-    from lepton_mesh.proxy.circuit import CircuitBreaker
-    from lepton_mesh.proxy.outlier import OutlierDetector
-    from lepton_mesh.proxy.retry_budget import RetryBudget
+    from lepton_mesh.proxy.resilience.circuit import CircuitBreaker
+    from lepton_mesh.proxy.resilience.outlier import OutlierDetector
+    from lepton_mesh.proxy.resilience.retry_budget import RetryBudget
 
 _log = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ asyncio Protocol over the `meshproto` codec. What the client promises:
   control no longer trusts must not lock the sidecar out).
 - Identity (`tls.source: control`): an `IdentityClient` makes the key, sends
   CSRs and installs certificates through `sidecar.identity.reload`
-  (proxy/identity_client.py). The sidecar is ready only once it has both a
+  (proxy/mesh/identity_client.py). The sidecar is ready only once it has both a
   config and a certificate.
 
 Snapshot versions are applied as they come, a lower one included: a
@@ -79,12 +79,12 @@ from lepton_mesh.identity.tls_contexts import client_context_without_certificate
 from lepton_mesh.policy.endpoints import PLAINTEXT_LABEL, PLAINTEXT_VALUE
 from lepton_mesh.policy.errors import ConfigError, Problem
 from lepton_mesh.policy.sidecar_config import Address, SidecarConfig
-from lepton_mesh.proxy.health_check import HealthChecker
+from lepton_mesh.proxy.mesh.health_check import HealthChecker
+from lepton_mesh.proxy.security.tls import PeerIdentityError, client_context, verify_peer_identity
 from lepton_mesh.proxy.timers import Deadline
-from lepton_mesh.proxy.tls import PeerIdentityError, client_context, verify_peer_identity
 
 if TYPE_CHECKING:
-    from lepton_mesh.proxy.identity_client import IdentityClient
+    from lepton_mesh.proxy.mesh.identity_client import IdentityClient
 
 __all__ = [
     "LKG_FILE",
@@ -127,7 +127,7 @@ def backoff_delay(failures: int, timing: ControlTiming, rng: Callable[[], float]
 
 
 class IdentityHook(Protocol):
-    """The data plane's TLS state (`proxy.mtls.MeshIdentity`): `reload` swaps in
+    """The data plane's TLS state (`proxy.security.mtls.MeshIdentity`): `reload` swaps in
     a certificate chain, key and bundle, or raises and keeps what it had."""
 
     def reload(self, cert_chain_pem: bytes, key_pem: bytes, bundle_pem: bytes) -> Any: ...
@@ -310,7 +310,7 @@ class ControlClient:
         self.control_identity = SpiffeId(trust_domain, mp.CONTROL_NAMESPACE, mp.CONTROL_SERVICE)
         self.identity: IdentityClient | None = None
         if cfg.tls is not None and cfg.tls.source == "control":
-            from lepton_mesh.proxy.identity_client import IdentityClient
+            from lepton_mesh.proxy.mesh.identity_client import IdentityClient
 
             self.identity = IdentityClient(
                 SpiffeId(trust_domain, cfg.namespace, cfg.service),

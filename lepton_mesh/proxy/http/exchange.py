@@ -55,7 +55,7 @@ from lepton_mesh.policy.decisions import (
 )
 from lepton_mesh.proxy.errors import ProxyError, Reason, UpstreamError, error_body
 from lepton_mesh.proxy.flow import BUFFERED, PEER_BACKPRESSURE
-from lepton_mesh.proxy.http1 import (
+from lepton_mesh.proxy.http.http1 import (
     IDEMPOTENT,
     Headers,
     RequestFacts,
@@ -66,19 +66,19 @@ from lepton_mesh.proxy.http1 import (
     prepare_response_head,
     render_request_head,
 )
-from lepton_mesh.proxy.mirror import start_mirror
-from lepton_mesh.proxy.routing import FactsView, hash_key, header_value
-from lepton_mesh.proxy.tunnel import splice
+from lepton_mesh.proxy.http.mirror import start_mirror
+from lepton_mesh.proxy.l4.tunnel import splice
+from lepton_mesh.proxy.outbound.routing import FactsView, hash_key, header_value
 
 if TYPE_CHECKING:
-    from lepton_mesh.proxy.clusters import Cluster
     from lepton_mesh.proxy.contracts import ClientSide
-    from lepton_mesh.proxy.endpoints import EndpointState
-    from lepton_mesh.proxy.inbound_policy import SecurityOutcome
-    from lepton_mesh.proxy.pool import EndpointPool
-    from lepton_mesh.proxy.routing import RuleRuntime, ServiceTarget
+    from lepton_mesh.proxy.http.upstream import UpstreamConnection
+    from lepton_mesh.proxy.outbound.clusters import Cluster
+    from lepton_mesh.proxy.outbound.endpoints import EndpointState
+    from lepton_mesh.proxy.outbound.pool import EndpointPool
+    from lepton_mesh.proxy.outbound.routing import RuleRuntime, ServiceTarget
+    from lepton_mesh.proxy.security.inbound_policy import SecurityOutcome
     from lepton_mesh.proxy.snapshot import Snapshot
-    from lepton_mesh.proxy.upstream import UpstreamConnection
 
 # Request body bytes held while the upstream connection is being opened;
 # past this, reading from the client pauses until the connection is there.

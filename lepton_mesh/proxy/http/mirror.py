@@ -14,16 +14,16 @@ import asyncio
 from typing import TYPE_CHECKING
 
 from lepton_mesh.proxy.errors import ProxyError
-from lepton_mesh.proxy.http1 import Headers, render_request_head
+from lepton_mesh.proxy.http.http1 import Headers, render_request_head
 
 if TYPE_CHECKING:
-    from lepton_mesh.proxy.clusters import Cluster
     from lepton_mesh.proxy.contracts import ListenerSide
-    from lepton_mesh.proxy.http1 import RequestFacts
-    from lepton_mesh.proxy.pool import EndpointPool
-    from lepton_mesh.proxy.routing import RuleRuntime
+    from lepton_mesh.proxy.http.http1 import RequestFacts
+    from lepton_mesh.proxy.http.upstream import UpstreamConnection
+    from lepton_mesh.proxy.outbound.clusters import Cluster
+    from lepton_mesh.proxy.outbound.pool import EndpointPool
+    from lepton_mesh.proxy.outbound.routing import RuleRuntime
     from lepton_mesh.proxy.snapshot import Snapshot
-    from lepton_mesh.proxy.upstream import UpstreamConnection
 
 
 class _NoClient:

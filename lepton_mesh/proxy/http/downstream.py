@@ -28,15 +28,15 @@ from typing import TYPE_CHECKING
 import httptools
 
 from lepton_mesh.proxy.errors import ProxyError, Reason, bad_request, error_body
-from lepton_mesh.proxy.exchange import Exchange
 from lepton_mesh.proxy.flow import BUFFERED, PEER_BACKPRESSURE, PIPELINE, ReadGate
-from lepton_mesh.proxy.http1 import Headers, error_response, inspect_request, new_request_id
-from lepton_mesh.proxy.mtls import XFCC
+from lepton_mesh.proxy.http.exchange import Exchange
+from lepton_mesh.proxy.http.http1 import Headers, error_response, inspect_request, new_request_id
+from lepton_mesh.proxy.security.mtls import XFCC
 from lepton_mesh.proxy.timers import Deadline
 
 if TYPE_CHECKING:
     from lepton_mesh.proxy.contracts import ListenerSide
-    from lepton_mesh.proxy.mtls import InboundTls
+    from lepton_mesh.proxy.security.mtls import InboundTls
 
 
 class Incoming:

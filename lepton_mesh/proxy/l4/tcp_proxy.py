@@ -1,7 +1,7 @@
 """The L4 proxy: a local listener per TCP service, piping raw bytes to an endpoint.
 
 For databases and brokers the app connects to `ServiceConfig.listen`; each
-accepted connection is tunnelled (lepton_mesh.proxy.tunnel) to one of the
+accepted connection is tunnelled (lepton_mesh.proxy.l4.tunnel) to one of the
 service's endpoints. There is no protocol to answer an error in, so a
 connection that cannot be served is logged (one line, with the reason code)
 and closed.
@@ -46,11 +46,11 @@ from collections.abc import Callable, Sequence
 from lepton_mesh.policy.sidecar_config import Address, Endpoint, SidecarConfig
 from lepton_mesh.proxy.errors import Reason
 from lepton_mesh.proxy.flow import PEER_BACKPRESSURE, ReadGate
-from lepton_mesh.proxy.mtls import MeshTlsError, open_mesh_connection, plaintext_endpoints
-from lepton_mesh.proxy.tunnel import splice
+from lepton_mesh.proxy.l4.tunnel import splice
+from lepton_mesh.proxy.security.mtls import MeshTlsError, open_mesh_connection, plaintext_endpoints
 
 if typing.TYPE_CHECKING:
-    from lepton_mesh.proxy.mtls import Credentials, MeshIdentity
+    from lepton_mesh.proxy.security.mtls import Credentials, MeshIdentity
 
 log = logging.getLogger(__name__)
 

@@ -57,17 +57,17 @@ from urllib.parse import unquote_to_bytes
 
 from lepton_mesh.policy.security import JwtProvider
 from lepton_mesh.policy.security_decisions import Authorizer, AuthzDecision, AuthzRequest
-from lepton_mesh.proxy.authn_errors import JwtCause, JwtFailure, NeedKeys
 from lepton_mesh.proxy.errors import ProxyError, Reason, bad_request
-from lepton_mesh.proxy.jwks import FileKeys, KeySource, RemoteKeys, StaticKeys
-from lepton_mesh.proxy.ratelimit import RateLimitedError, RateLimitRuntime
+from lepton_mesh.proxy.security.authn_errors import JwtCause, JwtFailure, NeedKeys
+from lepton_mesh.proxy.security.jwks import FileKeys, KeySource, RemoteKeys, StaticKeys
+from lepton_mesh.proxy.security.ratelimit import RateLimitedError, RateLimitRuntime
 
 if TYPE_CHECKING:
     import ssl
 
     from lepton_mesh.policy.sidecar_config import SidecarConfig
-    from lepton_mesh.proxy.authn import Authenticator, TokenLocation, Verified
-    from lepton_mesh.proxy.http1 import RequestFacts
+    from lepton_mesh.proxy.http.http1 import RequestFacts
+    from lepton_mesh.proxy.security.authn import Authenticator, TokenLocation, Verified
 
 _INVALID_TOKEN = b'www-authenticate: Bearer error="invalid_token"\r\n'
 _NO_TOKEN = b"www-authenticate: Bearer\r\n"
@@ -265,7 +265,7 @@ class InboundGuard:
         strip: set[bytes] = set()
         if sec.authentication is not None:
             # Once per snapshot; PyJWT is loaded only by a service that verifies tokens.
-            from lepton_mesh.proxy.authn import Authenticator, ProviderRuntime
+            from lepton_mesh.proxy.security.authn import Authenticator, ProviderRuntime
 
             providers = [
                 ProviderRuntime(p, state.key_source(p)) for p in sec.authentication.providers

@@ -17,12 +17,12 @@ from collections.abc import Iterable, Sequence
 from lepton_mesh.policy.decisions import in_subset
 from lepton_mesh.policy.sidecar_config import Endpoint
 from lepton_mesh.policy.traffic import DestinationPolicy, HashOn, Subset
-from lepton_mesh.proxy.balance import Balancer, make_balancer
-from lepton_mesh.proxy.circuit import CircuitBreaker
-from lepton_mesh.proxy.endpoints import EndpointState, EndpointTable
-from lepton_mesh.proxy.metrics import ResilienceRow, resilience_row
-from lepton_mesh.proxy.outlier import OutlierDetector
-from lepton_mesh.proxy.retry_budget import RetryBudget
+from lepton_mesh.proxy.observe.metrics import ResilienceRow, resilience_row
+from lepton_mesh.proxy.outbound.balance import Balancer, make_balancer
+from lepton_mesh.proxy.outbound.endpoints import EndpointState, EndpointTable
+from lepton_mesh.proxy.resilience.circuit import CircuitBreaker
+from lepton_mesh.proxy.resilience.outlier import OutlierDetector
+from lepton_mesh.proxy.resilience.retry_budget import RetryBudget
 
 
 class ServiceState:

@@ -21,12 +21,12 @@ import httptools
 
 from lepton_mesh.proxy.errors import ProxyError, Reason, UpstreamError
 from lepton_mesh.proxy.flow import PEER_BACKPRESSURE, ReadGate
-from lepton_mesh.proxy.http1 import Headers
+from lepton_mesh.proxy.http.http1 import Headers
 
 if TYPE_CHECKING:
-    from lepton_mesh.proxy.circuit import CircuitBreaker
-    from lepton_mesh.proxy.mtls import MeshIdentity
-    from lepton_mesh.proxy.tls import SessionCache
+    from lepton_mesh.proxy.resilience.circuit import CircuitBreaker
+    from lepton_mesh.proxy.security.mtls import MeshIdentity
+    from lepton_mesh.proxy.security.tls import SessionCache
 
 
 class ConnectionOwner(Protocol):

@@ -18,21 +18,21 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Protocol
 
-from lepton_mesh.proxy.downstream import DownstreamProtocol
 from lepton_mesh.proxy.errors import ProxyError
-from lepton_mesh.proxy.mtls import InboundTls, TlsAcceptor
-from lepton_mesh.proxy.tcp_proxy import InboundTunnels
+from lepton_mesh.proxy.http.downstream import DownstreamProtocol
+from lepton_mesh.proxy.l4.tcp_proxy import InboundTunnels
+from lepton_mesh.proxy.security.mtls import InboundTls, TlsAcceptor
 
 if TYPE_CHECKING:
     from lepton_mesh.policy.traffic import Backend
-    from lepton_mesh.proxy.access_log import AccessLog
-    from lepton_mesh.proxy.clusters import Cluster
-    from lepton_mesh.proxy.exchange import Exchange
-    from lepton_mesh.proxy.http1 import RequestFacts
-    from lepton_mesh.proxy.metrics import ProxyMetrics
-    from lepton_mesh.proxy.mtls import MeshIdentity
-    from lepton_mesh.proxy.pool import Pools
-    from lepton_mesh.proxy.routing import ServiceTarget
+    from lepton_mesh.proxy.http.exchange import Exchange
+    from lepton_mesh.proxy.http.http1 import RequestFacts
+    from lepton_mesh.proxy.observe.access_log import AccessLog
+    from lepton_mesh.proxy.observe.metrics import ProxyMetrics
+    from lepton_mesh.proxy.outbound.clusters import Cluster
+    from lepton_mesh.proxy.outbound.pool import Pools
+    from lepton_mesh.proxy.outbound.routing import ServiceTarget
+    from lepton_mesh.proxy.security.mtls import MeshIdentity
     from lepton_mesh.proxy.snapshot import Snapshot
 
 

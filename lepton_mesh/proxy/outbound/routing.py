@@ -20,7 +20,7 @@ from lepton_mesh.policy.traffic import (
     Route,
     RouteRule,
 )
-from lepton_mesh.proxy.http1 import RequestFacts
+from lepton_mesh.proxy.http.http1 import RequestFacts
 
 
 class RuleRuntime:

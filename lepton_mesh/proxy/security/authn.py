@@ -56,8 +56,8 @@ from jwt.exceptions import (
 
 from lepton_mesh.policy.security import MAX_TOKEN_BYTES, JwtProvider
 from lepton_mesh.policy.security_decisions import claim_header_value, lookup_claim, principal_of
-from lepton_mesh.proxy.authn_errors import JwtCause, JwtFailure, NeedKeys
-from lepton_mesh.proxy.jwks import KeySource, VerifyKey
+from lepton_mesh.proxy.security.authn_errors import JwtCause, JwtFailure, NeedKeys
+from lepton_mesh.proxy.security.jwks import KeySource, VerifyKey
 
 # A token without `exp` is cached at most this long (seconds).
 CACHE_TTL = 300.0

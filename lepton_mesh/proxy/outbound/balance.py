@@ -47,7 +47,7 @@ from heapq import heapify, heapreplace
 from math import gcd
 from typing import TYPE_CHECKING
 
-from lepton_mesh.proxy.endpoints import EndpointState, Generation
+from lepton_mesh.proxy.outbound.endpoints import EndpointState, Generation
 
 if TYPE_CHECKING:
     from lepton_mesh.policy.traffic import LoadBalancer

@@ -1,0 +1,1 @@
+"""Byte tunnels: TCP (L4) services and upgraded (WebSocket) connections."""

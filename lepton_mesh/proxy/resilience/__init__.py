@@ -1,0 +1,1 @@
+"""Resilience mechanisms, each small and testable alone: circuit breaker, retry budget, outlier detection."""
