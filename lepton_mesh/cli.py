@@ -7,6 +7,7 @@ errors into a message on stderr and an exit code. Nothing imports this module.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,10 +18,42 @@ from lepton_mesh.policy.errors import ConfigError
 from lepton_mesh.policy.traffic_loader import KINDS
 
 
-def _cmd_sidecar(args: argparse.Namespace) -> int:
+def _sidecar_config(args: argparse.Namespace) -> Any:
+    """The sidecar's config file, with the overrides its flags give."""
+    import dataclasses
+
     from lepton_mesh.policy.sidecar_loader import load_sidecar_config
 
+    if not args.config:
+        print("lepton-mesh: --config (or LEPTON_SIDECAR_CONFIG) is required", file=sys.stderr)
+        raise SystemExit(2)
     cfg = load_sidecar_config(args.config)
+    if args.instance_address:
+        # A pod learns its IP only at start: the flag saves rewriting the file.
+        cfg = dataclasses.replace(
+            cfg, instance=dataclasses.replace(cfg.instance, address=args.instance_address)
+        )
+    return cfg
+
+
+def _add_sidecar_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        default=os.environ.get("LEPTON_SIDECAR_CONFIG"),
+        metavar="FILE",
+        help="the sidecar's config (YAML) [$LEPTON_SIDECAR_CONFIG]",
+    )
+    p.add_argument(
+        "--instance-address",
+        default=os.environ.get("LEPTON_INSTANCE_ADDRESS"),
+        metavar="ADDRESS",
+        help="the address registered for this instance, overriding instance.address "
+        "(Kubernetes: the pod IP) [$LEPTON_INSTANCE_ADDRESS]",
+    )
+
+
+def _cmd_sidecar(args: argparse.Namespace) -> int:
+    cfg = _sidecar_config(args)
     from lepton_mesh.proxy.sidecar import run
 
     try:
@@ -31,13 +64,11 @@ def _cmd_sidecar(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from lepton_mesh.policy.sidecar_loader import load_sidecar_config
-
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         print("lepton-mesh run: give the app's command after `--`", file=sys.stderr)
         return 2
-    cfg = load_sidecar_config(args.config)
+    cfg = _sidecar_config(args)
     from lepton_mesh.runner import run
 
     return run(cfg, command, ready_timeout=args.ready_timeout, proxy_env=not args.no_proxy_env)
@@ -723,7 +754,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("sidecar", help="run a sidecar proxy next to one service instance")
-    p.add_argument("--config", required=True, metavar="FILE", help="static sidecar config (YAML)")
+    _add_sidecar_arguments(p)
     p.set_defaults(func=_cmd_sidecar)
 
     p = sub.add_parser(
@@ -731,7 +762,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="start a sidecar, then the app once it is ready; exit with the app's exit code",
         usage="%(prog)s --config FILE [options] -- CMD [ARG...]",
     )
-    p.add_argument("--config", required=True, metavar="FILE", help="sidecar config (YAML)")
+    _add_sidecar_arguments(p)
     p.add_argument(
         "--ready-timeout",
         type=_seconds,

@@ -142,9 +142,18 @@ def test_literal_defaults_are_the_real_defaults(row):
 
 
 def _control_refuses_without(row: Row) -> bool:
-    """control checks some flags itself (so that the variable may stand in)."""
+    """control, sidecar and run check some flags themselves (so that the variable
+    may stand in for them)."""
     from lepton_mesh.control.daemon import OptionError, options_from_args
 
+    if row.command in ("sidecar", "run"):
+        from lepton_mesh.cli import _sidecar_config
+
+        argv = [row.command] + (["--", "true"] if row.command == "run" else [])
+        with pytest.raises(SystemExit) as stopped:
+            _sidecar_config(parse_cli(argv, {row.env or "LEPTON_SIDECAR_CONFIG": ""}))
+        assert stopped.value.code == 2
+        return True
     assert row.command == "control"
     with pytest.raises(OptionError, match=re.escape(row.flag)):
         options_from_args(parse_cli(["control"], {row.env or "": ""}))
