@@ -12,54 +12,20 @@ import argparse
 import asyncio
 import json
 import sys
-from typing import cast
 
 import httptools
 import uvloop
+
+from bench.oneshot import OneRequest
 
 READY = "READY "
 _BATCH = 100  # connections opened concurrently: a burst, not a SYN flood
 
 
-class _Once(asyncio.Protocol):
-    """Sends one request; `answered` resolves with the status when the response ends."""
-
-    def __init__(self, request: bytes) -> None:
-        self.request = request
-        self.parser = httptools.HttpResponseParser(self)
-        self.answered: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses, only alike.
-        self.transport = cast(asyncio.Transport, transport)
-        transport.write(self.request)
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._settle(exc)
-
-    def on_message_complete(self) -> None:
-        self._settle(self.parser.get_status_code())
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._settle(exc or ConnectionResetError("closed before the response"))
-
-    def _settle(self, outcome: int | BaseException) -> None:
-        if self.answered.done():
-            return
-        if isinstance(outcome, int):
-            self.answered.set_result(outcome)
-        else:
-            self.answered.set_exception(outcome)
-
-
-async def _open_one(host: str, port: int, request: bytes) -> tuple[_Once | None, str]:
+async def _open_one(host: str, port: int, request: bytes) -> tuple[OneRequest | None, str]:
     loop = asyncio.get_running_loop()
     try:
-        _, proto = await loop.create_connection(lambda: _Once(request), host, port)
+        _, proto = await loop.create_connection(lambda: OneRequest(request), host, port)
         status = await asyncio.wait_for(proto.answered, timeout=10)
     except (OSError, TimeoutError, httptools.HttpParserError) as exc:
         return None, type(exc).__name__
@@ -75,7 +41,7 @@ async def _wait_stdin_eof() -> None:
 
 async def main_async(args: argparse.Namespace) -> None:
     request = f"GET / HTTP/1.1\r\nHost: {args.host_header}\r\n\r\n".encode()
-    held: list[_Once] = []
+    held: list[OneRequest] = []
     outcomes: dict[str, int] = {}
     for first in range(0, args.connections, _BATCH):
         batch = range(first, min(first + _BATCH, args.connections))

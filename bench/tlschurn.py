@@ -26,10 +26,11 @@ import json
 import ssl
 import sys
 import time
-from typing import cast
 
 import httptools
 import uvloop
+
+from bench.oneshot import OneRequest
 
 MEASURE_START = "MEASURE_START"
 MEASURE_END = "MEASURE_END"
@@ -43,41 +44,6 @@ def client_context(chain: str, key: str) -> ssl.SSLContext:
     ctx.verify_mode = ssl.CERT_NONE  # see the module docstring
     ctx.load_cert_chain(chain, key)
     return ctx
-
-
-class _OneRequest(asyncio.Protocol):
-    """Sends one request once the handshake is done; `answered` gets the status."""
-
-    def __init__(self, request: bytes) -> None:
-        self.request = request
-        self.parser = httptools.HttpResponseParser(self)
-        self.answered: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses, only alike.
-        self.transport = cast(asyncio.Transport, transport)
-        self.transport.write(self.request)
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._settle(exc)
-
-    def on_message_complete(self) -> None:
-        self._settle(self.parser.get_status_code())
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._settle(exc or ConnectionResetError("closed before the response"))
-
-    def _settle(self, outcome: int | BaseException) -> None:
-        if self.answered.done():
-            return
-        if isinstance(outcome, int):
-            self.answered.set_result(outcome)
-        else:
-            self.answered.set_exception(outcome)
 
 
 def failure_kind(exc: BaseException) -> str:
@@ -112,7 +78,7 @@ class Churn:
         try:
             async with asyncio.timeout(_TIMEOUT_S):
                 transport, proto = await loop.create_connection(
-                    lambda: _OneRequest(self.request),
+                    lambda: OneRequest(self.request),
                     self.args.host,
                     self.args.port,
                     ssl=self.ctx,
