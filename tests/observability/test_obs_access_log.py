@@ -9,7 +9,7 @@ import orjson
 import pytest
 from obs_support import FakeLoop, ListStream, PipeReader, wait_until
 
-from lepton_mesh.proxy.observe.access_log import FLUSH_BYTES, MAX_BYTES, AccessLog
+from lepton_mesh.proxy.observe.access_log import DEFER_MAX, FLUSH_BYTES, MAX_BYTES, AccessLog
 
 RECORD = {
     "time": "2024-05-01T12:34:56.789012Z",
@@ -224,3 +224,99 @@ def test_a_closed_file_disables_the_log(capsys: pytest.CaptureFixture[str]) -> N
     assert not log.enabled and isinstance(log.error, ValueError)
     log.close()
     assert capsys.readouterr().err.count("access log disabled") == 1
+
+
+# -- deferred lines: built when the batch leaves ------------------------------------
+
+
+class Finished:
+    """Stands for an exchange: its line is built from what it holds when rendered."""
+
+    def __init__(self, i: int) -> None:
+        self.i = i
+        self.renders = 0
+
+    def render(self, at: float) -> dict:
+        self.renders += 1
+        return {**record(self.i), "duration_ms": at}
+
+
+def test_a_deferred_line_is_built_only_when_the_batch_leaves() -> None:
+    loop, stream = FakeLoop(), ListStream()
+    log = AccessLog(True, stream, loop)  # type: ignore[arg-type]
+    ex = Finished(7)
+    log.defer(ex.render, 1.5)
+    assert ex.renders == 0 and len(loop.live()) == 1  # queued, with the flush timer armed
+    loop.fire()
+    assert log.wait_written(5)
+    assert ex.renders == 1
+    (line,) = stream.data.splitlines()
+    assert orjson.loads(line) == {**record(7), "duration_ms": 1.5}
+    log.close()
+
+
+def test_deferred_and_ready_lines_keep_their_order() -> None:
+    stream = ListStream()
+    log = AccessLog(True, stream, FakeLoop())  # type: ignore[arg-type]
+    log.defer(Finished(0).render, 0.0)
+    log.log(record(1))  # a reject logged after it: the deferred line is built first
+    log.defer(Finished(2).render, 0.0)
+    log.close()
+    ids = [orjson.loads(x)["request_id"] for x in stream.data.splitlines()]
+    assert ids == ["00000000", "00000001", "00000002"]
+
+
+def test_at_most_defer_max_entries_wait() -> None:
+    loop, stream = FakeLoop(), ListStream()
+    log = AccessLog(True, stream, loop)  # type: ignore[arg-type]
+    entries = [Finished(i) for i in range(DEFER_MAX)]
+    for ex in entries[:-1]:
+        log.defer(ex.render, 0.0)
+    assert all(ex.renders == 0 for ex in entries)
+    log.defer(entries[-1].render, 0.0)  # the one that reaches the bound flushes the batch
+    assert all(ex.renders == 1 for ex in entries)
+    assert loop.live() == []
+    assert log.wait_written(5)
+    assert len(stream.data.splitlines()) == DEFER_MAX
+    log.close()
+
+
+def test_a_failing_render_costs_its_line_only() -> None:
+    stream = ListStream()
+    log = AccessLog(True, stream, FakeLoop())  # type: ignore[arg-type]
+
+    def broken(at: float) -> dict:
+        raise KeyError("a bug in one line")
+
+    log.defer(Finished(0).render, 0.0)
+    log.defer(broken, 0.0)
+    log.defer(Finished(2).render, 0.0)
+    log.close()
+    ids = [orjson.loads(x)["request_id"] for x in stream.data.splitlines()]
+    assert ids == ["00000000", "00000002"]
+    assert log.dropped == 1
+
+
+def test_deferred_lines_obey_the_byte_bound() -> None:
+    stream = ListStream()
+    stream.gate.clear()  # the reader stalls
+    log = AccessLog(True, stream, FakeLoop(), flush_bytes=4096, max_bytes=32768)  # type: ignore[arg-type]
+    line_len = len(orjson.dumps(Finished(0).render(0.0))) + 1
+    for i in range(1000):
+        log.defer(Finished(i).render, 0.0)
+    log.flush()
+    kept = 32768 // line_len
+    assert log.dropped == 1000 - kept
+    assert log.held_bytes <= 32768
+    stream.gate.set()
+    log.close(timeout=5)
+    assert len(stream.data.splitlines()) == kept
+
+
+def test_disabled_log_defers_nothing() -> None:
+    stream = ListStream()
+    log = AccessLog(False, stream, FakeLoop())  # type: ignore[arg-type]
+    ex = Finished(0)
+    log.defer(ex.render, 0.0)
+    log.close()
+    assert ex.renders == 0 and stream.data == b""

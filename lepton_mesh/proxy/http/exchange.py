@@ -796,7 +796,7 @@ class Exchange:
             self.down.exchange_done(self, abort=abort)
 
     def upstream_address(self) -> str:
-        return str(self.pool.address) if self.pool is not None else "-"
+        return self.pool.address_text if self.pool is not None else "-"
 
     def destination(self) -> str:
         """The service label of this exchange (the backend's service, else the one named)."""

@@ -154,7 +154,7 @@ class HttpListener:
         )
         log = sidecar.access_log
         if log.enabled:
-            log.log(ex.log_record(now))
+            log.defer(ex.log_record, now)  # built when the batch leaves
 
     def record_reject(
         self, err: ProxyError, method: bytes, url: bytes, client: str, request_id: bytes

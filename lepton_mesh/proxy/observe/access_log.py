@@ -1,8 +1,13 @@
 """The sidecar's access log: one JSON object per line, batched, bounded.
 
-Hot path: `log()` serializes with one `orjson.dumps` (~1 us; `json.dumps` of
-the same line costs ~7 us) and appends the bytes to a list. Nothing is
-written per line.
+Hot path: `defer(render, at)` appends one tuple; the line is built
+(`render(at)` -> dict -> one `orjson.dumps`) when the batch leaves, in one
+tight loop over up to `DEFER_MAX` entries. Measured in a running sidecar,
+building and encoding a line per request inline cost ~15 us of a ~65 us
+hop: cold caches between the many small steps of a request, not the encoder
+(`orjson.dumps` is ~1 us in isolation; `json.dumps` ~7 us). `log(record)`
+serializes a ready dict at once, for the rare lines (rejected requests).
+Nothing is written per line.
 
 Batches leave the buffer when it passes `flush_bytes` (64 KiB) or when a
 `loop.call_later` timer fires (0.1 s). The timer is armed only while the
@@ -14,6 +19,9 @@ otherwise block the whole proxy inside `write()`. The loop only hands a
 joined batch over a queue.
 
 Invariants:
+- A deferred entry's `render` only reads what no longer changes (the caller
+  passes the moment it finished in `at`); entries are rendered in order,
+  before any line logged after them, and at most `DEFER_MAX` wait.
 - Bytes held = bytes in the buffer + bytes handed to the writer and not yet
   written. It never exceeds `max_bytes` (1 MiB): a line that would pass it is
   dropped and counted in `dropped`. Lines that cannot be serialized are
@@ -35,6 +43,7 @@ import contextlib
 import queue
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 import orjson
@@ -42,6 +51,9 @@ import orjson
 FLUSH_BYTES = 64 * 1024
 MAX_BYTES = 1024 * 1024
 FLUSH_INTERVAL_S = 0.1
+DEFER_MAX = 256  # deferred entries waiting: bounds what they keep alive
+
+Render = Callable[[float], dict[str, Any]]
 
 _OPTIONS = orjson.OPT_APPEND_NEWLINE
 
@@ -55,6 +67,7 @@ class AccessLog:
         "_flush_bytes",
         "_handed",
         "_interval",
+        "_later",
         "_loop",
         "_max_bytes",
         "_queue",
@@ -89,6 +102,7 @@ class AccessLog:
         self._interval = flush_interval
         # Loop-thread state: lines not yet handed over, their size, the timer.
         self._buf: list[bytes] = []
+        self._later: list[tuple[Render, float]] = []
         self._buffered = 0
         self._timer: asyncio.TimerHandle | None = None
         self._handed = 0
@@ -102,24 +116,53 @@ class AccessLog:
 
     # -- hot path ------------------------------------------------------------
 
+    def defer(self, render: Render, at: float) -> None:
+        """A line that `render(at)` builds when the batch leaves, not now."""
+        if not self.enabled:
+            return
+        later = self._later
+        later.append((render, at))
+        if len(later) >= DEFER_MAX:
+            self.flush()
+        elif self._timer is None:
+            self._arm()
+
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        if self._later:
+            self._render_later()  # they came first
+        if self._add(record) and self._buffered >= self._flush_bytes:
+            self.flush()
+        elif self._timer is None and self._buf:
+            self._arm()
+
+    def _add(self, record: dict[str, Any]) -> bool:
+        """Serialize `record` into the buffer; False when it was dropped."""
         try:
             line = orjson.dumps(record, default=str, option=_OPTIONS)
         except orjson.JSONEncodeError:
             self.dropped += 1
-            return
+            return False
         buffered = self._buffered + len(line)
         if buffered + self._handed - self._written > self._max_bytes:
             self.dropped += 1
-            return
+            return False
         self._buf.append(line)
         self._buffered = buffered
-        if buffered >= self._flush_bytes:
-            self.flush()
-        elif self._timer is None:
-            self._arm()
+        return True
+
+    def _render_later(self) -> None:
+        later = self._later
+        self._later = []
+        add = self._add
+        for render, at in later:
+            try:
+                record = render(at)
+            except Exception:  # a bug of ours in one line must not cost the batch
+                self.dropped += 1
+                continue
+            add(record)
 
     # -- batching -------------------------------------------------------------
 
@@ -137,6 +180,8 @@ class AccessLog:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._later:
+            self._render_later()
         if not self._buf:
             return
         data = b"".join(self._buf)

@@ -88,7 +88,7 @@ class ServiceStates:
 class Cluster:
     """A backend (service or subset) as the balancer sees it."""
 
-    __slots__ = ("balancer", "endpoints", "hash_on", "service", "state", "subset")
+    __slots__ = ("balancer", "endpoints", "hash_on", "label", "service", "state", "subset")
 
     def __init__(
         self,
@@ -101,16 +101,13 @@ class Cluster:
     ) -> None:
         self.service = service
         self.subset = subset
+        self.label = service if subset is None else f"{service}/{subset}"
         self.state = state
         self.endpoints = tuple(endpoints)
         self.hash_on: HashOn | None = policy.load_balancer.hash_on
         self.balancer: Balancer = make_balancer(
             policy.load_balancer, self.endpoints, local_zone=local_zone
         )
-
-    @property
-    def label(self) -> str:
-        return self.service if self.subset is None else f"{self.service}/{self.subset}"
 
 
 def subset_endpoints(states: Sequence[EndpointState], subset: Subset) -> list[EndpointState]:

@@ -44,6 +44,7 @@ class EndpointPool:
         "_loop",
         "_sweep",
         "address",
+        "address_text",
         "busy",
         "connecting",
         "idle",
@@ -63,6 +64,7 @@ class EndpointPool:
     ) -> None:
         self._loop = loop
         self.address = address
+        self.address_text = str(address)  # for every access-log line
         self.service = service
         self.identity = identity  # None: plaintext; else mTLS to a sidecar of `service`
         self.max_size = cfg.max_per_endpoint
