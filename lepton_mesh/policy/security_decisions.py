@@ -671,6 +671,15 @@ class Authorizer:
         )
         self._cache: dict[tuple[Any, ...], AuthzDecision] = {}
 
+    @property
+    def header_names(self) -> tuple[str, ...]:
+        """The request headers some condition reads."""
+        return self._header_names
+
+    @property
+    def uses_client_ip(self) -> bool:
+        return self._uses_ip
+
     def authorize(self, req: AuthzRequest) -> AuthzDecision:
         key = self._key(req)
         if key is not None:

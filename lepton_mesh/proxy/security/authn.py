@@ -203,6 +203,11 @@ class Authenticator:
     def token_headers(self) -> frozenset[bytes]:
         return frozenset(self._headers)
 
+    @property
+    def read_headers(self) -> frozenset[bytes]:
+        """Every header a token may be found in (Cookie too, when a provider reads cookies)."""
+        return self.token_headers | ({b"cookie"} if self._cookies else set())
+
     # -- finding the token --------------------------------------------------------
 
     def find_token(
