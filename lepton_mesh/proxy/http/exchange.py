@@ -68,7 +68,12 @@ from lepton_mesh.proxy.http.http1 import (
 )
 from lepton_mesh.proxy.http.mirror import start_mirror
 from lepton_mesh.proxy.l4.tunnel import splice
-from lepton_mesh.proxy.outbound.routing import FactsView, hash_key, header_value
+from lepton_mesh.proxy.outbound.routing import (
+    OUTBOUND_RESPONSE_HEADERS,
+    FactsView,
+    hash_key,
+    header_value,
+)
 
 if TYPE_CHECKING:
     from lepton_mesh.proxy.contracts import ClientSide
@@ -86,9 +91,6 @@ HOLD_LIMIT = 64 * 1024
 # Request body bytes kept for replay on a retry (Linkerd's default); a
 # larger body is streamed and its request is not retried.
 REPLAY_LIMIT = 64 * 1024
-
-# Response headers the outbound side sets itself, replacing any from upstream.
-_OUR_RESPONSE_HEADERS = frozenset({b"x-lepton-attempts"})
 
 # Outcomes as the outlier detector counts them.
 _GATEWAY = frozenset({502, 503, 504})
@@ -244,7 +246,9 @@ class Exchange:
             facts,
             set_headers=rt.req_set,
             add_headers=rt.req_add,
-            remove=rt.req_remove if not remove else rt.req_remove | remove,
+            remove=(rt.req_remove | remove if rt.req_remove else remove)
+            if remove
+            else rt.req_remove,
             extra=extra,
         )
         if rt.fault is not None:
@@ -455,9 +459,7 @@ class Exchange:
             keep_alive=keep,
             upgrade=upgrade,
             extra=extra,
-            remove=(rt.resp_remove if rt is not None else frozenset()) | _OUR_RESPONSE_HEADERS
-            if outbound
-            else (rt.resp_remove if rt is not None else frozenset()),
+            remove=_response_remove(rt, outbound),
         )
         self.framing = framing
         self.down_keep_alive = keep and not framing.close_delimited
@@ -836,6 +838,13 @@ class Exchange:
     def peer_workload(self) -> str | None:
         """The calling workload as its sidecar named it (inbound side)."""
         return header_value(self.facts, b"x-lepton-peer")
+
+
+def _response_remove(rt: RuleRuntime | None, outbound: bool) -> frozenset[bytes]:
+    """Upstream response headers not forwarded: the rule's, and on the outbound side ours."""
+    if rt is None:
+        return OUTBOUND_RESPONSE_HEADERS if outbound else frozenset()
+    return rt.resp_remove_outbound if outbound else rt.resp_remove
 
 
 def _fault(status: int, rule: str) -> ProxyError:

@@ -22,6 +22,9 @@ from lepton_mesh.policy.traffic import (
 )
 from lepton_mesh.proxy.http.http1 import RequestFacts
 
+# Response headers the outbound side sets itself, replacing any from upstream.
+OUTBOUND_RESPONSE_HEADERS = frozenset({b"x-lepton-attempts"})
+
 
 class RuleRuntime:
     """One route rule with everything the proxy derives from it, computed once."""
@@ -36,6 +39,7 @@ class RuleRuntime:
         "req_set",
         "resp_extra",
         "resp_remove",
+        "resp_remove_outbound",
         "retry",
         "rule",
         "timeout",
@@ -54,6 +58,7 @@ class RuleRuntime:
         self.req_add = _pairs(req.add)
         self.req_remove = _names(req.remove)
         self.resp_remove = _names((*resp.remove, *(n for n, _ in resp.set)))
+        self.resp_remove_outbound = self.resp_remove | OUTBOUND_RESPONSE_HEADERS
         self.resp_extra = b"".join(
             n + b": " + v + b"\r\n" for n, v in (*_pairs(resp.set), *_pairs(resp.add))
         )

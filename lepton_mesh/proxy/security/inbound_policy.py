@@ -152,6 +152,18 @@ class SecurityOutcome:
         return out
 
 
+def _authz_count_keys(d: AuthzDecision) -> tuple[tuple[str, str, str], ...]:
+    """The `lepton_authz_decisions_total` series one decision counts in."""
+    keys = [("allow" if d.allowed else "deny", d.policy or "-", d.rule or "-")]
+    keys += [("audit", ref.policy, ref.rule) for ref in d.audit]
+    s = d.dry_run
+    if s is not None:
+        keys.append(
+            ("dry_run_allow" if s.allowed else "dry_run_deny", s.policy or "-", s.rule or "-")
+        )
+    return tuple(keys)
+
+
 def _decision_json(d: AuthzDecision) -> dict[str, Any]:
     out: dict[str, Any] = {
         "decision": "allow" if d.allowed else "deny",
@@ -288,7 +300,7 @@ class Admission:
     Invariant: never mutated once cached (`outcome` is shared by every
     exchange that replays it; a refusal copies it first)."""
 
-    __slots__ = ("decision", "extra", "outcome", "remove", "req", "target", "verified")
+    __slots__ = ("authz_keys", "extra", "jwt_key", "outcome", "remove", "req", "target", "verified")
 
     def __init__(
         self,
@@ -303,7 +315,9 @@ class Admission:
         self.target = target  # None: forwarded as sent
         self.verified = verified
         self.outcome = outcome
-        self.decision = decision
+        # The counter series each replay adds one to.
+        self.jwt_key = (verified.provider.name, "ok") if verified is not None else None
+        self.authz_keys = _authz_count_keys(decision) if decision is not None else ()
         self.req = req  # for the rate limit, which runs per request
         self.extra = extra
         self.remove = remove
@@ -402,18 +416,10 @@ class InboundGuard:
     def admit(self, ex: Admitting, *, may_wait: bool = True) -> None:
         """Let `ex` go on (`ex.admitted`) or answer it (`ex.respond_error`), now or once
         the keys it waits for are in."""
-        key = self._admission_key(ex)
-        hit = self._admissions.get(key)
-        if hit is not None and hit.fresh(self.state.wall()):
-            self._replay(ex, hit)
-            return
-        self._admit(ex, key, may_wait)
-
-    def _admission_key(self, ex: Admitting) -> AdmissionKey:
         facts = ex.facts
         down = ex.down
         names = self._key_headers
-        return (
+        key = (
             facts.method,
             facts.target,
             getattr(down, "xfcc", b""),
@@ -421,15 +427,23 @@ class InboundGuard:
             self.port or _bound_port(down),
             tuple([(n, v) for n, _, v in facts.kept if n in names]) if names else (),
         )
+        hit = self._admissions.get(key)
+        if hit is not None and hit.fresh(self.state.wall()):
+            self._replay(ex, hit)
+        else:
+            self._admit(ex, key, may_wait)
 
     def _replay(self, ex: Admitting, a: Admission) -> None:
         if a.target is not None:
             ex.facts.target = a.target
         out = ex.sec = a.outcome
-        if a.verified is not None:
-            self._count_jwt(a.verified.provider.name, "ok")
-        if a.decision is not None:
-            self._count_authz(a.decision)
+        state = self.state
+        if a.jwt_key is not None:
+            jwt_counts = state.jwt_counts
+            jwt_counts[a.jwt_key] = jwt_counts.get(a.jwt_key, 0) + 1
+        authz_counts = state.authz_counts
+        for k in a.authz_keys:
+            authz_counts[k] = authz_counts.get(k, 0) + 1
         if self.rate is not None and a.req is not None and not self._rate_ok(ex, out, a.req):
             return
         ex.admitted(a.extra, a.remove)
@@ -592,14 +606,7 @@ class InboundGuard:
 
     def _count_authz(self, d: AuthzDecision) -> None:
         counts = self.state.authz_counts
-        key = ("allow" if d.allowed else "deny", d.policy or "-", d.rule or "-")
-        counts[key] = counts.get(key, 0) + 1
-        for ref in d.audit:
-            key = ("audit", ref.policy, ref.rule)
-            counts[key] = counts.get(key, 0) + 1
-        s = d.dry_run
-        if s is not None:
-            key = ("dry_run_allow" if s.allowed else "dry_run_deny", s.policy or "-", s.rule or "-")
+        for key in _authz_count_keys(d):
             counts[key] = counts.get(key, 0) + 1
 
     def _count_jwt(self, provider: str, result: str) -> None:
