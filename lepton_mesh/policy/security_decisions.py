@@ -877,6 +877,9 @@ class _Limit:
             del self.buckets[key]
 
 
+RatePlan = tuple[tuple[_Limit, str], ...]
+
+
 class LocalRateLimiter:
     """A service's `RateLimit`, with its buckets; one per sidecar, rebuilt per snapshot.
 
@@ -895,10 +898,19 @@ class LocalRateLimiter:
     def check(self, req: AuthzRequest, now: float) -> RateDecision:
         """Take a token from every limit that selects `req`; the first without one refuses
         (tokens already taken from earlier limits stay taken)."""
-        for lim in self._limits:
-            if lim.selects is not None and not lim.selects(req):
-                continue
-            key = lim.key(req)
+        return self.take(self.plan(req), now)
+
+    def plan(self, req: AuthzRequest) -> RatePlan:
+        """The limits that select `req`, each with `req`'s key value: the same for
+        every request alike in what the limits read, so it may be kept and reused
+        (with this limiter only)."""
+        return tuple(
+            (lim, lim.key(req)) for lim in self._limits if lim.selects is None or lim.selects(req)
+        )
+
+    def take(self, plan: RatePlan, now: float) -> RateDecision:
+        """`check` for a request whose `plan` is known."""
+        for lim, key in plan:
             ok, wait = lim.bucket(key, now).try_take(now)
             if not ok:
                 return RateDecision(False, lim.rule.name, key, wait)

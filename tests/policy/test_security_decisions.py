@@ -786,6 +786,24 @@ def test_unchanged_limits_keep_their_buckets_across_snapshots() -> None:
     assert new.check(req(), 0.0) == RateDecision(False, "a", "", 1.0)
 
 
+def test_a_kept_plan_takes_from_the_same_buckets_as_check() -> None:
+    """A plan (the limits that select a request, with its key values) computed once
+    and reused takes exactly what `check` would: same buckets, same refusals."""
+    rules = (
+        RateLimitRule("per-caller", 1.0, 2, RateKey("source_identity")),
+        RateLimitRule("posts", 1.0, 5, route=RequestSelector(methods=frozenset({"POST"}))),
+    )
+    by_check, by_plan = limiter(*rules), limiter(*rules)
+    chat = req(identity=CHAT)
+    plan = by_plan.plan(chat)
+    assert [(lim.rule.name, key) for lim, key in plan] == [("per-caller", CHAT)]  # GET: no "posts"
+    for t in (0.0, 0.0, 0.0, 0.5, 1.0, 1.0, 3.0):
+        assert by_plan.take(plan, t) == by_check.check(chat, t)
+    # The plan's buckets are the limiter's own: a check after it sees what it took.
+    assert by_plan.check(chat, 3.0) is RATE_ALLOWED  # the last of the refilled burst
+    assert by_plan.take(plan, 3.0) == RateDecision(False, "per-caller", CHAT, 1.0)
+
+
 # --- the decision cache ------------------------------------------------------------
 
 

@@ -68,7 +68,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import unquote_to_bytes
 
 from lepton_mesh.policy.security import JwtProvider, RateLimit
-from lepton_mesh.policy.security_decisions import Authorizer, AuthzDecision, AuthzRequest
+from lepton_mesh.policy.security_decisions import (
+    Authorizer,
+    AuthzDecision,
+    AuthzRequest,
+    RatePlan,
+)
 from lepton_mesh.proxy.errors import ProxyError, Reason, bad_request
 from lepton_mesh.proxy.security.authn_errors import JwtCause, JwtFailure, NeedKeys
 from lepton_mesh.proxy.security.jwks import FileKeys, KeySource, RemoteKeys, StaticKeys
@@ -89,7 +94,7 @@ class Admitting(Protocol):
     """What the guard needs from an exchange (exchange.Exchange)."""
 
     facts: RequestFacts
-    down: Any  # the client connection: client_ip_str, transport, and with mTLS `xfcc`
+    down: Any  # the client connection: client_ip_str, transport, `xfcc` (b"" without mTLS)
     done: bool
     sec: SecurityOutcome | None
 
@@ -300,7 +305,16 @@ class Admission:
     Invariant: never mutated once cached (`outcome` is shared by every
     exchange that replays it; a refusal copies it first)."""
 
-    __slots__ = ("authz_keys", "extra", "jwt_key", "outcome", "remove", "req", "target", "verified")
+    __slots__ = (
+        "authz_keys",
+        "extra",
+        "jwt_key",
+        "outcome",
+        "rate_plan",
+        "remove",
+        "target",
+        "verified",
+    )
 
     def __init__(
         self,
@@ -308,7 +322,7 @@ class Admission:
         verified: Verified | None,
         outcome: SecurityOutcome,
         decision: AuthzDecision | None,
-        req: AuthzRequest | None,
+        rate_plan: RatePlan | None,
         extra: bytes,
         remove: frozenset[bytes],
     ) -> None:
@@ -318,14 +332,14 @@ class Admission:
         # The counter series each replay adds one to.
         self.jwt_key = (verified.provider.name, "ok") if verified is not None else None
         self.authz_keys = _authz_count_keys(decision) if decision is not None else ()
-        self.req = req  # for the rate limit, which runs per request
+        self.rate_plan = rate_plan  # the rate limit still takes a token per request
         self.extra = extra
         self.remove = remove
 
-    def fresh(self, now: float) -> bool:
+    def fresh(self, wall: Callable[[], float]) -> bool:
         """The token it verified is still valid, under the same keys."""
         v = self.verified
-        return v is None or (now < v.expires and v.generation == v.provider.keys.generation)
+        return v is None or (wall() < v.expires and v.generation == v.provider.keys.generation)
 
 
 class InboundGuard:
@@ -422,13 +436,13 @@ class InboundGuard:
         key = (
             facts.method,
             facts.target,
-            getattr(down, "xfcc", b""),
+            down.xfcc,
             down.client_ip_str if self._key_ip else None,
             self.port or _bound_port(down),
             tuple([(n, v) for n, _, v in facts.kept if n in names]) if names else (),
         )
         hit = self._admissions.get(key)
-        if hit is not None and hit.fresh(self.state.wall()):
+        if hit is not None and hit.fresh(self.state.wall):
             self._replay(ex, hit)
         else:
             self._admit(ex, key, may_wait)
@@ -444,14 +458,14 @@ class InboundGuard:
         authz_counts = state.authz_counts
         for k in a.authz_keys:
             authz_counts[k] = authz_counts.get(k, 0) + 1
-        if self.rate is not None and a.req is not None and not self._rate_ok(ex, out, a.req):
+        if a.rate_plan is not None and not self._rate_ok(ex, out, a.rate_plan):
             return
         ex.admitted(a.extra, a.remove)
 
-    def _rate_ok(self, ex: Admitting, out: SecurityOutcome, req: AuthzRequest) -> bool:
-        """Take a rate-limit token for `req`; False when `ex` was answered 429."""
+    def _rate_ok(self, ex: Admitting, out: SecurityOutcome, plan: RatePlan) -> bool:
+        """Take the rate-limit tokens `plan` names; False when `ex` was answered 429."""
         try:
-            self.rate.check(req)  # type: ignore[union-attr]
+            self.rate.take(plan)  # type: ignore[union-attr]
         except RateLimitedError as err:
             refused = ex.sec = out.copy()  # a cached outcome is shared: never mutated
             refused.rate_limit = err.limit
@@ -500,17 +514,19 @@ class InboundGuard:
             except JwtFailure as fail:
                 self._refuse_token(ex, out, fail)
                 return
-        req: AuthzRequest | None = None
+        plan: RatePlan | None = None
         if self.judges:
             req = self._request(ex, out, verified, remove)
             if self.authz is not None and not self._authorize(ex, out, req, token_sent):
                 return
-            if self.rate is not None and not self._rate_ok(ex, out, req):
-                return
+            if self.rate is not None:
+                plan = self.rate.plan(req)
+                if not self._rate_ok(ex, out, plan):
+                    return
         extra = verified.header_lines if verified is not None else b""
         if key is not None and not rewrote_headers:
             target = facts.target if facts.target != sent_target else None
-            self._remember(key, Admission(target, verified, out, out.authz, req, extra, remove))
+            self._remember(key, Admission(target, verified, out, out.authz, plan, extra, remove))
         ex.admitted(extra, remove)
 
     def _remember(self, key: AdmissionKey, admission: Admission) -> None:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lepton_mesh.policy.security import RateLimit
-from lepton_mesh.policy.security_decisions import AuthzRequest, LocalRateLimiter
+from lepton_mesh.policy.security_decisions import AuthzRequest, LocalRateLimiter, RatePlan
 from lepton_mesh.proxy.errors import ProxyError, Reason
 
 MonoClock = Callable[[], float]
@@ -67,7 +67,14 @@ class RateLimitRuntime:
 
     def check(self, req: AuthzRequest) -> None:
         """Take a token for `req` or raise RateLimitedError."""
-        decision = self.limiter.check(req, self.clock())
+        self.take(self.limiter.plan(req))
+
+    def plan(self, req: AuthzRequest) -> RatePlan:
+        return self.limiter.plan(req)
+
+    def take(self, plan: RatePlan) -> None:
+        """`check` for a request whose plan is known; RateLimitedError when refused."""
+        decision = self.limiter.take(plan, self.clock())
         if decision.allowed:
             return
         name = decision.limit or "-"
