@@ -28,6 +28,7 @@ from bench.procs import (
     tail,
     tree_cpu_seconds,
     tree_rss_mb,
+    wait_http,
 )
 
 # `bench` is not an installed package: its clients run from the directory holding it.
@@ -149,6 +150,28 @@ class Bench:
             "nginx proxy", prefix, conf, port, self.pinning.proxy(), self.settings.ready_timeout_s
         ) as running:
             yield running
+
+    @contextmanager
+    def bare_proxy(self) -> Iterator[tuple[int, int]]:
+        """bench/bare_proxy.py in front of the upstream, pinned as the proxies are: (pid, port)."""
+        port = free_port()
+        argv = [*self.pinning.proxy(), sys.executable, "-m", "bench.bare_proxy"]
+        argv += ["--port", str(port), "--upstream", str(self.upstream.port)]
+        log = self.workdir / "bare-proxy.log"
+        proc = spawn(argv, stdout=log, stderr=log, cwd=_PROJECT_ROOT)
+        with running(proc, "bare proxy"):
+            try:
+                wait_http(
+                    proc,
+                    port,
+                    "/",
+                    want=200,
+                    deadline_s=self.settings.ready_timeout_s,
+                    what="bare proxy",
+                )
+            except BenchError as exc:
+                raise BenchError(f"{exc}\n{tail(log)}") from exc
+            yield proc.pid, port
 
     @contextmanager
     def control_plane(self, label: str) -> Iterator[control.ControlPlane]:

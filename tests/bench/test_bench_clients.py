@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from bench import holdconns, openloop
+from bench.procs import free_port
 
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n"
 
@@ -149,3 +153,43 @@ async def test_held_connections_each_got_an_answer(server):
     finally:
         for proto, _ in held:
             proto.transport.close()
+
+
+async def _connect_when_listening(port: int, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await asyncio.open_connection("127.0.0.1", port)
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.02)  # the child is still starting: poll until it listens
+
+
+async def test_bare_proxy_forwards_keep_alive_requests_over_one_upstream_connection(server):
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.bare_proxy",
+        f"--port={port}",
+        f"--upstream={server}",
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    try:
+        reader, writer = await _connect_when_listening(port)
+        for i in range(3):
+            writer.write(
+                b"GET /r%d HTTP/1.1\r\nHost: svc-%d\r\nConnection: keep-alive\r\n\r\n" % (i, i)
+            )
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 200 ")
+            assert b"content-length: 3\r\n" in head.lower()
+            assert await reader.readexactly(3) == b"ok\n"
+        assert _Server.hosts == [b"svc-0", b"svc-1", b"svc-2"]
+        assert _Server.connections == 1
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        proc.terminate()
+        await proc.wait()

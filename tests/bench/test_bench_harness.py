@@ -240,12 +240,13 @@ def test_run_json_flattens_extra_and_rounds():
 
 
 def test_registry_order_and_selection():
-    assert list(REGISTRY)[:9] == [
+    assert list(REGISTRY)[:10] == [
         "direct",
         "one_hop",
         "two_hop",
         "two_hop_mtls",  # next to two_hop: the ratio of the two is read from one run
         "nginx",
+        "bare_proxy",  # the floor for a Python proxy, beside nginx
         "inbound_plain",
         "inbound_policy",  # next to inbound_plain, for the same reason
         "latency_1000rps",
