@@ -11,7 +11,6 @@ import argparse
 import functools
 import os
 import re
-import shlex
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -72,16 +71,22 @@ def option_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action
     }
 
 
-def control_env_names() -> dict[str, str]:
-    """`lepton-mesh control` flag -> its LEPTON_* variable, read from the help texts."""
-    parser = subcommand_parser("control")
+def env_names(command: str) -> dict[str, str]:
+    """`lepton-mesh COMMAND` flag -> its LEPTON_* variable, read from the help texts.
+
+    For commands where every flag has one (control, sidecar)."""
+    parser = subcommand_parser(command)
     assert parser is not None
     out = {}
     for flag, action in option_actions(parser).items():
         found = re.search(r"\[\$(LEPTON_[A-Z_]+)\]", action.help or "")
-        assert found, f"control {flag}: its help names no LEPTON_* variable"
+        assert found, f"{command} {flag}: its help names no LEPTON_* variable"
         out[flag] = found.group(1)
     return out
+
+
+def control_env_names() -> dict[str, str]:
+    return env_names("control")
 
 
 def parse_cli(argv: list[str], env: dict[str, str] | None = None) -> argparse.Namespace:
@@ -110,15 +115,6 @@ def python_snippets(command: list[str]) -> Iterator[str]:
 def assert_shell_syntax(script: str, what: str) -> None:
     result = subprocess.run(["sh", "-n", "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, f"{what}: not valid sh: {result.stderr}"
-
-
-def exec_lines(script: str) -> list[list[str]]:
-    """The arguments of each `exec lepton-mesh ARGS` line of a shell script."""
-    return [
-        shlex.split(line)[2:]
-        for line in script.splitlines()
-        if line.strip().startswith("exec lepton-mesh ")
-    ]
 
 
 def port_of(address: str) -> int:

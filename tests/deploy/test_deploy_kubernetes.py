@@ -3,26 +3,27 @@
 oldest version the native sidecars need (1.29) and the newest it knows; the
 kustomization lists every manifest; and the manifests agree with each other
 and with the code: Services and budgets select real pods, probes name real
-ports, LEPTON_* variables are real control flags, sidecar configs load,
-mounted files are where the configs look for them.
+ports, LEPTON_* variables are real control and sidecar flags, sidecar
+configs load (with the pod IP the sidecar gets from the downward API, applied
+as the CLI applies it), mounted files are where the configs look for them.
 """
 
 from __future__ import annotations
 
 import copy
-import shlex
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
+import yaml
 from deploy_support import (
     KUBE_DIR,
     REPO,
-    assert_shell_syntax,
     control_env_names,
-    exec_lines,
+    env_names,
     parse_cli,
     port_of,
     python_snippets,
@@ -191,6 +192,16 @@ def test_native_sidecars_gate_their_app_and_the_classic_variant_is_there():
     assert native and classic
 
 
+@pytest.mark.parametrize("workload", workloads(), ids=ref)
+def test_every_volume_is_mounted_and_every_mount_has_a_volume(workload):
+    pod = workload["spec"]["template"]["spec"]
+    volumes = {v["name"] for v in pod.get("volumes", [])}
+    claims = {t["metadata"]["name"] for t in workload["spec"].get("volumeClaimTemplates", [])}
+    mounted = {m["name"] for c in pod_containers(pod) for m in c.get("volumeMounts", [])}
+    assert mounted <= volumes | claims, f"{ref(workload)}: mounts without a volume"
+    assert volumes <= mounted, f"{ref(workload)}: volumes nothing mounts: {volumes - mounted}"
+
+
 # --- selectors -------------------------------------------------------------------------------
 
 
@@ -296,7 +307,11 @@ def mounted_file(c: dict[str, Any], pod: dict[str, Any], path: str) -> dict[str,
     assert mounts, f"{c['name']}: nothing is mounted where {path} is"
     mount = max(mounts, key=lambda m: len(m["mountPath"]))
     (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
-    return {"volume": volume, "key": path[len(mount["mountPath"].rstrip("/")) + 1 :]}
+    return {
+        "volume": volume,
+        "mount": mount,
+        "key": path[len(mount["mountPath"].rstrip("/")) + 1 :],
+    }
 
 
 def keys_of(name: str, kind: str) -> set[str]:
@@ -344,31 +359,84 @@ def sidecar_ids() -> list[str]:
     return [ref(w) for w, _ in sidecar_containers()]
 
 
-@pytest.mark.parametrize(("workload", "c"), list(sidecar_containers()), ids=sidecar_ids())
-def test_sidecar_configs_load_and_agree_with_their_pod(workload, c, tmp_path):
-    from lepton_mesh.policy.sidecar_loader import load_sidecar_config
+def sidecar_argv(c: dict[str, Any]) -> list[str]:
+    """The arguments lepton-mesh runs with: the image's entrypoint is lepton-mesh
+    (test_deploy_dockerfile.py), which a container may also name as its command."""
+    assert c.get("command", ["lepton-mesh"]) == ["lepton-mesh"], (
+        f"{c['name']}: runs lepton-mesh itself, no shell: {c.get('command')}"
+    )
+    return c["args"]
 
-    pod = workload["spec"]["template"]["spec"]
-    (script,) = c["args"]
-    assert c["command"] == ["/bin/sh", "-ec"]
-    assert_shell_syntax(script, ref(workload))
-    (argv,) = exec_lines(script)
-    args = parse_cli(argv)
-    assert args.command == "sidecar"
-    # The script renders the ConfigMap's file with the pod IP into --config.
-    template_path = shlex.split(script.splitlines()[0])[2]
-    source = mounted_file(c, pod, template_path)
+
+def sidecar_env(c: dict[str, Any]) -> dict[str, str]:
+    """The container's variables, with the pod IP (the downward API's) as POD_IP."""
+    out = {}
+    for e in c.get("env", []):
+        if "value" in e:
+            out[e["name"]] = e["value"]
+        else:
+            assert e["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}, e
+            out[e["name"]] = POD_IP
+    return out
+
+
+def configmap_file(c: dict[str, Any], pod: dict[str, Any], path: str) -> str:
+    """The text of the ConfigMap key container C sees at PATH."""
+    source = mounted_file(c, pod, path)
+    assert "configMap" in source["volume"], f"{path}: not from a ConfigMap"
     cm = source["volume"]["configMap"]["name"]
     (text,) = [
         o["data"][source["key"]] for o in of_kind("ConfigMap") if o["metadata"]["name"] == cm
     ]
-    assert text.count("@POD_IP@") == 1
-    rendered = tmp_path / "sidecar.yaml"
-    rendered.write_text(text.replace("@POD_IP@", POD_IP))
-    cfg = load_sidecar_config(str(rendered))
-    assert mounted_file(c, pod, args.config)["volume"].get("emptyDir") is not None
+    return text
 
+
+@pytest.mark.parametrize(("workload", "c"), list(sidecar_containers()), ids=sidecar_ids())
+def test_sidecars_register_the_pod_ip_from_the_downward_api(workload, c):
+    """No file rewriting: the variable the sidecar reads, from the pod's status."""
+    (entry,) = [e for e in c["env"] if e["name"] == "LEPTON_INSTANCE_ADDRESS"]
+    assert entry == {
+        "name": "LEPTON_INSTANCE_ADDRESS",
+        "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}},
+    }
+    known = set(env_names("sidecar").values())
+    assert set(sidecar_env(c)) <= known, f"not sidecar flags: {set(sidecar_env(c)) - known}"
+    args = parse_cli(sidecar_argv(c), sidecar_env(c))
+    assert args.command == "sidecar"
+    assert args.instance_address == POD_IP
+
+
+@pytest.mark.parametrize(("workload", "c"), list(sidecar_containers()), ids=sidecar_ids())
+def test_sidecar_configs_load_and_agree_with_their_pod(workload, c, tmp_path):
+    from lepton_mesh.cli import _sidecar_config
+    from lepton_mesh.policy.sidecar_loader import load_sidecar_config
+
+    pod = workload["spec"]["template"]["spec"]
+    args = parse_cli(sidecar_argv(c), sidecar_env(c))
+    assert args.command == "sidecar"
+    assert args.config, "no --config nor LEPTON_SIDECAR_CONFIG"
+    # The sidecar reads the ConfigMap's file where it is mounted, read-only.
+    assert mounted_file(c, pod, args.config)["mount"].get("readOnly") is True
+    text = configmap_file(c, pod, args.config)
+    local = tmp_path / "sidecar.yaml"
+    local.write_text(text)
+    # No address in the file (no placeholder left to render): alone, it would
+    # register the inbound listener's wildcard host, read as loopback.
+    assert load_sidecar_config(str(local)).instance.address is None
+    # What `lepton-mesh sidecar` runs with: the file, and the address applied
+    # over it the way the CLI does.
+    args.config = str(local)
+    cfg = _sidecar_config(args)
     assert cfg.instance.address == POD_IP
+    # The CLI takes the address as given; the loader checks one written in the
+    # file: the same config with the pod IP there loads, and is the same but
+    # for the file's name.
+    data = yaml.safe_load(text)
+    data["instance"]["address"] = POD_IP
+    written = tmp_path / "with-address.yaml"
+    written.write_text(yaml.safe_dump(data))
+    assert dataclasses.replace(load_sidecar_config(str(written)), source=cfg.source) == cfg
+
     assert workload["spec"]["template"]["metadata"]["labels"]["lepton.io/service"] == cfg.service
     assert (
         dict(cfg.instance.labels)["version"]
