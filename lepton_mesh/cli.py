@@ -22,7 +22,7 @@ def _sidecar_config(args: argparse.Namespace) -> Any:
     """The sidecar's config file, with the overrides its flags give."""
     import dataclasses
 
-    from lepton_mesh.policy.sidecar_loader import load_sidecar_config
+    from lepton_mesh.policy.sidecar_loader import check_instance_address, load_sidecar_config
 
     if not args.config:
         print("lepton-mesh: --config (or LEPTON_SIDECAR_CONFIG) is required", file=sys.stderr)
@@ -30,9 +30,10 @@ def _sidecar_config(args: argparse.Namespace) -> Any:
     cfg = load_sidecar_config(args.config)
     if args.instance_address:
         # A pod learns its IP only at start: the flag saves rewriting the file.
-        cfg = dataclasses.replace(
-            cfg, instance=dataclasses.replace(cfg.instance, address=args.instance_address)
+        address = check_instance_address(
+            args.instance_address, "--instance-address / $LEPTON_INSTANCE_ADDRESS"
         )
+        cfg = dataclasses.replace(cfg, instance=dataclasses.replace(cfg.instance, address=address))
     return cfg
 
 

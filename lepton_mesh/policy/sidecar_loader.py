@@ -111,6 +111,16 @@ def load_sidecar_config(path: str | os.PathLike[str]) -> SidecarConfig:
     return _build(docs[0].data, source, docs[0].lines, extra, base_dir)
 
 
+def check_instance_address(text: str, source: str) -> str:
+    """`text` as `instance.address` would accept it, from `source` (a flag, a variable);
+    raises `ConfigError` naming `source` and the field."""
+    problems: list[Problem] = []
+    host = _host(Checker(source, {}, problems), text, ("instance", "address"))
+    if host is None:
+        raise ConfigError(problems)
+    return host
+
+
 def sidecar_config_from_mapping(
     data: Any,
     source: str,

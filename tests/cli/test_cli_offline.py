@@ -75,6 +75,32 @@ async def test_sidecar_config_problems(cli_env, tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("address", "problem"),
+    [
+        ("10.0.0.5:80", "'10.0.0.5:80' is not an IP address or host name (no port here)"),
+        ("0.0.0.0", "'0.0.0.0' is a wildcard: give the address callers reach this instance at"),
+        ("not a host!", "'not a host!' is not an IP address or host name (no port here)"),
+    ],
+)
+@pytest.mark.parametrize("via", ["flag", "variable"])
+async def test_a_bad_instance_address_is_refused_before_listening(
+    cli_env, tmp_path: Path, address: str, problem: str, via: str
+) -> None:
+    path = write(tmp_path, "sidecar.yaml", "service: chat\napp: 127.0.0.1:8080\n")
+    args = ["sidecar", "--config", path]
+    env = dict(cli_env)
+    if via == "flag":
+        args += ["--instance-address", address]
+    else:
+        env["LEPTON_INSTANCE_ADDRESS"] = address
+    result = await run_cli(env, *args)
+    assert result.code == 2
+    assert result.err.splitlines()[0] == (
+        f"--instance-address / $LEPTON_INSTANCE_ADDRESS: instance.address: {problem}"
+    )
+
+
 async def test_yaml_syntax_and_missing_paths(cli_env, tmp_path: Path) -> None:
     path = write(tmp_path, "broken.yaml", "kind: Route\nmetadata: {name: x\n")
     result = await run_cli(cli_env, "validate", path)
