@@ -442,25 +442,23 @@ class InboundGuard:
             tuple([(n, v) for n, _, v in facts.kept if n in names]) if names else (),
         )
         hit = self._admissions.get(key)
-        if hit is not None and hit.fresh(self.state.wall):
-            self._replay(ex, hit)
-        else:
+        if hit is None or not hit.fresh(self.state.wall):
             self._admit(ex, key, may_wait)
-
-    def _replay(self, ex: Admitting, a: Admission) -> None:
-        if a.target is not None:
-            ex.facts.target = a.target
-        out = ex.sec = a.outcome
-        state = self.state
-        if a.jwt_key is not None:
-            jwt_counts = state.jwt_counts
-            jwt_counts[a.jwt_key] = jwt_counts.get(a.jwt_key, 0) + 1
-        authz_counts = state.authz_counts
-        for k in a.authz_keys:
-            authz_counts[k] = authz_counts.get(k, 0) + 1
-        if a.rate_plan is not None and not self._rate_ok(ex, out, a.rate_plan):
             return
-        ex.admitted(a.extra, a.remove)
+        # A replay (one function: this is the path nearly every request takes).
+        if hit.target is not None:
+            facts.target = hit.target
+        out = ex.sec = hit.outcome
+        state = self.state
+        if hit.jwt_key is not None:
+            jwt_counts = state.jwt_counts
+            jwt_counts[hit.jwt_key] = jwt_counts.get(hit.jwt_key, 0) + 1
+        authz_counts = state.authz_counts
+        for k in hit.authz_keys:
+            authz_counts[k] = authz_counts.get(k, 0) + 1
+        if hit.rate_plan is not None and not self._rate_ok(ex, out, hit.rate_plan):
+            return
+        ex.admitted(hit.extra, hit.remove)
 
     def _rate_ok(self, ex: Admitting, out: SecurityOutcome, plan: RatePlan) -> bool:
         """Take the rate-limit tokens `plan` names; False when `ex` was answered 429."""
