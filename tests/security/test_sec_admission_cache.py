@@ -36,6 +36,7 @@ from lepton_mesh.policy.security import (
     SecurityPolicies,
     Source,
 )
+from lepton_mesh.proxy.security import inbound_policy
 from lepton_mesh.proxy.security.inbound_policy import InboundState
 from lepton_mesh.proxy.snapshot import Snapshot
 
@@ -201,4 +202,37 @@ async def test_a_token_taken_out_of_a_cookie_is_not_cached(secured, app: EchoApp
         assert echoed(r, "cookie") == ["theme=dark"]
         assert echoed(r, "x-user-id") == ["alice"]
     assert sc.snapshot.guard.cached_admissions == 0
+    await c.close()
+
+
+async def test_a_token_taken_out_of_the_query_is_removed_on_every_replay(secured, app: EchoApp):
+    p = provider(
+        jwks=KEYS,
+        from_headers=(),
+        from_params=("access_token",),
+        forward_original_token=False,
+        claims_to_headers=(ClaimToHeader("sub", "x-user-id"),),
+    )
+    sc = await secured(SecurityPolicies(authentication=authentication(p)))
+    c = await Client.connect(sc.addresses["inbound"])
+    for _ in range(3):
+        r = await c.request("GET", f"/v1/items?access_token={mint(RSA)}&page=2")
+        assert r.status == 200
+        assert r.json()["target"] == "/v1/items?page=2"
+        assert echoed(r, "x-user-id") == ["alice"]
+    await c.close()
+
+
+async def test_the_cache_is_bounded(secured, app: EchoApp, monkeypatch):
+    monkeypatch.setattr(inbound_policy, "ADMISSIONS_MAX", 3)
+    sc = await secured(
+        SecurityPolicies(authentication=authentication(PROVIDER), authorization=(TENANT_ONLY,))
+    )
+    c = await Client.connect(sc.addresses["inbound"])
+    headers = bearer(mint(RSA))
+    for i in range(3):
+        assert (await c.request("GET", f"/v1/items-{i}", headers)).status == 200
+    assert sc.snapshot.guard.cached_admissions == 3
+    assert (await c.request("GET", "/v1/items-3", headers)).status == 200
+    assert sc.snapshot.guard.cached_admissions == 1  # full: cleared, then this one
     await c.close()
