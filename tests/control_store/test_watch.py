@@ -27,14 +27,31 @@ async def _write_each(store: Store, keys: list[str], value: bytes = b"") -> list
     return sorted(revisions)
 
 
-async def _collect(store: Store, prefix: str, start: int, count: int, **kw) -> list[Event]:
-    events: list[Event] = []
-    async with asyncio.timeout(30):
-        async for batch in store.watch_prefix(prefix, start, **kw):
-            events += batch
-            if len(events) >= count:
-                return events
+async def _collect(
+    store: Store,
+    prefix: str,
+    start: int,
+    count: int,
+    *,
+    into: list[Event] | None = None,
+    timeout: float | None = 30,
+) -> list[Event]:
+    """Watch until `count` events arrived (into `into`, so a caller sees progress)."""
+    events: list[Event] = [] if into is None else into
+    try:
+        async with asyncio.timeout(timeout):
+            async for batch in store.watch_prefix(prefix, start):
+                events += batch
+                if len(events) >= count:
+                    return events
+    except TimeoutError:
+        raise AssertionError(_progress(events, count, start, timeout)) from None
     return events
+
+
+def _progress(events: list[Event], count: int, start: int, within: float | None) -> str:
+    last = events[-1].revision if events else None
+    return f"{len(events)} of {count} events within {within} s (from revision {start}, last {last})"
 
 
 async def test_batches_are_whole_revisions_in_order(etcd: EtcdTarget, etcd_store: Store) -> None:
@@ -124,14 +141,23 @@ async def test_live_watch_survives_restarts_while_writing(etcd_private: LocalEtc
     try:
         start = await writer.revision() + 1
         total = 1500
-        collector = asyncio.create_task(_collect(watcher, "/live/", start, total))
+        events: list[Event] = []
+        # No deadline while etcd restarts (a loaded CI machine may take its
+        # time; the test's own timeout bounds that): the watch must deliver
+        # everything within 30 s of the last write.
+        collector = asyncio.create_task(
+            _collect(watcher, "/live/", start, total, into=events, timeout=None)
+        )
         written = await _write_each(writer, [f"/live/a{i:04d}" for i in range(500)])
         await asyncio.to_thread(etcd_private.restart)
         written += await _write_each(writer, [f"/live/b{i:04d}" for i in range(500)])
         etcd_private.kill()
         await asyncio.to_thread(etcd_private.start)
         written += await _write_each(writer, [f"/live/c{i:04d}" for i in range(500)])
-        events = await collector
+        try:
+            await asyncio.wait_for(collector, 30)
+        except TimeoutError:
+            raise AssertionError(_progress(events, total, start, 30)) from None
         assert [e.revision for e in events] == written
         assert len({e.key for e in events}) == total
     finally:

@@ -416,8 +416,8 @@ class Traffic:
                 resp = conn.getresponse()
                 body = resp.read().decode(errors="replace")
                 if resp.status == 200:
+                    self.by_body[body] += 1  # before `ok`: who waits on `ok` sees both
                     self.ok += 1
-                    self.by_body[body] += 1
                 else:
                     reason = resp.headers.get("x-lepton-reason", "")
                     self.failures.append((time.monotonic(), f"{resp.status} {reason} {body}"))
