@@ -230,15 +230,15 @@ def test_a_closed_file_disables_the_log(capsys: pytest.CaptureFixture[str]) -> N
 
 
 class Finished:
-    """Stands for an exchange: its line is built from what it holds when rendered."""
+    """Stands for an exchange: its line is built from what it held when it ended."""
 
     def __init__(self, i: int) -> None:
         self.i = i
         self.renders = 0
 
-    def render(self, at: float) -> dict:
+    def render(self, took: float) -> dict:
         self.renders += 1
-        return {**record(self.i), "duration_ms": at}
+        return {**record(self.i), "duration_ms": took}
 
 
 def test_a_deferred_line_is_built_only_when_the_batch_leaves() -> None:
@@ -285,7 +285,7 @@ def test_a_failing_render_costs_its_line_only() -> None:
     stream = ListStream()
     log = AccessLog(True, stream, FakeLoop())  # type: ignore[arg-type]
 
-    def broken(at: float) -> dict:
+    def broken(item: object) -> dict:
         raise KeyError("a bug in one line")
 
     log.defer(Finished(0).render, 0.0)

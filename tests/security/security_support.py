@@ -344,8 +344,8 @@ class LogCapture:
     def log(self, record: dict[str, Any]) -> None:
         self.records.append(record)
 
-    def defer(self, render: Callable[[float], dict[str, Any]], at: float) -> None:
-        self.records.append(render(at))  # the real log builds it later; the record is the same
+    def defer(self, render: Callable[[Any], dict[str, Any]], item: Any) -> None:
+        self.records.append(render(item))  # the real log builds it later; the record is the same
 
     def close(self) -> None:
         pass

@@ -797,48 +797,112 @@ class Exchange:
         if notify and not tunneled:
             self.down.exchange_done(self, abort=abort)
 
-    def upstream_address(self) -> str:
-        return self.pool.address_text if self.pool is not None else "-"
-
     def destination(self) -> str:
         """The service label of this exchange (the backend's service, else the one named)."""
         if self.cluster is not None:
             return self.cluster.service
         return self.target.name if self.target is not None else "unknown"
 
-    def log_record(self, now: float) -> dict[str, object]:
-        facts = self.facts
-        record: dict[str, object] = {
-            "time": _iso(self.start_wall),
-            "reporter": self.down.listener.reporter,
-            "method": facts.method.decode("latin-1"),
-            "authority": facts.authority.decode("latin-1"),
-            "path": facts.target.decode("latin-1"),
-            "protocol": "HTTP/" + self.version,
-            "status": self.status,
-            "reason": self.reason,
-            # Milliseconds to the microsecond (truncated: a third of round()'s cost).
-            "duration_ms": int((now - self.start) * 1e6) / 1000,
-            "upstream_ms": int((now - self.upstream_start) * 1e6) / 1000
-            if self.upstream_start
-            else None,
-            "request_bytes": self.req_bytes,
-            "response_bytes": self.resp_bytes,
-            "upstream": self.upstream_address(),
-            "backend": self.cluster.label if self.cluster is not None else None,
-            "rule": self.rt.name if self.rt is not None else None,
-            "request_id": facts.request_id.decode("latin-1"),
-            "traceparent": facts.traceparent.decode("latin-1"),
-            "attempts": self.attempts,
-            "downstream": self.down.client_ip_str,
-        }
-        if self.sec is not None:
-            record.update(self.sec.log_fields())
-        return record
+    def log_entry(self, now: float) -> LogEntry:
+        """What this exchange's access-log line needs, taken as it ends.
+
+        The line itself is built later (`render_log_line`, when the access
+        log's batch leaves). The entry must not keep the client connection
+        alive until then: a closed TLS connection's transport holds its
+        buffers (~256 KiB), and holding a few hundred of them under
+        connection churn added ~30 MB to the peak.
+        """
+        down = self.down
+        return (
+            self.facts,
+            self.sec,
+            down.listener.reporter,
+            down.client_ip_str,
+            self.version,
+            self.status,
+            self.reason,
+            self.start_wall,
+            now - self.start,
+            now - self.upstream_start if self.upstream_start else None,
+            self.req_bytes,
+            self.resp_bytes,
+            self.pool,
+            self.cluster,
+            self.rt,
+            self.attempts,
+        )
 
     def peer_workload(self) -> str | None:
         """The calling workload as its sidecar named it (inbound side)."""
         return header_value(self.facts, b"x-lepton-peer")
+
+
+# Exchange.log_entry's fields, in order (see render_log_line).
+LogEntry = tuple[
+    "RequestFacts",
+    "SecurityOutcome | None",
+    str,
+    str,
+    str,
+    int,
+    str,
+    float,
+    float,
+    "float | None",
+    int,
+    int,
+    "EndpointPool | None",
+    "Cluster | None",
+    "RuleRuntime | None",
+    int,
+]
+
+
+def render_log_line(entry: LogEntry) -> dict[str, object]:
+    """One access-log line from `Exchange.log_entry` (docs/operations.md lists the fields)."""
+    (
+        facts,
+        sec,
+        reporter,
+        client,
+        version,
+        status,
+        reason,
+        wall,
+        took,
+        upstream_took,
+        req_bytes,
+        resp_bytes,
+        pool,
+        cluster,
+        rt,
+        attempts,
+    ) = entry
+    record: dict[str, object] = {
+        "time": _iso(wall),
+        "reporter": reporter,
+        "method": facts.method.decode("latin-1"),
+        "authority": facts.authority.decode("latin-1"),
+        "path": facts.target.decode("latin-1"),
+        "protocol": "HTTP/" + version,
+        "status": status,
+        "reason": reason,
+        # Milliseconds to the microsecond (truncated: a third of round()'s cost).
+        "duration_ms": int(took * 1e6) / 1000,
+        "upstream_ms": int(upstream_took * 1e6) / 1000 if upstream_took is not None else None,
+        "request_bytes": req_bytes,
+        "response_bytes": resp_bytes,
+        "upstream": pool.address_text if pool is not None else "-",
+        "backend": cluster.label if cluster is not None else None,
+        "rule": rt.name if rt is not None else None,
+        "request_id": facts.request_id.decode("latin-1"),
+        "traceparent": facts.traceparent.decode("latin-1"),
+        "attempts": attempts,
+        "downstream": client,
+    }
+    if sec is not None:
+        record.update(sec.log_fields())
+    return record
 
 
 def _response_remove(rt: RuleRuntime | None, outbound: bool) -> frozenset[bytes]:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from lepton_mesh.proxy.errors import ProxyError
 from lepton_mesh.proxy.http.downstream import DownstreamProtocol
+from lepton_mesh.proxy.http.exchange import render_log_line
 from lepton_mesh.proxy.l4.tcp_proxy import InboundTunnels
 from lepton_mesh.proxy.security.mtls import InboundTls, TlsAcceptor
 
@@ -154,7 +155,7 @@ class HttpListener:
         )
         log = sidecar.access_log
         if log.enabled:
-            log.defer(ex.log_record, now)  # built when the batch leaves
+            log.defer(render_log_line, ex.log_entry(now))  # built when the batch leaves
 
     def record_reject(
         self, err: ProxyError, method: bytes, url: bytes, client: str, request_id: bytes

@@ -1,7 +1,7 @@
 """The sidecar's access log: one JSON object per line, batched, bounded.
 
-Hot path: `defer(render, at)` appends one tuple; the line is built
-(`render(at)` -> dict -> one `orjson.dumps`) when the batch leaves, in one
+Hot path: `defer(render, item)` appends one pair; the line is built
+(`render(item)` -> dict -> one `orjson.dumps`) when the batch leaves, in one
 tight loop over up to `DEFER_MAX` entries. Measured in a running sidecar,
 building and encoding a line per request inline cost ~15 us of a ~65 us
 hop: cold caches between the many small steps of a request, not the encoder
@@ -19,9 +19,10 @@ otherwise block the whole proxy inside `write()`. The loop only hands a
 joined batch over a queue.
 
 Invariants:
-- A deferred entry's `render` only reads what no longer changes (the caller
-  passes the moment it finished in `at`); entries are rendered in order,
-  before any line logged after them, and at most `DEFER_MAX` wait.
+- A deferred `item` holds only what no longer changes, and nothing large
+  (not the connection: the log would keep closed connections' buffers
+  alive); entries are rendered in order, before any line logged after them,
+  and at most `DEFER_MAX` wait.
 - Bytes held = bytes in the buffer + bytes handed to the writer and not yet
   written. It never exceeds `max_bytes` (1 MiB): a line that would pass it is
   dropped and counted in `dropped`. Lines that cannot be serialized are
@@ -53,7 +54,7 @@ MAX_BYTES = 1024 * 1024
 FLUSH_INTERVAL_S = 0.1
 DEFER_MAX = 256  # deferred entries waiting: bounds what they keep alive
 
-Render = Callable[[float], dict[str, Any]]
+Render = Callable[[Any], dict[str, Any]]
 
 _OPTIONS = orjson.OPT_APPEND_NEWLINE
 
@@ -102,7 +103,7 @@ class AccessLog:
         self._interval = flush_interval
         # Loop-thread state: lines not yet handed over, their size, the timer.
         self._buf: list[bytes] = []
-        self._later: list[tuple[Render, float]] = []
+        self._later: list[tuple[Render, Any]] = []
         self._buffered = 0
         self._timer: asyncio.TimerHandle | None = None
         self._handed = 0
@@ -116,12 +117,12 @@ class AccessLog:
 
     # -- hot path ------------------------------------------------------------
 
-    def defer(self, render: Render, at: float) -> None:
-        """A line that `render(at)` builds when the batch leaves, not now."""
+    def defer(self, render: Render, item: Any) -> None:
+        """A line that `render(item)` builds when the batch leaves, not now."""
         if not self.enabled:
             return
         later = self._later
-        later.append((render, at))
+        later.append((render, item))
         if len(later) >= DEFER_MAX:
             self.flush()
         elif self._timer is None:
@@ -156,9 +157,9 @@ class AccessLog:
         later = self._later
         self._later = []
         add = self._add
-        for render, at in later:
+        for render, item in later:
             try:
-                record = render(at)
+                record = render(item)
             except Exception:  # a bug of ours in one line must not cost the batch
                 self.dropped += 1
                 continue

@@ -1,0 +1,48 @@
+"""The access log of a running sidecar: a finished exchange's line waits for its batch
+without keeping the client connection alive, and says what happened."""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import orjson
+from proxy_harness import Upstream, client, get, outbound, wait_for
+
+from lepton_mesh.proxy.http.downstream import DownstreamProtocol
+from lepton_mesh.proxy.observe.access_log import AccessLog
+
+
+def live_connections(listener: object) -> list[DownstreamProtocol]:
+    """Every client-connection object of `listener` still in memory."""
+    gc.collect()
+    return [
+        o for o in gc.get_objects() if type(o) is DownstreamProtocol and o.listener is listener
+    ]
+
+
+async def test_a_waiting_line_keeps_no_connection_alive(sidecars, echo: Upstream) -> None:
+    sc = await sidecars(app=echo.address, services={"svc": echo.address})
+    r, w = os.pipe()
+    with open(w, "wb") as stream:
+        # Lines leave only on flush(): the one below waits while its connection closes.
+        sc.access_log = AccessLog(True, stream, flush_interval=3600)
+        listener = sc.outbound
+        async with client(outbound(sc)) as c:
+            resp = await c.request(get("/v1/classify?x=1", headers=[("x-request-id", "rid-42")]))
+            assert resp.status == 200
+            assert len(live_connections(listener)) == 1
+        await wait_for(lambda: not listener.connections, what="the connection to close")
+        assert sc.access_log.held_bytes == 0  # the line has not been built yet...
+        assert live_connections(listener) == [], "...and must not keep the connection alive"
+
+        sc.access_log.close()
+        sc.access_log = AccessLog(False)  # what the fixture's teardown closes
+        line = orjson.loads(os.read(r, 1 << 16))
+    os.close(r)
+    assert line["request_id"] == "rid-42"
+    assert (line["method"], line["authority"], line["path"]) == ("GET", "svc", "/v1/classify?x=1")
+    assert (line["status"], line["reason"], line["reporter"]) == (200, "-", "source")
+    assert line["upstream"] == str(echo.address) and line["backend"] == "svc"
+    assert line["attempts"] == 1 and line["downstream"] == "127.0.0.1"
+    assert 0 < line["upstream_ms"] <= line["duration_ms"]
