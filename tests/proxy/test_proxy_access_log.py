@@ -16,9 +16,7 @@ from lepton_mesh.proxy.observe.access_log import AccessLog
 def live_connections(listener: object) -> list[DownstreamProtocol]:
     """Every client-connection object of `listener` still in memory."""
     gc.collect()
-    return [
-        o for o in gc.get_objects() if type(o) is DownstreamProtocol and o.listener is listener
-    ]
+    return [o for o in gc.get_objects() if type(o) is DownstreamProtocol and o.listener is listener]
 
 
 async def test_a_waiting_line_keeps_no_connection_alive(sidecars, echo: Upstream) -> None:
