@@ -245,7 +245,7 @@ def test_a_deferred_line_is_built_only_when_the_batch_leaves() -> None:
     loop, stream = FakeLoop(), ListStream()
     log = AccessLog(True, stream, loop)  # type: ignore[arg-type]
     ex = Finished(7)
-    log.defer(ex.render, 1.5)
+    log.defer(ex.render, 1.5, 100)
     assert ex.renders == 0 and len(loop.live()) == 1  # queued, with the flush timer armed
     loop.fire()
     assert log.wait_written(5)
@@ -258,9 +258,9 @@ def test_a_deferred_line_is_built_only_when_the_batch_leaves() -> None:
 def test_deferred_and_ready_lines_keep_their_order() -> None:
     stream = ListStream()
     log = AccessLog(True, stream, FakeLoop())  # type: ignore[arg-type]
-    log.defer(Finished(0).render, 0.0)
+    log.defer(Finished(0).render, 0.0, 100)
     log.log(record(1))  # a reject logged after it: the deferred line is built first
-    log.defer(Finished(2).render, 0.0)
+    log.defer(Finished(2).render, 0.0, 100)
     log.close()
     ids = [orjson.loads(x)["request_id"] for x in stream.data.splitlines()]
     assert ids == ["00000000", "00000001", "00000002"]
@@ -271,14 +271,28 @@ def test_at_most_defer_max_entries_wait() -> None:
     log = AccessLog(True, stream, loop)  # type: ignore[arg-type]
     entries = [Finished(i) for i in range(DEFER_MAX)]
     for ex in entries[:-1]:
-        log.defer(ex.render, 0.0)
+        log.defer(ex.render, 0.0, 100)
     assert all(ex.renders == 0 for ex in entries)
-    log.defer(entries[-1].render, 0.0)  # the one that reaches the bound flushes the batch
+    log.defer(entries[-1].render, 0.0, 100)  # the one that reaches the bound flushes the batch
     assert all(ex.renders == 1 for ex in entries)
     assert loop.live() == []
     assert log.wait_written(5)
     assert len(stream.data.splitlines()) == DEFER_MAX
     log.close()
+
+
+def test_what_deferred_entries_hold_is_bounded_in_bytes_too() -> None:
+    loop, stream = FakeLoop(), ListStream()
+    log = AccessLog(True, stream, loop)  # type: ignore[arg-type]
+    big = [Finished(i) for i in range(3)]  # entries holding ~30 KB each (a long URL)
+    log.defer(big[0].render, 0.0, 30_000)
+    log.defer(big[1].render, 0.0, 30_000)
+    assert [ex.renders for ex in big] == [0, 0, 0]  # 60,000 bytes wait: under 64 KiB
+    log.defer(big[2].render, 0.0, 30_000)
+    assert [ex.renders for ex in big] == [1, 1, 1]  # past 64 KiB: the batch left
+    assert loop.live() == []
+    log.close()
+    assert len(stream.data.splitlines()) == 3
 
 
 def test_a_failing_render_costs_its_line_only() -> None:
@@ -288,9 +302,9 @@ def test_a_failing_render_costs_its_line_only() -> None:
     def broken(item: object) -> dict:
         raise KeyError("a bug in one line")
 
-    log.defer(Finished(0).render, 0.0)
-    log.defer(broken, 0.0)
-    log.defer(Finished(2).render, 0.0)
+    log.defer(Finished(0).render, 0.0, 100)
+    log.defer(broken, 0.0, 100)
+    log.defer(Finished(2).render, 0.0, 100)
     log.close()
     ids = [orjson.loads(x)["request_id"] for x in stream.data.splitlines()]
     assert ids == ["00000000", "00000002"]
@@ -303,7 +317,7 @@ def test_deferred_lines_obey_the_byte_bound() -> None:
     log = AccessLog(True, stream, FakeLoop(), flush_bytes=4096, max_bytes=32768)  # type: ignore[arg-type]
     line_len = len(orjson.dumps(Finished(0).render(0.0))) + 1
     for i in range(1000):
-        log.defer(Finished(i).render, 0.0)
+        log.defer(Finished(i).render, 0.0, 100)
     log.flush()
     kept = 32768 // line_len
     assert log.dropped == 1000 - kept
@@ -317,6 +331,6 @@ def test_disabled_log_defers_nothing() -> None:
     stream = ListStream()
     log = AccessLog(False, stream, FakeLoop())  # type: ignore[arg-type]
     ex = Finished(0)
-    log.defer(ex.render, 0.0)
+    log.defer(ex.render, 0.0, 100)
     log.close()
     assert ex.renders == 0 and stream.data == b""

@@ -344,7 +344,7 @@ class LogCapture:
     def log(self, record: dict[str, Any]) -> None:
         self.records.append(record)
 
-    def defer(self, render: Callable[[Any], dict[str, Any]], item: Any) -> None:
+    def defer(self, render: Callable[[Any], dict[str, Any]], item: Any, size: int) -> None:
         self.records.append(render(item))  # the real log builds it later; the record is the same
 
     def close(self) -> None:

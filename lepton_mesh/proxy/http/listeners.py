@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from lepton_mesh.proxy.errors import ProxyError
 from lepton_mesh.proxy.http.downstream import DownstreamProtocol
-from lepton_mesh.proxy.http.exchange import render_log_line
+from lepton_mesh.proxy.http.exchange import log_entry_bytes, render_log_line
 from lepton_mesh.proxy.l4.tcp_proxy import InboundTunnels
 from lepton_mesh.proxy.security.mtls import InboundTls, TlsAcceptor
 
@@ -155,7 +155,8 @@ class HttpListener:
         )
         log = sidecar.access_log
         if log.enabled:
-            log.defer(render_log_line, ex.log_entry(now))  # built when the batch leaves
+            entry = ex.log_entry(now)
+            log.defer(render_log_line, entry, log_entry_bytes(entry))  # built when the batch leaves
 
     def record_reject(
         self, err: ProxyError, method: bytes, url: bytes, client: str, request_id: bytes

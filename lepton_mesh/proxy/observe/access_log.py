@@ -21,8 +21,9 @@ joined batch over a queue.
 Invariants:
 - A deferred `item` holds only what no longer changes, and nothing large
   (not the connection: the log would keep closed connections' buffers
-  alive); entries are rendered in order, before any line logged after them,
-  and at most `DEFER_MAX` wait.
+  alive); entries are rendered in order, before any line logged after them.
+  At most `DEFER_MAX` wait, holding at most `flush_bytes` (as their `size`
+  says) plus the last one.
 - Bytes held = bytes in the buffer + bytes handed to the writer and not yet
   written. It never exceeds `max_bytes` (1 MiB): a line that would pass it is
   dropped and counted in `dropped`. Lines that cannot be serialized are
@@ -69,6 +70,7 @@ class AccessLog:
         "_handed",
         "_interval",
         "_later",
+        "_later_bytes",
         "_loop",
         "_max_bytes",
         "_queue",
@@ -104,6 +106,7 @@ class AccessLog:
         # Loop-thread state: lines not yet handed over, their size, the timer.
         self._buf: list[bytes] = []
         self._later: list[tuple[Render, Any]] = []
+        self._later_bytes = 0
         self._buffered = 0
         self._timer: asyncio.TimerHandle | None = None
         self._handed = 0
@@ -117,13 +120,17 @@ class AccessLog:
 
     # -- hot path ------------------------------------------------------------
 
-    def defer(self, render: Render, item: Any) -> None:
-        """A line that `render(item)` builds when the batch leaves, not now."""
+    def defer(self, render: Render, item: Any, size: int) -> None:
+        """A line that `render(item)` builds when the batch leaves, not now.
+
+        `size`: roughly the bytes `item` holds; deferred entries leave at
+        `flush_bytes` of them too, so what waits stays bounded in bytes."""
         if not self.enabled:
             return
         later = self._later
         later.append((render, item))
-        if len(later) >= DEFER_MAX:
+        self._later_bytes += size
+        if len(later) >= DEFER_MAX or self._later_bytes >= self._flush_bytes:
             self.flush()
         elif self._timer is None:
             self._arm()
@@ -156,6 +163,7 @@ class AccessLog:
     def _render_later(self) -> None:
         later = self._later
         self._later = []
+        self._later_bytes = 0
         add = self._add
         for render, item in later:
             try:
