@@ -12,7 +12,6 @@ import asyncio
 import http.client
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -26,14 +25,9 @@ from lepton_mesh.control.etcd_local import die_with_parent_prefix
 from lepton_mesh.policy.sidecar_loader import load_sidecar_config
 from lepton_mesh.proxy.sidecar import Sidecar
 from tests.control.conftest import Replicas, eventually
+from tests.support.ports import free_port
 
 LOCAL = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOCAL, 0))
-        return int(s.getsockname()[1])
 
 
 class App:

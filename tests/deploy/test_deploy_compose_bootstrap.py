@@ -19,7 +19,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,14 +32,10 @@ import pytest
 import yaml
 from deploy_support import COMPOSE_DIR, REPO, controls, mounts, services, sidecars
 
+from tests.support.ports import free_port
+
 DEADLINE_S = 30.0
 SIDECAR = "intent"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Volumes:

@@ -33,12 +33,6 @@ REPO = Path(__file__).resolve().parents[2]
 DEADLINE = 15.0  # seconds: any wait for a state that should come much sooner
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOCAL, 0))
-        return s.getsockname()[1]
-
-
 async def eventually(
     check: Callable[[], bool | Awaitable[bool]], what: str, timeout: float = DEADLINE
 ) -> None:
@@ -208,6 +202,13 @@ def get(url, timeout=5):
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
+def wait_for_signals():
+    # Not signal.pause(): a signal landing after Python's last check and before
+    # the pause() call leaves its handler waiting for a second signal that never
+    # comes. A short sleep is cut short by a signal, or ends, and either way
+    # the handler runs within 50 ms.
+    while True:
+        time.sleep(0.05)
 """
 
 

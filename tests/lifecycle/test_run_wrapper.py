@@ -15,7 +15,6 @@ from lifecycle_support import (
     ControlPeer,
     Upstream,
     eventually,
-    free_port,
     gone,
     group_empty,
     http_get,
@@ -26,6 +25,7 @@ from lifecycle_support import (
 )
 
 from lepton_mesh import meshproto as mp
+from tests.support.ports import free_port
 
 HOLD_WINDOW = 0.6  # seconds the control peer holds the first snapshot back
 
@@ -96,8 +96,7 @@ async def test_signals_are_forwarded_once_to_the_app_in_its_own_group(tmp_path) 
                   signal.SIGINT, signal.SIGTERM):
             signal.signal(s, on)
         say("ready", pid=os.getpid(), pgid=os.getpgid(0), sid=os.getsid(0))
-        while True:
-            signal.pause()
+        wait_for_signals()
         """,
     )
     try:
@@ -243,8 +242,7 @@ async def test_the_app_goes_when_the_wrapper_is_killed(tmp_path) -> None:
             sys.exit(0)
         signal.signal(signal.SIGTERM, on_term)
         say("ready", pid=os.getpid())
-        while True:
-            signal.pause()
+        wait_for_signals()
         """,
     )
     try:

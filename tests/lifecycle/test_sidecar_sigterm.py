@@ -13,12 +13,13 @@ from lifecycle_support import (
     LOCAL,
     Upstream,
     eventually,
-    free_port,
     http_get,
     refuses,
     sidecar_config,
     start,
 )
+
+from tests.support.ports import free_port
 
 DRAIN = 2.0  # seconds: long enough for the checks below to run inside it
 

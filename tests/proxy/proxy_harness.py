@@ -37,6 +37,7 @@ from lepton_mesh.policy.sidecar_config import (
     SidecarConfig,
     Timeouts,
 )
+from tests.support.ports import free_port
 
 # A generous bound for "this should happen promptly"; tests that measure
 # latency assert their own, much tighter bounds.
@@ -57,13 +58,6 @@ async def wait_for(
         if time.monotonic() > end:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
         await asyncio.sleep(0.005)
-
-
-def free_port() -> int:
-    """A port nothing listens on right now (for dead endpoints and subprocess configs)."""
-    with socket.socket() as s:
-        s.bind((LOCAL, 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------
