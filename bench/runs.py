@@ -155,7 +155,7 @@ def bare_proxy(bench: Bench) -> RunResult:
     """The floor for a Python proxy here (bench/bare_proxy.py): no feature, same pinning."""
     with bench.bare_proxy() as (pid, port):
         result = _throughput(bench, "bare_proxy", port, None, [pid])
-    result.extra["what"] = "reference: ~100-line uvloop+httptools proxy, no features"
+    result.extra["what"] = "reference: ~150-line uvloop+httptools proxy, no features"
     return result
 
 
