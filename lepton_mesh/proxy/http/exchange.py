@@ -246,9 +246,7 @@ class Exchange:
             facts,
             set_headers=rt.req_set,
             add_headers=rt.req_add,
-            remove=(rt.req_remove | remove if rt.req_remove else remove)
-            if remove
-            else rt.req_remove,
+            remove=_request_remove(rt.req_remove, remove),
             extra=extra,
         )
         if rt.fault is not None:
@@ -922,6 +920,14 @@ def render_log_line(entry: LogEntry) -> dict[str, object]:
     if sec is not None:
         record.update(sec.log_fields())
     return record
+
+
+def _request_remove(rule: frozenset[bytes], ours: frozenset[bytes] | None) -> frozenset[bytes]:
+    """Received headers not forwarded: the rule's and the inbound policy's (a new
+    set only when both name some: this runs per request)."""
+    if not ours:
+        return rule
+    return rule | ours if rule else ours
 
 
 def _response_remove(rt: RuleRuntime | None, outbound: bool) -> frozenset[bytes]:

@@ -1,6 +1,6 @@
 """The sidecar's access log: one JSON object per line, batched, bounded.
 
-Hot path: `defer(render, item)` appends one pair; the line is built
+Hot path: `defer(render, item, size)` appends one pair; the line is built
 (`render(item)` -> dict -> one `orjson.dumps`) when the batch leaves, in one
 tight loop over up to `DEFER_MAX` entries. Measured in a running sidecar,
 building and encoding a line per request inline cost ~15 us of a ~65 us

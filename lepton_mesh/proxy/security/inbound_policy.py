@@ -475,7 +475,7 @@ class InboundGuard:
             return False
         return True
 
-    def _admit(self, ex: Admitting, key: AdmissionKey | None, may_wait: bool) -> None:
+    def _admit(self, ex: Admitting, key: AdmissionKey, may_wait: bool) -> None:
         """The whole pipeline; an admitted request's outcome is cached under `key`."""
         facts = ex.facts
         down = ex.down
@@ -525,7 +525,7 @@ class InboundGuard:
                 if not self._rate_ok(ex, out, plan):
                     return
         extra = verified.header_lines if verified is not None else b""
-        if key is not None and not rewrote_headers:
+        if not rewrote_headers:
             target = facts.target if facts.target != sent_target else None
             self._remember(key, Admission(target, verified, out, out.authz, plan, extra, remove))
         ex.admitted(extra, remove)

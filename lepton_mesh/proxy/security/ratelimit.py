@@ -65,15 +65,12 @@ class RateLimitRuntime:
         self.clock = clock
         self.limited: dict[str, int] = previous.limited if previous is not None else {}
 
-    def check(self, req: AuthzRequest) -> None:
-        """Take a token for `req` or raise RateLimitedError."""
-        self.take(self.limiter.plan(req))
-
     def plan(self, req: AuthzRequest) -> RatePlan:
+        """The limits that select `req`, with its key values (reusable for requests alike)."""
         return self.limiter.plan(req)
 
     def take(self, plan: RatePlan) -> None:
-        """`check` for a request whose plan is known; RateLimitedError when refused."""
+        """Take a token from every limit in `plan`, or raise RateLimitedError."""
         decision = self.limiter.take(plan, self.clock())
         if decision.allowed:
             return
