@@ -406,18 +406,29 @@ class PolicyStore:
         # The revision read before the first transaction of unknown outcome: if
         # any of them landed, its record is after it.
         unknown_since: int | None = None
-        unknown: UnknownOutcome | None = None  # the last attempt's, if it was unknown
+        unknown: UnknownOutcome | None = None  # the first one, while it is unresolved
         for attempt in range(_RACE_RETRIES):
             if attempt:
                 await asyncio.sleep(random.uniform(0, _RACE_BACKOFF * attempt))  # retry backoff
-            state = await self._read()
-            if unknown_since is not None:
-                found = await self._find_write(write_id, unknown_since, state.revision)
-                if found is not None:
-                    return _result(found["revision"], found["changes"])
-            if base_revision is not None and base_revision != state.revision:
-                raise _conflict(base_revision, state.revision)
-            changes = await planner(state)
+            try:
+                state = await self._read()
+                if unknown_since is not None:
+                    found = await self._find_write(write_id, unknown_since, state.revision)
+                    if found is not None:
+                        return _result(found["revision"], found["changes"])
+                if base_revision is not None and base_revision != state.revision:
+                    raise _conflict(base_revision, state.revision)
+                changes = await planner(state)  # a rollback reads history from etcd
+            except StoreError as e:
+                if unknown_since is None or e.status < 500:
+                    raise
+                # etcd stopped answering after a transaction of unknown outcome:
+                # that one may have landed. Saying "unavailable" would make the
+                # caller apply it again; "unknown outcome" tells it to check history.
+                raise UnknownOutcome(
+                    f"a transaction's outcome is unknown and etcd no longer answers ({e.detail}): "
+                    f"check history for write {write_id} before applying again"
+                ) from e
             if dry_run or not changes:
                 return _result(state.revision, changes, dry_run=dry_run)
             record = {
@@ -434,16 +445,17 @@ class PolicyStore:
                 result = await self._store.txn([Compare.mod(REVISION_KEY, state.revision_mod)], ops)
             except UnknownOutcome as e:
                 _log.warning("policy write %s: outcome unknown; re-reading to find out", write_id)
-                unknown = e
                 if unknown_since is None:
-                    unknown_since = state.revision
+                    unknown, unknown_since = e, state.revision
                 continue
-            unknown = None
             if result.succeeded:
                 await self._catch_up(result.revision)
                 return _result(record["revision"], changes)
-            if base_revision is not None:
+            if base_revision is not None and unknown_since is None:
                 raise _conflict(base_revision, (await self._read()).revision)
+            # Without a base revision, recompute on fresh state. After an unknown
+            # outcome, the revision may have moved because that write landed late:
+            # the next read looks for it before calling anything a conflict.
         if unknown is not None:
             raise unknown  # still cannot tell: 503, and the caller is told to check history
         raise RevisionConflict(

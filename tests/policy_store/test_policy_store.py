@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 
 import orjson
 import pytest
 
+from lepton_mesh.control.etcd_local import LocalEtcd
 from lepton_mesh.control.policy_store import (
     HISTORY_PREFIX,
     POLICIES_PREFIX,
@@ -313,3 +316,41 @@ async def test_an_outcome_that_stays_unknown_is_reported_as_such(control: Contro
         await policies.apply(docs(dest()), who="alice")
     assert (info.value.status, info.value.reason) == (503, "store_unknown_outcome")
     assert await stored(control) == {}
+
+
+class _StallsAfterTxn(_Flaky):
+    """The transaction really lands, then etcd stalls (SIGSTOP) before its answer:
+    the store reports an unknown outcome, and the re-read that follows times out."""
+
+    def __init__(self, store, etcd: LocalEtcd) -> None:
+        super().__init__(store, applied=True)
+        self._etcd = etcd
+
+    async def txn(self, compares, success, failure=()):
+        if self.tripped:
+            return await self._store.txn(compares, success, failure)
+        self.tripped += 1
+        await self._store.txn(compares, success, failure)
+        assert self._etcd.pid is not None
+        os.kill(self._etcd.pid, signal.SIGSTOP)
+        raise UnknownOutcome("etcd txn: DEADLINE_EXCEEDED; it may have been applied")
+
+
+@pytest.mark.timeout(30)
+async def test_a_write_that_landed_while_etcd_stalled_is_reported_unknown_not_unavailable(
+    mesh_etcd: LocalEtcd,
+) -> None:
+    async with open_control(list(mesh_etcd.endpoints), timeout=0.5) as ctl:
+        stalls = _StallsAfterTxn(ctl.store, mesh_etcd)
+        policies = PolicyStore(stalls, ctl.cache)  # type: ignore[arg-type]
+        assert mesh_etcd.pid is not None
+        try:
+            with pytest.raises(UnknownOutcome) as info:
+                await policies.apply(docs(dest()), who="alice")
+        finally:
+            os.kill(mesh_etcd.pid, signal.SIGCONT)
+        assert (info.value.status, info.value.reason) == (503, "store_unknown_outcome")
+        assert "check history" in info.value.detail
+        # It did land, once: a client told "unavailable" would have applied it again.
+        kvs, _ = await ctl.store.get_prefix(HISTORY_PREFIX)
+        assert len(kvs) == 1
