@@ -54,6 +54,7 @@ from lepton_mesh.control.identity_service import (
     certificate_status,
     peer_certificate,
 )
+from lepton_mesh.control.registry import NodeIdTaken
 from lepton_mesh.control.snapshots import ALL, MeshIndex, Scope, content_digest
 from lepton_mesh.control.store import Event, StoreError, StoreUnavailable
 from lepton_mesh.identity.errors import CsrRejected
@@ -433,6 +434,10 @@ class _Stream(asyncio.Protocol):
                 applied_version=hello.applied_version,
                 identity=self._status_identity(),
             )
+        except NodeIdTaken as e:
+            log.warning("refused the hello of %s: %s", hello.node_id, e.detail)
+            self._fail(mp.Reason.NODE_ID_TAKEN, e.detail)
+            return
         except StoreError as e:
             log.info("registration of %s failed: %s", hello.node_id, e)
             self._fail(e.reason, f"registration failed: {e.detail}")

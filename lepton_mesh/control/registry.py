@@ -46,12 +46,14 @@ from lepton_mesh.control.store import (
     Put,
     Store,
     StoreError,
+    StoreUnavailable,
+    TxnResult,
 )
 
 if TYPE_CHECKING:
     from lepton_mesh.control.watch_cache import WatchCache
 
-__all__ = ["SIDECARS_PREFIX", "Registration", "Registry"]
+__all__ = ["SIDECARS_PREFIX", "NodeIdTaken", "Registration", "Registry"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,38 @@ SIDECARS_PREFIX = "/lepton/v1/sidecars/"
 # etcd refuses transactions of more than 128 operations by default; a
 # registration needs up to 2 compares and 2 puts.
 _BATCH = 32
+# A first registration reads who holds its node_id, then writes on condition
+# that nobody wrote it since; this many tries when others keep writing it.
+_CLAIM_TRIES = 3
+# What a node_id's holder is: a registration of another of these is not the
+# same sidecar reconnecting, and must not take the node_id over.
+_HOLDER_FIELDS = ("service", "namespace", "identity")
+
+
+class NodeIdTaken(Exception):
+    """The node_id is registered by another service, namespace or identity.
+
+    Not a store error: the hello is refused (the sidecar retries, and gets
+    in once the holder's registration is gone)."""
+
+    reason = "node_id_taken"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+def _holder(status: Mapping[str, Any]) -> tuple[Any, ...]:
+    return tuple(status.get(f) for f in _HOLDER_FIELDS)
+
+
+def _other_holder(held: Any, status: Mapping[str, Any]) -> str | None:
+    """Who else holds a node_id, as a message; None when `held` is ours (or unreadable)."""
+    if not isinstance(held, Mapping) or _holder(held) == _holder(status):
+        return None
+    namespace, service, identity = held.get("namespace"), held.get("service"), held.get("identity")
+    who = f"{namespace}/{service}" + (f" ({identity})" if identity else "")
+    return f"node_id {status['node_id']!r} is registered by {who}: choose another node_id"
 
 
 class Registration:
@@ -191,11 +225,13 @@ class Registry:
             **(identity or {}),
         }
         reg = Registration(node_id, inst, status)
+        old = self._local.get(node_id)
+        if old is not None and (taken := _other_holder(old.status, status)):
+            raise NodeIdTaken(taken)
         lease = await self._store.grant_lease(self.lease_ttl)
         try:
             reg.lease = lease
-            reg.instance_dirty = reg.status_dirty = True
-            result = await self._store.txn([], reg.puts())
+            result = await self._claim(reg)
         except BaseException:
             await _revoke_quietly(lease)
             raise
@@ -209,6 +245,22 @@ class Registry:
         if old is not None:  # a reconnect raced the old stream's close: the old one is stale
             self._supersede(old)
         return reg
+
+    async def _claim(self, reg: Registration) -> TxnResult:
+        """Write a new registration's keys unless another holder has its node_id
+        (on any replica: the status key in etcd says who). Raises `NodeIdTaken`."""
+        for _ in range(_CLAIM_TRIES):
+            kv = await self._store.get(reg.status_key)
+            if kv is not None:
+                with contextlib.suppress(orjson.JSONDecodeError):
+                    if taken := _other_holder(orjson.loads(kv.value), reg.status):
+                        raise NodeIdTaken(taken)
+            reg.instance_dirty = reg.status_dirty = True
+            compare = Compare.mod(reg.status_key, kv.mod_revision if kv is not None else 0)
+            result = await self._store.txn([compare], reg.puts())
+            if result.succeeded:
+                return result
+        raise StoreUnavailable(f"{reg.status_key} keeps changing: retry")
 
     async def deregister(self, reg: Registration) -> None:
         """The stream closed: revoke the lease now (its keys go with it)."""
@@ -398,12 +450,25 @@ class Registry:
                 reg.revisions[key] = 0  # lost with an expired lease: re-create it
             elif kv.lease == reg.lease.id:
                 reg.revisions[key] = kv.mod_revision  # our own write, its answer lost
+            elif key == reg.status_key and self._claimed_by_other(kv.value, reg):
+                # Another service took this node_id (a replica without the
+                # node_id check wrote it): not this sidecar registering again,
+                # so this one keeps it. Its next write takes the key back.
+                log.warning("%s: its status key was written by another holder; keeping it", key)
+                reg.revisions[key] = kv.mod_revision
             else:
                 self._supersede(reg)
                 return
         reg.instance_dirty = reg.status_dirty = True
         reg.due = 0.0
         self._wake.set()
+
+    @staticmethod
+    def _claimed_by_other(value: bytes, reg: Registration) -> bool:
+        try:
+            return _other_holder(orjson.loads(value), reg.status) is not None
+        except orjson.JSONDecodeError:
+            return False
 
     def abandon(self) -> None:
         """The replica is going away: forget every registration without revoking.

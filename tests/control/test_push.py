@@ -243,3 +243,32 @@ async def test_keys_deleted_behind_the_registrys_back_are_written_again(
     kv = await store.get(key)
     assert kv is not None and kv.lease == before.lease
     await peer.ping()  # not mistaken for a takeover: the stream stays
+
+
+async def test_a_node_id_held_by_another_service_is_refused_and_the_holder_stays(
+    replicas: Replicas, store: Store
+) -> None:
+    one, two = await replicas(), await replicas()
+    intent = await Peer.join(one.listen_port, hello("intent", "intent-1"))
+    before = await store.get("/lepton/v1/sidecars/intent-1")
+    assert before is not None
+    # On the holder's replica (its local registration says who holds it), and on
+    # another one (the status key in etcd says it).
+    for replica in (one, two):
+        impostor = await Peer.connect(replica.listen_port, hello("chat", "intent-1"))
+        msg = await impostor.recv()
+        assert isinstance(msg, mp.Error) and msg.reason == mp.Reason.NODE_ID_TAKEN, msg
+        assert "default/intent" in msg.detail
+        assert await impostor.recv() is None
+    await intent.ping()  # not superseded
+    after = await store.get("/lepton/v1/sidecars/intent-1")
+    assert after is not None and after.lease == before.lease
+    assert orjson.loads(after.value)["service"] == "intent"
+    assert await store.get(INSTANCE.format("intent", "intent-1")) is not None
+    assert await store.get(INSTANCE.format("chat", "intent-1")) is None
+    # The same service reconnecting still takes its node_id over.
+    again = await Peer.join(two.listen_port, hello("intent", "intent-1"))
+    intent.send(mp.Health(False))
+    msg = await intent.recv()
+    assert isinstance(msg, mp.Error) and msg.reason == "superseded"
+    await again.ping()
