@@ -424,6 +424,8 @@ def prepare_response_head(
                 upgrade_value = value
             continue
         if lname == b"content-length":
+            if status < 200 or status == 204:
+                continue  # never on 1xx or 204 (RFC 9110 section 8.6); kept on 304
             has_length = True
         kept.append((lname, name, value))
     dropped = connection_tokens(conn_values) - _PROTECTED if conn_values else ()
