@@ -1,6 +1,7 @@
 """What the sidecar accepts from an upstream and how it frames it for the client.
 
-Each upstream here is a raw socket server whose bytes the test writes.
+Each upstream here is a raw socket server whose bytes the test writes: bytes
+beyond a response, a bodyless status with Content-Length.
 """
 
 from __future__ import annotations
@@ -11,10 +12,90 @@ from proxy_harness import (
     get,
     http,
     outbound,
+    request_bytes,
     response_bytes,
 )
 
 pytestmark = pytest.mark.timeout(30)
+
+
+def _via_sidecar(resp) -> bool:
+    """The response is one the outbound sidecar framed, not raw upstream bytes."""
+    return resp.get("x-lepton-attempts") is not None
+
+
+# -- bytes beyond the response ------------------------------------------------
+
+
+async def test_partial_second_response_never_reaches_another_client(sidecars, upstreams) -> None:
+    """A started second response in the same segment: the connection is closed,
+    so the next request (from another client) gets a fresh connection."""
+
+    async def app(req, conn) -> bool | None:
+        if req.target == "/first":
+            await conn.send(
+                b"HTTP/1.1 200 X\r\ncontent-length: 5\r\n\r\nfirst"
+                b"HTTP/1.1 200 OK\r\ncontent-length: 60\r\n\r\nEVIL"
+            )
+            return None
+        await conn.send(response_bytes(200, b"genuine"))
+        return None
+
+    up = await upstreams(http(app))
+    sc = await sidecars(services={"svc": up.address})
+    async with client(outbound(sc)) as a:
+        first = await a.request(get("/first"))
+        assert (first.status, first.body) == (200, b"first")
+    async with client(outbound(sc)) as b:
+        second = await b.request(get("/second"))
+    assert (second.status, second.body) == (200, b"genuine")
+    assert _via_sidecar(second)
+    assert up.connections == 2
+
+
+async def test_pipelined_request_is_not_answered_by_surplus_response(sidecars, upstreams) -> None:
+    """A complete extra response in the same segment as the first one must not
+    answer the pipelined request that goes out on that connection next."""
+
+    async def app(req, conn) -> bool | None:
+        if req.target == "/1":
+            await conn.send(response_bytes(200, b"one") + response_bytes(200, b"spoofed"))
+            return None
+        await conn.send(response_bytes(200, req.target.encode()))
+        return None
+
+    up = await upstreams(http(app))
+    sc = await sidecars(services={"svc": up.address})
+    async with client(outbound(sc)) as c:
+        await c.send(get("/1") + get("/2"))
+        one = await c.response()
+        two = await c.response()
+    assert one.body == b"one"
+    assert (two.status, two.body) == (200, b"/2")
+    assert [r.target for r in up.requests] == ["/1", "/2"]
+
+
+async def test_head_response_with_body_bytes_closes_the_connection(sidecars, upstreams) -> None:
+    """A HEAD response followed by bytes (its body, wrongly sent): not reused."""
+
+    async def app(req, conn) -> bool | None:
+        if req.method == "HEAD":
+            await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+            return None
+        await conn.send(response_bytes(200, b"genuine"))
+        return None
+
+    up = await upstreams(http(app))
+    sc = await sidecars(services={"svc": up.address})
+    async with client(outbound(sc)) as c:
+        head = await c.request(request_bytes("HEAD", "/h"), method="HEAD")
+        assert (head.status, head.get("content-length")) == (200, "5")
+        resp = await c.request(get("/after"))
+    assert (resp.status, resp.body) == (200, b"genuine")
+    assert up.connections == 2
+
+
+# -- 101: the head before the tunnelled bytes -----------------------------------
 
 
 # -- Content-Length on responses without a body -----------------------------------

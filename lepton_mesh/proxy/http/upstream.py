@@ -6,6 +6,16 @@ connection sits idle in its pool nothing is bound; any byte or EOF then means
 the peer closed or broke the connection, so it is dropped from the pool and
 never handed out again.
 
+What the upstream may send (as nginx and Envoy hold it):
+- Exactly the response it was asked for. A byte after its end, in the same
+  read or later, means its framing cannot be trusted: the connection is
+  closed, never reused, so surplus bytes can never answer another request.
+  A response ends (and its connection goes back to the pool) only once the
+  parser has returned, never from inside a parser callback: a pipelined
+  request must not be bound to this connection while the read is parsed.
+  llhttp skips bare CR/LF between messages (as RFC 9112 section 2.2 lets a
+  recipient do); those alone are not counted.
+
 An mTLS connection (`secured`) also keeps its TLS session for the next
 connection to the endpoint once its first response is complete (a TLS 1.3
 ticket arrives after the handshake, before the response), and tells the
@@ -60,9 +70,14 @@ class _HeadResponseDone(Exception):
     """Raised inside the parser to stop it after a HEAD response's head."""
 
 
+class _Surplus(Exception):
+    """Raised inside the parser when a byte follows the complete response."""
+
+
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "_close_delimited",
+        "_complete",
         "_framed",
         "_headers",
         "_headers_done",
@@ -109,6 +124,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._keep_alive = True
         self._close_delimited = False
         self._framed = False
+        self._complete = False  # the final response ended in the read being parsed
 
     # -- asyncio callbacks -------------------------------------------------
 
@@ -151,12 +167,13 @@ class UpstreamConnection(asyncio.Protocol):
             self.exchange.resume_downstream()
 
     def data_received(self, data: bytes) -> None:
-        if self.exchange is None:
+        ex = self.exchange
+        if ex is None:
             # Bytes on an idle connection: the peer is confused or closing.
             self.close()
             return
         self.responded = True
-        down = self.exchange.down
+        down = ex.down
         down.cork()
         try:
             self._feed(data)
@@ -171,20 +188,33 @@ class UpstreamConnection(asyncio.Protocol):
             if ex is not None and self._status == 101:
                 self.exchange = None
                 ex.on_upgraded(data[exc.args[0] :])
+            return
         except httptools.HttpParserCallbackError as exc:
-            if isinstance(exc.__context__, _HeadResponseDone):
+            cause = exc.__context__
+            if isinstance(cause, _HeadResponseDone):
                 # A HEAD response ends with its head; llhttp cannot be told so,
                 # so this connection gets a fresh parser for the next response.
                 self.parser = httptools.HttpResponseParser(self)
-                self._finish(reusable=self._keep_alive)
-                return
-            self._protocol_error(str(exc))
+                self._finish(reusable=self._keep_alive and _ends_with_head(data))
+            elif self._complete:
+                self._finish(reusable=False)  # _Surplus: bytes after the response
+            else:
+                self._protocol_error(str(exc))
+            return
         except httptools.HttpParserError as exc:
-            self._protocol_error(str(exc))
+            if self._complete:
+                self._finish(reusable=False)  # what followed the response is not even HTTP
+            else:
+                self._protocol_error(str(exc))
+            return
+        if self._complete:
+            self._finish(reusable=self._keep_alive and not self._close_delimited)
 
     # -- httptools callbacks ----------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._complete:
+            raise _Surplus
         self._headers = []
         self._headers_done = False
         self._framed = False
@@ -223,7 +253,7 @@ class UpstreamConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if 100 <= self._status < 200:
             return  # an interim response; the final one follows on this connection
-        self._finish(reusable=self._keep_alive and not self._close_delimited)
+        self._complete = True  # finished by _feed once the parser returns
 
     # -- used by the exchange and the pool ---------------------------------
 
@@ -240,6 +270,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_request = head_request
         self.responded = False
         self._status = 0
+        self._complete = False
         if downstream_write_paused:
             self.gate.pause(PEER_BACKPRESSURE)
 
@@ -291,3 +322,13 @@ class UpstreamConnection(asyncio.Protocol):
                     "reset",
                 )
             )
+
+
+def _ends_with_head(data: bytes) -> bool:
+    """`data`, the read in which a HEAD response's head ended, holds nothing after it.
+
+    The head ends at the first CRLFCRLF; a read that starts with CR or LF may
+    be finishing a CRLFCRLF begun in the previous read, so it is not trusted
+    (the connection is then closed: rare, and always safe).
+    """
+    return data.find(b"\r\n\r\n") == len(data) - 4 and data[:1] not in (b"\r", b"\n")
