@@ -55,7 +55,13 @@ from lepton_mesh.control.identity_service import (
     peer_certificate,
 )
 from lepton_mesh.control.registry import NodeIdTaken
-from lepton_mesh.control.snapshots import ALL, MeshIndex, Scope, content_digest
+from lepton_mesh.control.snapshots import (
+    ALL,
+    MeshIndex,
+    Scope,
+    content_digest,
+    instance_problem,
+)
 from lepton_mesh.control.store import Event, StoreError, StoreUnavailable
 from lepton_mesh.identity.errors import CsrRejected
 
@@ -583,4 +589,5 @@ def _hello_problem(hello: mp.Hello) -> str:
             return f"dependency {dep!r} is neither a service name nor '*'"
     if not hello.instance.ports:
         return "instance.ports is empty: callers could not reach this instance"
-    return ""
+    inst = hello.instance
+    return instance_problem(inst.address, inst.ports, inst.labels, inst.weight)

@@ -487,11 +487,12 @@ class Registry:
 
     def _index(self) -> MeshIndex:
         return MeshIndex.from_items(
-            {
+            log_skipped=False,  # the push server's index logs them, once per write
+            items={
                 k: v
                 for k, v in self._cache.items.items()
                 if k.startswith(("/lepton/v1/instances/", "/lepton/v1/policies/ExternalService/"))
-            }
+            },
         )
 
     def services(self) -> list[dict[str, Any]]:

@@ -29,13 +29,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import orjson
 
+from lepton_mesh.policy.endpoint_fields import parse_endpoint
 from lepton_mesh.policy.endpoints import PLAINTEXT_LABEL, PLAINTEXT_VALUE
+from lepton_mesh.policy.errors import ConfigError, Problem
+from lepton_mesh.policy.fields import Checker
+from lepton_mesh.policy.sidecar_loader import check_instance_address
 
 __all__ = [
     "ALL",
@@ -47,6 +52,7 @@ __all__ = [
     "build_snapshot",
     "content_digest",
     "endpoint_address",
+    "instance_problem",
 ]
 
 log = logging.getLogger(__name__)
@@ -100,6 +106,59 @@ def endpoint_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+# What one instance may carry: it is copied into the snapshot of every caller.
+MAX_PORTS = 8
+MAX_LABELS = 64
+MAX_LABEL_TEXT = 253  # a label's name, and its value
+_PORT_NAME = re.compile(r"[a-z][-a-z0-9]{0,14}")
+
+
+def instance_problem(address: Any, ports: Any, labels: Any, weight: Any) -> str:
+    """What is wrong with an instance as callers would be sent it, or "".
+
+    The rules are the sidecar's own (`instance.address` as its config checks
+    it; each endpoint as a snapshot's `services` are loaded), so what passes
+    here no caller rejects; plus bounds on size, since every caller gets a copy.
+    """
+    if isinstance(address, str) and len(address) > MAX_LABEL_TEXT:
+        return f"instance.address: at most {MAX_LABEL_TEXT} characters, found {len(address)}"
+    try:
+        host = check_instance_address(address, "instance.address")
+    except ConfigError as e:
+        return "; ".join(p.message for p in e.problems)
+    if not isinstance(ports, Mapping) or not ports:
+        return "instance.ports: expected a non-empty mapping of port name to number"
+    if len(ports) > MAX_PORTS:
+        return f"instance.ports: at most {MAX_PORTS} ports, found {len(ports)}"
+    if not isinstance(labels, Mapping):
+        return "instance.labels: expected a mapping of label to value"
+    if len(labels) > MAX_LABELS:
+        return f"instance.labels: at most {MAX_LABELS} labels, found {len(labels)}"
+    for key, value in labels.items():
+        for what, text in (("name", key), ("value", value)):
+            if isinstance(text, str) and (len(text) > MAX_LABEL_TEXT or not text.isprintable()):
+                return (
+                    f"instance.labels: a label {what} must be printable and at most "
+                    f"{MAX_LABEL_TEXT} characters, found {text[:40]!r}"
+                )
+        if not key:
+            return "instance.labels: a label name is empty"
+    for name, port in ports.items():
+        if not isinstance(name, str) or not _PORT_NAME.fullmatch(name):
+            return f"instance.ports: port name {name!r}: lowercase letters, digits and '-', 1-15"
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            return f"instance.ports.{name}: expected a port number 1-65535, found {port!r}"
+        problems: list[Problem] = []
+        endpoint = {
+            "address": endpoint_address(host, port),
+            "weight": weight,
+            "labels": dict(labels),
+        }
+        if parse_endpoint(Checker("instance", {}, problems), endpoint, ()) is None or problems:
+            return "; ".join(f"{p.path}: {p.message}" if p.path else p.message for p in problems)
+    return ""
+
+
 def content_digest(content: Mapping[str, Any]) -> bytes:
     """A digest of snapshot content that is equal exactly when the content is."""
     return hashlib.blake2b(
@@ -135,18 +194,22 @@ class MeshIndex:
     Invariant: after `reset(items)` and then `apply(events)` for every later
     revision, the index equals `MeshIndex.from_items(current items)`.
     Values that are not valid JSON objects of the expected shape are skipped
-    (and logged): one bad key must not stop every sidecar's config.
+    (and logged): one bad key must not stop every sidecar's config. So are
+    instances that a caller would reject (`instance_problem`: e.g. written by
+    an older daemon that did not check hellos as strictly): a snapshot with
+    them would be rejected whole, by every caller.
     """
 
-    __slots__ = ("_namespaces", "_places")
+    __slots__ = ("_log_skipped", "_namespaces", "_places")
 
-    def __init__(self) -> None:
+    def __init__(self, *, log_skipped: bool = True) -> None:
         self._namespaces: dict[str, _Namespace] = {}
         self._places: dict[str, _Place] = {}
+        self._log_skipped = log_skipped
 
     @classmethod
-    def from_items(cls, items: Mapping[str, bytes]) -> MeshIndex:
-        index = cls()
+    def from_items(cls, items: Mapping[str, bytes], *, log_skipped: bool = True) -> MeshIndex:
+        index = cls(log_skipped=log_skipped)
         index.reset(items)
         return index
 
@@ -206,7 +269,7 @@ class MeshIndex:
     def service_endpoints(self, namespace: str, service: str) -> list[dict[str, Any]]:
         """One service's endpoints as a caller is sent them."""
         ns = self._namespaces.get(namespace) or _Namespace()
-        return _service(ns, service)["endpoints"]
+        return _service(ns, service, unique=False)["endpoints"]
 
     def snapshot(self, scope: Scope) -> tuple[dict[str, Any], frozenset[str]]:
         """The snapshot content for `scope`, and the services it was built from
@@ -234,9 +297,16 @@ class MeshIndex:
         except orjson.JSONDecodeError:
             obj = None
         if not isinstance(obj, dict):
-            log.warning("skipping %s: not a JSON object", key)
+            self._skip(key, "not a JSON object")
             return None
         ns_name, kind, svc = place
+        if not kind:
+            problem = instance_problem(
+                obj.get("address"), obj.get("ports"), obj.get("labels", {}), obj.get("weight", 1)
+            )
+            if problem:
+                self._skip(key, problem)
+                return None
         if kind:  # a policy: the key names its kind, namespace and name; the spec its service
             rule = SCOPE_RULES.get(kind)
             spec = obj.get("spec")
@@ -252,6 +322,10 @@ class MeshIndex:
         place = (ns_name, kind, svc)
         self._places[key] = place
         return place
+
+    def _skip(self, key: str, why: str) -> None:
+        if self._log_skipped:
+            log.warning("skipping %s: %s", key, why)
 
     def _remove(self, key: str) -> _Place | None:
         place = self._places.pop(key, None)
@@ -309,16 +383,23 @@ def _route_services(route: Mapping[str, Any]) -> set[str]:
     return out
 
 
-def _service(ns: _Namespace, name: str) -> dict[str, Any]:
-    """One service's entry: registered instances, then static external endpoints."""
+def _service(ns: _Namespace, name: str, *, unique: bool = True) -> dict[str, Any]:
+    """One service's entry: registered instances, then static external endpoints
+    (with `unique`, each address once, as callers are sent them)."""
     instances = ns.instances.get(name, {}).values()
     externals = list(ns.policies.get("ExternalService", {}).get(name, {}).values())
     protocol = _protocol(instances, externals)
     endpoints = [ep for inst in instances if (ep := _instance_endpoint(inst, protocol)) is not None]
     for manifest in externals:
         endpoints.extend(_external_endpoints(manifest))
-    endpoints.sort(key=lambda ep: ep["address"])
-    return {"protocol": protocol, "endpoints": endpoints}
+    if not unique:
+        return {"protocol": protocol, "endpoints": sorted(endpoints, key=lambda ep: ep["address"])}
+    # One address once: callers refuse a service that lists an endpoint twice
+    # (two registrations claiming one address, or one also declared external).
+    by_address: dict[str, dict[str, Any]] = {}
+    for ep in sorted(endpoints, key=lambda ep: not ep["healthy"]):  # a healthy one wins
+        by_address.setdefault(ep["address"], ep)
+    return {"protocol": protocol, "endpoints": [by_address[a] for a in sorted(by_address)]}
 
 
 def _protocol(instances: Iterable[dict[str, Any]], externals: list[dict[str, Any]]) -> str:

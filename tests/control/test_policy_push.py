@@ -49,8 +49,9 @@ async def test_apply_reaches_callers_who_ack_and_others_get_nothing(replicas: Re
         for i, r in enumerate((one, two, one))
     ]
     other = await Peer.join(one.listen_port, hello("intent", deps=("billing",)))
-    for v in ("v1", "v2"):
-        await Peer.join(two.listen_port, hello("dialog", f"dialog-{v}", labels={"version": v}))
+    for port, v in ((15006, "v1"), (15007, "v2")):  # two instances: two addresses
+        peer = hello("dialog", f"dialog-{v}", port=port, labels={"version": v})
+        await Peer.join(two.listen_port, peer)
     for peer in callers:
         await peer.next_snapshot(lambda s: len(endpoints(s, "dialog")) == 2)
 

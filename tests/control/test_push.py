@@ -272,3 +272,32 @@ async def test_a_node_id_held_by_another_service_is_refused_and_the_holder_stays
     msg = await intent.recv()
     assert isinstance(msg, mp.Error) and msg.reason == "superseded"
     await again.ping()
+
+
+async def test_a_hello_whose_instance_callers_would_refuse_is_a_bad_hello(
+    replicas: Replicas, store: Store
+) -> None:
+    """One such instance would make every caller's sidecar NACK every snapshot."""
+    replica = await replicas()
+    chat = await Peer.join(replica.listen_port, hello("chat", deps=("intent",)))
+    cases = {
+        "not an address!!/x:y": mp.Instance("not an address!!/x:y", {"http": 15006}),
+        "100 kB address": mp.Instance("a" * 100_000, {"http": 15006}),
+        "wildcard": mp.Instance("0.0.0.0", {"http": 15006}),
+        "label value": mp.Instance("127.0.0.1", {"http": 15006}, {"v": "x" * 100_000}),
+        "label name": mp.Instance("127.0.0.1", {"http": 15006}, {"a\nb": "1"}),
+        "many labels": mp.Instance("127.0.0.1", {"http": 1}, {f"l{i}": "v" for i in range(100)}),
+        "port name": mp.Instance("127.0.0.1", {"HTTP/1": 15006}),
+    }
+    for case, inst in cases.items():
+        bad = mp.Hello("intent-x", "intent", "default", inst, dependencies=())
+        peer = await Peer.connect(replica.listen_port, bad)
+        msg = await peer.recv()
+        assert isinstance(msg, mp.Error) and msg.reason == mp.Reason.BAD_HELLO, (case, msg)
+        assert len(msg.detail) < 1000, case
+        assert await peer.recv() is None
+    assert (await store.get_prefix("/lepton/v1/instances/default/intent/"))[0] == []
+    # The callers' config still flows: a good intent shows up at once.
+    await Peer.join(replica.listen_port, hello("intent"))
+    snap = await chat.next_snapshot(lambda s: bool(endpoints(s, "intent")))
+    assert [ep["address"] for ep in endpoints(snap, "intent")] == ["127.0.0.1:15006"]

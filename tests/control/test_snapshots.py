@@ -9,6 +9,9 @@ import pytest
 
 from lepton_mesh.control import snapshots
 from lepton_mesh.control.snapshots import MeshIndex, Scope, build_snapshot, content_digest
+from lepton_mesh.policy.endpoint_fields import parse_endpoints
+from lepton_mesh.policy.errors import Problem
+from lepton_mesh.policy.fields import Checker
 
 
 def inst_key(ns: str, svc: str, iid: str) -> str:
@@ -286,3 +289,36 @@ def test_digest_ignores_key_order_and_sees_changes() -> None:
     assert content_digest(a) == content_digest(b)
     c = {"services": {"x": {"protocol": "tcp", "endpoints": []}, "y": SHADOW}, "policies": []}
     assert content_digest(a) != content_digest(c)
+
+
+def _loads_as_a_caller_would(content: dict[str, Any]) -> list[str]:
+    """Problems a sidecar finds in a snapshot's services (it NACKs on any)."""
+    problems: list[Problem] = []
+    c = Checker("snapshot", {}, problems)
+    for name, svc in content["services"].items():
+        parse_endpoints(c, svc["endpoints"], ("services", name, "endpoints"))
+    return [str(p) for p in problems]
+
+
+def test_one_bad_instance_record_does_not_poison_the_snapshot(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Records a caller would refuse (e.g. written by an older daemon) are skipped, logged."""
+    good = instance("intent", "intent-1", 15106)
+    bad = [
+        instance("intent", "bad-addr", 15107, host="not an address!!/x:y"),
+        instance("intent", "long-addr", 15108, host="a" * 100_000),
+        instance("intent", "bad-weight", 15109, weight=20_000),
+        instance("intent", "bad-label", 15110, labels={"v": "x" * 1000}),
+        instance("intent", "wildcard", 15111, host="0.0.0.0"),
+    ]
+    # Two registrations claiming one address: sent once (a caller refuses duplicates).
+    twin = instance("intent", "intent-1-twin", 15106, healthy=False)
+    items = dict([good, twin, *bad])
+    with caplog.at_level("WARNING", logger="lepton_mesh.control.snapshots"):
+        content = build_snapshot(items, Scope.of("chat", "default", ["intent"]))
+    assert content["services"]["intent"]["endpoints"] == [ep("10.0.0.1:15106")]
+    assert _loads_as_a_caller_would(content) == []
+    skipped = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    assert len(skipped) == len(bad)
+    assert all(len(line) < 1000 for line in skipped)  # no 100 kB log line
