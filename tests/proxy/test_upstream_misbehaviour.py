@@ -49,8 +49,21 @@ async def test_extra_bytes_after_a_response_are_never_a_response(sidecars, upstr
         b"HTTP/1.1 200 OK\r\nX-A: b\nX-B: c\r\nContent-Length: 0\r\n\r\n",
         b"HTTP/1.1 2000 OK\r\nContent-Length: 0\r\n\r\n",
         b"garbage\r\n\r\n",
+        # Codings we would drop when re-framing (RFC 9112 section 6.3): refused as nginx does.
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n\x1f\x8b\x08\x00gzipped",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\n\x1f\x8b\x08\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
     ],
-    ids=["cl-and-te", "two-cl", "bare-lf", "bad-status", "not-http"],
+    ids=[
+        "cl-and-te",
+        "two-cl",
+        "bare-lf",
+        "bad-status",
+        "not-http",
+        "te-gzip-close-delimited",
+        "te-gzip-chunked",
+        "te-two-headers",
+    ],
 )
 async def test_malformed_upstream_response_is_502_and_not_pooled(sidecars, upstreams, raw) -> None:
     async def app(req, conn) -> bool | None:

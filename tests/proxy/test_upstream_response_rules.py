@@ -1,20 +1,29 @@
 """What the sidecar accepts from an upstream and how it frames it for the client.
 
 Each upstream here is a raw socket server whose bytes the test writes: bytes
-beyond a response, a bodyless status with Content-Length.
+beyond a response, an endless response head, a bodyless status with
+Content-Length. (Transfer codings other than chunked are in
+test_upstream_misbehaviour.py.)
 """
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from proxy_harness import (
+    DEADLINE,
+    assert_lepton_error,
     client,
     get,
     http,
     outbound,
     request_bytes,
     response_bytes,
+    wait_for,
 )
+
+from lepton_mesh.proxy.errors import Reason
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -96,6 +105,57 @@ async def test_head_response_with_body_bytes_closes_the_connection(sidecars, ups
 
 
 # -- 101: the head before the tunnelled bytes -----------------------------------
+
+
+# -- the response head's size ---------------------------------------------------
+
+
+async def test_endless_response_head_is_502_and_closed(sidecars, upstreams) -> None:
+    """Header lines that never end: the sidecar gives up past the limit, not at EOF."""
+    closed = asyncio.Event()
+
+    async def handler(conn) -> None:
+        req = await conn.read_request()
+        assert req is not None
+        line = b"x-filler: " + b"f" * 1000 + b"\r\n"
+        try:
+            await conn.send(b"HTTP/1.1 200 OK\r\n")
+            for _ in range(16 * 1024):  # 16 MB at most
+                await conn.send(line * 64)
+        except ConnectionError:
+            pass
+        else:
+            await conn.reader.read()  # the sidecar must close; EOF or reset
+        closed.set()
+
+    up = await upstreams(handler)
+    sc = await sidecars(services={"svc": up.address})
+    async with client(outbound(sc)) as c:
+        resp = await c.request(get("/"))
+    assert_lepton_error(resp, 502, Reason.UPSTREAM_PROTOCOL_ERROR)
+    assert "head" in resp.json()["error"]
+    await asyncio.wait_for(closed.wait(), DEADLINE)
+
+
+async def test_response_head_over_limit_in_one_segment_is_502(sidecars, upstreams) -> None:
+    """The limit holds also when the whole head arrives at once; a head under it passes."""
+
+    def head_of(size: int) -> bytes:
+        lines = [(f"x-filler-{i}", "f" * 990) for i in range(size // 1000)]
+        return response_bytes(200, b"body", lines)
+
+    async def app(req, conn) -> bool | None:
+        await conn.send(head_of(60_000 if req.target == "/small" else 100_000))
+        return None
+
+    up = await upstreams(http(app))
+    sc = await sidecars(services={"svc": up.address})
+    async with client(outbound(sc)) as c:
+        small = await c.request(get("/small"))
+        assert (small.status, small.body) == (200, b"body")
+        big = await c.request(get("/big"))
+    assert_lepton_error(big, 502, Reason.UPSTREAM_PROTOCOL_ERROR)
+    await wait_for(lambda: up.closed_conns == up.connections, what="upstream closed")
 
 
 # -- Content-Length on responses without a body -----------------------------------

@@ -15,6 +15,10 @@ What the upstream may send (as nginx and Envoy hold it):
   request must not be bound to this connection while the read is parsed.
   llhttp skips bare CR/LF between messages (as RFC 9112 section 2.2 lets a
   recipient do); those alone are not counted.
+- A response head of at most `MAX_RESPONSE_HEAD` bytes, and
+  `Transfer-Encoding: chunked` as its only transfer coding: we re-frame
+  bodies, and must not drop a coding we would forward (RFC 9112 section 6.3).
+  Otherwise: 502 upstream_protocol_error, and the connection is closed.
 
 An mTLS connection (`secured`) also keeps its TLS session for the next
 connection to the endpoint once its first response is complete (a TLS 1.3
@@ -37,6 +41,10 @@ if TYPE_CHECKING:
     from lepton_mesh.proxy.resilience.circuit import CircuitBreaker
     from lepton_mesh.proxy.security.mtls import MeshIdentity
     from lepton_mesh.proxy.security.tls import SessionCache
+
+# The largest response head we take (Envoy's default is 60 KiB, nginx's
+# proxy buffer 4-8 KiB); counted per read while the head is incomplete.
+MAX_RESPONSE_HEAD = 64 * 1024
 
 
 class ConnectionOwner(Protocol):
@@ -74,11 +82,16 @@ class _Surplus(Exception):
     """Raised inside the parser when a byte follows the complete response."""
 
 
+class _Refused(Exception):
+    """Raised inside the parser for a response we do not forward; args[0] says why."""
+
+
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "_close_delimited",
         "_complete",
         "_framed",
+        "_head_bytes",
         "_headers",
         "_headers_done",
         "_keep_alive",
@@ -125,6 +138,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._close_delimited = False
         self._framed = False
         self._complete = False  # the final response ended in the read being parsed
+        self._head_bytes = 0  # bytes read while the head was incomplete
 
     # -- asyncio callbacks -------------------------------------------------
 
@@ -173,6 +187,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         self.responded = True
+        if not self._headers_done:
+            self._head_bytes += len(data)
         down = ex.down
         down.cork()
         try:
@@ -199,7 +215,7 @@ class UpstreamConnection(asyncio.Protocol):
             elif self._complete:
                 self._finish(reusable=False)  # _Surplus: bytes after the response
             else:
-                self._protocol_error(str(exc))
+                self._protocol_error(cause.args[0] if isinstance(cause, _Refused) else str(exc))
             return
         except httptools.HttpParserError as exc:
             if self._complete:
@@ -209,6 +225,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self._complete:
             self._finish(reusable=self._keep_alive and not self._close_delimited)
+        elif self._head_bytes > MAX_RESPONSE_HEAD and not self._headers_done:
+            self._protocol_error(f"response head exceeds {MAX_RESPONSE_HEAD} bytes")
 
     # -- httptools callbacks ----------------------------------------------
 
@@ -228,10 +246,18 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             self._headers.append((name, value))
             if len(name) in (14, 17) and name.lower() in (b"content-length", b"transfer-encoding"):
+                if len(name) == 17 and (self._framed or not _only_chunked(value)):
+                    # nginx: "upstream sent unknown Transfer-Encoding" (a 502 too).
+                    raise _Refused(
+                        f"Transfer-Encoding {value.decode('latin-1')!r}: only chunked is forwarded"
+                    )
                 self._framed = True
 
     def on_headers_complete(self) -> None:
         self._headers_done = True
+        if self._head_bytes > MAX_RESPONSE_HEAD and _head_size(self._headers) > MAX_RESPONSE_HEAD:
+            # The head and body of one read were counted; the head alone is over.
+            raise _Refused(f"response head exceeds {MAX_RESPONSE_HEAD} bytes")
         status = self.parser.get_status_code()
         self._status = status
         keep_alive = self.parser.should_keep_alive()
@@ -271,6 +297,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.responded = False
         self._status = 0
         self._complete = False
+        self._headers_done = False
+        self._head_bytes = 0
         if downstream_write_paused:
             self.gate.pause(PEER_BACKPRESSURE)
 
@@ -322,6 +350,15 @@ class UpstreamConnection(asyncio.Protocol):
                     "reset",
                 )
             )
+
+
+def _only_chunked(value: bytes) -> bool:
+    return value == b"chunked" or value.strip().lower() == b"chunked"
+
+
+def _head_size(headers: Headers) -> int:
+    """About the size of a head on the wire (the status line not counted)."""
+    return sum(len(name) + len(value) + 4 for name, value in headers)
 
 
 def _ends_with_head(data: bytes) -> bool:
