@@ -1,9 +1,9 @@
 """What the sidecar accepts from an upstream and how it frames it for the client.
 
 Each upstream here is a raw socket server whose bytes the test writes: bytes
-beyond a response, an endless response head, a bodyless status with
-Content-Length. (Transfer codings other than chunked are in
-test_upstream_misbehaviour.py.)
+beyond a response, a 101 with tunnelled bytes in the same segment, an endless
+response head, a bodyless status with Content-Length. (Transfer codings other
+than chunked are in test_upstream_misbehaviour.py.)
 """
 
 from __future__ import annotations
@@ -105,6 +105,25 @@ async def test_head_response_with_body_bytes_closes_the_connection(sidecars, ups
 
 
 # -- 101: the head before the tunnelled bytes -----------------------------------
+
+
+async def test_101_head_precedes_bytes_sent_with_it(sidecars, upstreams) -> None:
+    async def handler(conn) -> None:
+        req = await conn.read_request()
+        assert req is not None
+        await conn.send(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+            b"Upgrade: websocket\r\n\r\nRAWBYTES"
+        )
+        await conn.reader.read()  # until the tunnel closes
+
+    up = await upstreams(handler)
+    sc = await sidecars(services={"svc": up.address})
+    async with client(outbound(sc)) as c:
+        await c.send(get("/ws", headers=[("Connection", "Upgrade"), ("Upgrade", "websocket")]))
+        head = await asyncio.wait_for(c.reader.readuntil(b"\r\n\r\n"), DEADLINE)
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        assert await asyncio.wait_for(c.reader.readexactly(8), DEADLINE) == b"RAWBYTES"
 
 
 # -- the response head's size ---------------------------------------------------

@@ -203,6 +203,9 @@ class UpstreamConnection(asyncio.Protocol):
             ex = self.exchange
             if ex is not None and self._status == 101:
                 self.exchange = None
+                # The 101 head waits in the client's cork (ours, see data_received);
+                # the tunnel writes past it, so it goes out first (RFC 9110 section 15.2.2).
+                ex.down.uncork()
                 ex.on_upgraded(data[exc.args[0] :])
             return
         except httptools.HttpParserCallbackError as exc:
