@@ -12,8 +12,11 @@ The CLI prints `str(err)` to stderr and exits with `err.exit_code`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import datetime as dt
+import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 # A field path as the loader walks it: mapping keys and sequence indexes.
 # Keys are usually strings, but YAML allows other scalars; those are shown
@@ -32,6 +35,30 @@ def format_path(path: Path) -> str:
         else:
             out.append(f".{part!r}" if out else repr(part))
     return "".join(out)
+
+
+def describe(value: Any) -> str:
+    """A value as a problem shows what was found: `integer 1`, `boolean true`, `string 'x'`."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, int):
+        return f"integer {value}"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "NaN"
+        return f"number {value}" if math.isfinite(value) else f"{'-' if value < 0 else ''}infinity"
+    if isinstance(value, str):
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        return f"string {shown!r}"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, dt.date):  # YAML reads 2024-01-01 as a date
+        return f"{'timestamp' if isinstance(value, dt.datetime) else 'date'} {value.isoformat()}"
+    return type(value).__name__
 
 
 @dataclass(frozen=True, slots=True)

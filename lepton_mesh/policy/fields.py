@@ -15,10 +15,17 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
-from lepton_mesh.policy.errors import Path, Problem, format_path
+from lepton_mesh.policy.errors import Path, Problem, describe, format_path
 from lepton_mesh.policy.yaml_source import line_of
 
 T = TypeVar("T")
+
+# Upper bounds where a field names none of its own. Every count, rate and size
+# in a policy is far below them; what is above is a typo, and would not fit
+# the 64-bit integers JSON tools and etcd's values (orjson) take.
+MAX_COUNT = 1_000_000_000
+MAX_SIZE = 1024**4  # 1TiB
+MAX_DURATION = 365 * 86400.0  # a year, in seconds
 
 
 class Checker:
@@ -60,25 +67,6 @@ class Checker:
 
 
 # --- describing what was found -----------------------------------------------
-
-
-def describe(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"boolean {str(value).lower()}"
-    if isinstance(value, int):
-        return f"integer {value}"
-    if isinstance(value, float):
-        return f"number {value}"
-    if isinstance(value, str):
-        shown = value if len(value) <= 40 else value[:37] + "..."
-        return f"string {shown!r}"
-    if isinstance(value, (list, tuple)):
-        return "a list"
-    if isinstance(value, Mapping):
-        return "a mapping"
-    return type(value).__name__
 
 
 def expected(c: Checker, path: Path, what: str, value: Any) -> None:
@@ -144,14 +132,28 @@ def choice(
     return parse
 
 
+def _bound(lo: float, hi: float | None, cap: float, value: float) -> str:
+    """'between lo and hi' for a field's own range; else the side `value` is out of."""
+    if hi is not None:
+        return f"between {_plain(lo)} and {_plain(hi)}"
+    return f"at least {_plain(lo)}" if value < lo else f"at most {_plain(cap)}"
+
+
+def _plain(x: float) -> str:
+    """1e9 as 1000000000, 0.5 as 0.5."""
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
 def integer(lo: int, hi: int | None = None) -> Callable[[Checker, Any, Path], int | None]:
+    """An integer in [lo, hi]; without `hi`, at most MAX_COUNT."""
+    top = MAX_COUNT if hi is None else hi
+
     def parse(c: Checker, value: Any, path: Path) -> int | None:
         if isinstance(value, bool) or not isinstance(value, int):
             expected(c, path, "an integer", value)
             return None
-        if value < lo or (hi is not None and value > hi):
-            bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
-            c.error(path, f"must be {bound}, found {value}")
+        if not lo <= value <= top:
+            c.error(path, f"must be {_bound(lo, hi, top, value)}, found {value}")
             return None
         return value
 
@@ -159,15 +161,18 @@ def integer(lo: int, hi: int | None = None) -> Callable[[Checker, Any, Path], in
 
 
 def number(lo: float, hi: float | None = None) -> Callable[[Checker, Any, Path], float | None]:
-    """An integer or decimal number in [lo, hi], as a float."""
+    """An integer or decimal number in [lo, hi], as a float; without `hi`, at most MAX_COUNT."""
+    top = MAX_COUNT if hi is None else hi
 
     def parse(c: Checker, value: Any, path: Path) -> float | None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             expected(c, path, "a number", value)
             return None
-        if not math.isfinite(value) or value < lo or (hi is not None and value > hi):
-            bound = f"between {lo:g} and {hi:g}" if hi is not None else f"at least {lo:g}"
-            c.error(path, f"must be {bound}, found {value}")
+        if not math.isfinite(value):
+            expected(c, path, "a finite number", value)
+            return None
+        if not lo <= value <= top:
+            c.error(path, f"must be {_bound(lo, hi, top, value)}, found {value}")
             return None
         return float(value)
 
@@ -224,6 +229,9 @@ def duration(*, zero_ok: bool) -> Callable[[Checker, Any, Path], float | None]:
         if seconds < 0 or (seconds == 0 and not zero_ok):
             c.error(path, f"must be {'0 or more' if zero_ok else 'greater than 0'}, found {value}")
             return None
+        if seconds > MAX_DURATION:
+            c.error(path, f"must be at most {MAX_DURATION / 3600:g}h (a year), found {value}")
+            return None
         return seconds
 
     return parse
@@ -255,6 +263,9 @@ def size(minimum: int) -> Callable[[Checker, Any, Path], int | None]:
             return None
         if size < minimum:
             c.error(path, f"must be at least {minimum} bytes, found {value}")
+            return None
+        if size > MAX_SIZE:
+            c.error(path, f"must be at most 1TiB, found {value}")
             return None
         return size
 

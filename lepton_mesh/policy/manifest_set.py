@@ -19,7 +19,8 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from lepton_mesh.policy.errors import ConfigError, Problem
+from lepton_mesh.policy.errors import ConfigError, Problem, describe, format_path
+from lepton_mesh.policy.errors import Path as FieldPath
 from lepton_mesh.policy.traffic_loader import KINDS, collect_traffic
 from lepton_mesh.policy.yaml_source import Document
 
@@ -81,25 +82,45 @@ def _stored_form(data: Mapping[str, Any], ident: Ident) -> dict[str, Any]:
     }
 
 
-def _not_plain(value: Any, path: str = "") -> str | None:
-    """Where `value` is not plain JSON data (YAML can hold dates, sets, int keys), or None."""
-    if value is None or isinstance(value, (str, bool, int)):
+# What a stored integer may be: orjson, which writes the manifests to etcd,
+# takes signed and unsigned 64-bit integers only.
+_JSON_INT_MIN, _JSON_INT_MAX = -(2**63), 2**64 - 1
+
+
+def _not_plain(value: Any, path: FieldPath = ()) -> tuple[FieldPath, str] | None:
+    """Where `value` is not plain JSON data (YAML can hold dates, sets, int keys), and why.
+
+    The loaders' field checks refuse all of these with a message of their own;
+    this is the net under them, so nothing reaches etcd that cannot be stored.
+    """
+    if value is None or isinstance(value, (str, bool)):
         return None
+    if isinstance(value, int):
+        ok = _JSON_INT_MIN <= value <= _JSON_INT_MAX
+        return None if ok else (path, f"integer {value} does not fit in 64 bits")
     if isinstance(value, float):
-        return None if math.isfinite(value) else f"{path or 'value'}: {value} is not a JSON number"
+        return None if math.isfinite(value) else (path, f"{describe(value)} is not a JSON number")
     if isinstance(value, Mapping):
         for key, item in value.items():
             if not isinstance(key, str):
-                return f"{path or 'mapping'}: key {key!r} is not a string"
-            if (found := _not_plain(item, f"{path}.{key}" if path else key)) is not None:
+                return (path, f"keys must be strings, found {describe(key)}")
+            if (found := _not_plain(item, (*path, key))) is not None:
                 return found
         return None
     if isinstance(value, list):
         for i, item in enumerate(value):
-            if (found := _not_plain(item, f"{path}[{i}]")) is not None:
+            if (found := _not_plain(item, (*path, i))) is not None:
                 return found
         return None
-    return f"{path or 'value'}: a {type(value).__name__} has no JSON form"
+    return (path, f"{describe(value)} has no JSON form")
+
+
+def _reported(problems: Sequence[Problem], source: str, path: str) -> bool:
+    """Whether a problem of `source` is at `path` or around it (a field check said why)."""
+    return any(
+        p.file == source and (p.path == path or path.startswith((p.path + ".", p.path + "[")))
+        for p in problems
+    )
 
 
 def resulting_set(
@@ -155,8 +176,11 @@ def resulting_set(
     entries += [(doc, ()) for doc in unnamed]
     collect_traffic(entries, problems)
     for doc, manifest in given.values():
-        if (where := _not_plain(manifest)) is not None:
-            problems.append(Problem(doc.source, doc.line(), "", f"not plain data: {where}"))
+        if (found := _not_plain(manifest)) is not None:
+            path, message = found
+            shown = format_path(path)
+            if not _reported(problems, doc.source, shown):
+                problems.append(Problem(doc.source, doc.line(path), shown, message))
     if problems:
         raise ConfigError.in_reading_order(problems)
     return result

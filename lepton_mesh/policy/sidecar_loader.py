@@ -573,7 +573,10 @@ def _policies(
             c.error((*path, i), f"{item!r} is already listed at [{seen[full]}]")
             continue
         seen[full] = i
-        if not os.path.isfile(full):
+        if os.path.isdir(full):
+            c.error((*path, i), f"{item!r} is a folder ({full}): list the policy files in it")
+            continue
+        if not os.path.exists(full):
             c.error((*path, i), f"policy file {item!r} not found (looked for {full})")
             continue
         try:

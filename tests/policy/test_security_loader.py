@@ -748,6 +748,22 @@ BAD = [
         ],
     ),
     (
+        "rate-limit-numbers-past-their-bounds",
+        rate(
+            "  limits:\n    - requests_per_second: .inf\n      burst: 99999999999999999999\n"
+            "    - name: b\n      requests_per_second: 1.0e+12\n"
+        ),
+        [
+            (7, "spec.limits[0].requests_per_second", "expected a finite number, found infinity"),
+            (8, "spec.limits[0].burst", "must be at most 1000000000, found 99999999999999999999"),
+            (
+                10,
+                "spec.limits[1].requests_per_second",
+                "must be at most 1000000000, found 1000000000000.0",
+            ),
+        ],
+    ),
+    (
         "rate-limits",
         rate(
             "  limits:\n    - requests_per_second: 0\n      burst: 0\n"

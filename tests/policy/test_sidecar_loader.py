@@ -227,7 +227,7 @@ INVALID = [
     ("duration_bad_unit", BASE + "timeouts: {drain: 5 min}\n",
      [("timeouts.drain", 3, "expected a duration like '250ms', '1s', '5m', '1m30s' or a number of seconds, found string '5 min'")]),
     ("duration_boolean", BASE + "timeouts: {drain: true}\n", [("timeouts.drain", 3, "found boolean true")]),
-    ("duration_infinite", BASE + "timeouts: {idle: .inf}\n", [("timeouts.idle", 3, "found number inf")]),
+    ("duration_infinite", BASE + "timeouts: {idle: .inf}\n", [("timeouts.idle", 3, "found infinity")]),
     ("timeouts_typo", BASE + "timeouts: {header_reads: 1s}\n", [("timeouts.header_reads", 3, "did you mean 'header_read'?")]),
     # --- limits and pool
     ("header_limit_too_small", BASE + "limits: {max_header_bytes: 512}\n",

@@ -895,6 +895,26 @@ BAD: list[tuple[str, str, list[tuple[int, str, str]]]] = [
         [(6, "spec.outlier.consecutive_5xx", "must be at least 0, found -1")],
     ),
     (
+        # Past 64 bits these crashed the control daemon's store (orjson); every
+        # number has a bound, and past it the problem is the field's own.
+        "numbers-past-their-bounds",
+        policy(
+            "service: dialog\nlimits: {max_connections: 99999999999999999999999999}\n"
+            "outlier: {consecutive_5xx: 1000000001}\nretry_budget: {min_per_second: .inf}\n"
+            "timeout: 99999999999999999999\n"
+        ),
+        [
+            (
+                6,
+                "spec.limits.max_connections",
+                "must be at most 1000000000, found 99999999999999999999999999",
+            ),
+            (7, "spec.outlier.consecutive_5xx", "must be at most 1000000000, found 1000000001"),
+            (8, "spec.retry_budget.min_per_second", "expected a finite number, found infinity"),
+            (9, "spec.timeout", "must be at most 8760h (a year), found 99999999999999999999"),
+        ],
+    ),
+    (
         "destination-timeout-and-retry",
         policy("service: dialog\ntimeout: soon\nretry: {attempts: 20}\n"),
         [
@@ -1216,6 +1236,16 @@ def test_sidecar_policy_problems(tmp_path: Path) -> None:
         (str(path), 11, "policies[4].kind", "unknown kind 'Nope'; the kinds of lepton-mesh/v1 are Route, DestinationPolicy, ExternalService, RequestAuthentication, AuthorizationPolicy and RateLimit"),
         (str(bad), 7, "spec.rules[0].backends", "backend weights must add up to 100, found 50 (50)"),
     ]  # fmt: skip
+
+
+def test_a_policies_entry_that_is_a_folder_says_so(tmp_path: Path) -> None:
+    (tmp_path / "mesh").mkdir()
+    path = write(tmp_path, SIDECAR + "policies: [mesh]\n", "sidecar.yaml")
+    with pytest.raises(ConfigError) as info:
+        load_sidecar_config(path)
+    assert [(p.line, p.path, p.message) for p in info.value.problems] == [
+        (6, "policies[0]", f"'mesh' is a folder ({tmp_path / 'mesh'}): list the policy files in it")
+    ]
 
 
 def test_sidecar_routes_must_reach_known_http_services(tmp_path: Path) -> None:
