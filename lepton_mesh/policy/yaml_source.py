@@ -8,8 +8,12 @@ its key; for a sequence item, where the item starts.
 
 Stricter than `yaml.safe_load` on purpose:
 - a key repeated in one mapping is an error (PyYAML keeps the last one, and
-  the user silently loses the first);
-- syntax errors and unknown tags become a `ConfigError` with file and line;
+  the user silently loses the first); keys that are not strings but equal
+  one another (`1` and `true`, `on` and `yes`) are reported as not strings,
+  which is what is wrong with them: no field, label or name takes one;
+- syntax errors, unknown tags and values PyYAML cannot build (a 5,000-digit
+  integer, a 13th month) become a `ConfigError` with file and line;
+- only regular files are read: a FIFO or a device would block or never end;
 - alias expansion is bounded (`MAX_NODES`), so a "billion laughs" document
   fails fast instead of eating memory.
 
@@ -20,6 +24,7 @@ documents (a trailing `---`) are skipped, as kubectl does.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -27,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from lepton_mesh.policy.errors import ConfigError, Path, Problem, format_path
+from lepton_mesh.policy.errors import ConfigError, Path, Problem, describe, format_path
 
 # libyaml's parser is several times faster; the pure-Python one gives the
 # same nodes and marks, so behaviour does not depend on which is installed.
@@ -109,18 +114,37 @@ def load_documents(text: str, source: str) -> list[Document]:
 
 def load_file(path: str | os.PathLike[str]) -> list[Document]:
     """Read and parse a UTF-8 YAML file. Unreadable files are a ConfigError too."""
+    return load_documents(read_text(path), os.fspath(path))
+
+
+def read_text(path: str | os.PathLike[str]) -> str:
+    """A regular file's UTF-8 text; ConfigError if it cannot be read or is not one."""
     source = os.fspath(path)
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        # O_NONBLOCK: opening a FIFO for reading would wait for a writer; the
+        # flag has no effect on the regular files read below.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISREG(mode):
+                with open(fd, "rb", closefd=False) as f:
+                    raw = f.read()
+        finally:
+            os.close(fd)
     except OSError as e:
         raise ConfigError.single(source, None, "", f"cannot read: {e.strerror or e}") from e
+    if not stat.S_ISREG(mode):
+        what = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        raise ConfigError.single(source, None, "", f"cannot read: {what}")
     try:
-        text = raw.decode("utf-8-sig")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         raise ConfigError.single(source, line, "", "not valid UTF-8") from e
-    return load_documents(text, source)
+
+
+def _not_a_string(key: Any) -> str:
+    return f"keys must be strings, found {describe(key)} (quote it to make it a string)"
 
 
 def _yaml_problem(source: str, err: yaml.MarkedYAMLError, path: Path) -> Problem:
@@ -182,15 +206,26 @@ class _Builder:
             return {}
         self.open.add(id(node))
         out: dict[Any, Any] = {}
+        clashed: list[Any] = []  # keys not strings that a later key equals
         # After flattening, merged entries come first so explicit keys win.
         for key_node, value_node in node.value:
             key = self._construct(key_node, path)
+            line = key_node.start_mark.line + 1
             try:
-                hash(key)
+                taken = key in out
             except TypeError:
-                self.problem(key_node.start_mark.line + 1, path, "mapping keys must be scalars")
+                self.problem(line, path, "mapping keys must be scalars")
                 continue
-            out[key] = self.build(value_node, (*path, key), key_node.start_mark.line + 1)
+            if taken and not isinstance(key, str):
+                # `true` after `1` (equal in Python), or `yes` after `on`: both
+                # are keys that are not strings, which is what is wrong with them.
+                first = next(k for k in out if k == key)  # as first written
+                if first not in clashed:
+                    clashed.append(first)
+                    self.problem(self.lines[(*path, first)], path, _not_a_string(first))
+                self.problem(line, path, _not_a_string(key))
+                continue
+            out[key] = self.build(value_node, (*path, key), line)
         self.open.discard(id(node))
         return out
 
@@ -200,11 +235,10 @@ class _Builder:
             if key_node.tag == _MERGE_TAG:
                 continue
             key = self._construct(key_node, path)
+            if not isinstance(key, str):
+                continue  # not a string, repeated or not: reported as such when building
             line = key_node.start_mark.line + 1
-            try:
-                seen = first.get(key)
-            except TypeError:
-                continue  # unhashable; reported when building
+            seen = first.get(key)
             if seen is None:
                 first[key] = line
             else:
@@ -215,4 +249,12 @@ class _Builder:
             return self.loader.construct_object(node, deep=True)
         except yaml.MarkedYAMLError as e:
             self.problems.append(_yaml_problem(self.source, e, path))
+            return None
+        except ValueError as e:  # int() past its digit limit, date(2024, 13, 1)
+            line = node.start_mark.line + 1
+            if node.tag.endswith(":int"):
+                self.problem(line, path, f"integer too large: {len(node.value)} digits")
+            else:
+                shown = node.value if len(node.value) <= 40 else node.value[:37] + "..."
+                self.problem(line, path, f"invalid value {shown!r}: {e}")
             return None

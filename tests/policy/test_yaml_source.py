@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 
@@ -93,6 +94,18 @@ ERRORS = [
     ("unhashable_key", "? [a, b]\n: 1\n", ["f:1: mapping keys must be scalars"]),
     ("recursive_alias", "a: &a [1, *a]\n", ["f:1: a[1]: recursive alias: a value may not contain itself"]),
     ("control_character", "a: 1\nb: \x07\n", ["f:2: invalid YAML: "]),
+    # Keys equal in Python but not strings: what is wrong is that they are not strings.
+    ("int_and_bool_keys", "labels: {1: a, true: b}\n",
+     ["f:1: labels: keys must be strings, found integer 1 (quote it to make it a string)",
+      "f:1: labels: keys must be strings, found boolean true (quote it to make it a string)"]),
+    ("on_and_yes_keys", "s:\n  on: 1\n  yes: 2\n  no: 3\n",
+     ["f:2: s: keys must be strings, found boolean true (quote it to make it a string)",
+      "f:3: s: keys must be strings, found boolean true (quote it to make it a string)"]),
+    ("repeated_int_key", "a: {1: x, 1: y}\n",
+     ["f:1: a: keys must be strings, found integer 1 (quote it to make it a string)",
+      "f:1: a: keys must be strings, found integer 1 (quote it to make it a string)"]),
+    ("integer_past_the_digit_limit", "n: " + "9" * 5000 + "\n", ["f:1: n: integer too large: 5000 digits"]),
+    ("impossible_date", "d: 2024-13-45\n", ["f:1: d: invalid value '2024-13-45': month must be in 1..12"]),
 ]  # fmt: skip
 
 
@@ -144,6 +157,23 @@ def test_load_file_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_file(bad)
     assert str(info.value) == f"{bad}:2: not valid UTF-8"
+
+
+def test_a_string_key_and_a_lone_non_string_key_are_data() -> None:
+    # One non-string key is the consumer's to refuse, with its own words for what the keys are.
+    (doc,) = load_documents("a: {1: x, '1': y}\n", "f")
+    assert doc.data == {"a": {1: "x", "1": "y"}}
+
+
+def test_files_that_are_not_regular_are_refused(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.yaml"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer forever
+    with pytest.raises(ConfigError) as info:
+        load_file(fifo)
+    assert str(info.value) == f"{fifo}: cannot read: not a regular file"
+    with pytest.raises(ConfigError) as info:
+        load_file(tmp_path)
+    assert str(info.value) == f"{tmp_path}: cannot read: a folder"
 
 
 def test_format_path() -> None:
