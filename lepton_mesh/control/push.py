@@ -83,6 +83,9 @@ _MAX_EARLY = 16
 _READY_WAIT = 5.0
 # A TLS client that has not finished its handshake by then is dropped.
 _HANDSHAKE_TIMEOUT = 10.0
+# A closed stream whose peer has not taken what was left to send (an error
+# frame, a TLS close_notify) by then is reset.
+_CLOSE_GRACE = 2.0
 
 
 @dataclass(slots=True, eq=False)
@@ -127,6 +130,7 @@ class PushServer:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.Server | None = None
         self._closing = False
+        self._all_gone: asyncio.Event | None = None  # set when closing and the last stream is lost
         # counters, for the admin API and tests
         self.pushes = 0
         self.builds = 0
@@ -155,6 +159,15 @@ class PushServer:
             self._server.close()
         for stream in list(self._streams):
             stream.close()
+        # Peers take the close at once, but a frozen one never does: reset what
+        # is still open after the grace period, rather than leave it to the loop.
+        if self._streams:
+            self._all_gone = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_CLOSE_GRACE):
+                    await self._all_gone.wait()
+        for stream in list(self._streams):
+            stream.abort()
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         if self._server is not None:
@@ -346,9 +359,21 @@ class _Stream(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
-        self._server._streams.discard(self)
+        server = self._server
+        server._streams.discard(self)
+        if not server._streams and server._all_gone is not None:
+            server._all_gone.set()
+        self._release()
+
+    def _release(self) -> None:
+        """The stream is over (closed by either side, or declared dead): leave the
+        group, and deregister at once (revoke the lease). Not in connection_lost
+        only: closing a TLS transport waits for the peer's close_notify (up to
+        the TLS shutdown timeout, ~30 s) before that is called, and a frozen
+        sidecar must not stay registered for that long."""
         if self._idle_timer is not None:
             self._idle_timer.cancel()
+            self._idle_timer = None
         if self._group is not None:
             self._server.leave(self, self._group)
             self._group = None
@@ -566,7 +591,18 @@ class _Stream(asyncio.Protocol):
         if self._closed or self._transport is None:
             return
         self._closed = True
+        self._release()  # deregistered now, not when the peer has taken the close
         self._transport.close()  # flushes what was written, then connection_lost
+        # A peer that does not read (frozen) never takes the rest, nor a TLS
+        # close_notify: reset the connection after a grace period.
+        self._loop.call_later(_CLOSE_GRACE, self.abort)
+
+    def abort(self) -> None:
+        """Reset the connection now, unless it is already gone."""
+        if self in self._server._streams and self._transport is not None:
+            self._closed = True
+            self._release()
+            self._transport.abort()
 
     def _check_idle(self) -> None:
         idle = self._loop.time() - self._last_rx

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import ssl
 import time
+from pathlib import Path
 
 import orjson
 
 from lepton_mesh import meshproto as mp
+from lepton_mesh.control.auth import TokenIssuer, init_key
 from lepton_mesh.control.store import Store
+from lepton_mesh.identity.store import init_ca
 from tests.control.conftest import Peer, Replicas, endpoints, eventually, hello
 
 INSTANCE = "/lepton/v1/instances/default/{}/{}"
@@ -301,3 +307,35 @@ async def test_a_hello_whose_instance_callers_would_refuse_is_a_bad_hello(
     await Peer.join(replica.listen_port, hello("intent"))
     snap = await chat.next_snapshot(lambda s: bool(endpoints(s, "intent")))
     assert [ep["address"] for ep in endpoints(snap, "intent")] == ["127.0.0.1:15006"]
+
+
+async def test_a_frozen_tls_sidecar_is_deregistered_when_its_stream_is_declared_dead(
+    replicas: Replicas, store: Store, tmp_path: Path
+) -> None:
+    """Not ~30 s later, when closing the TLS connection gives up waiting for the peer."""
+    ca = init_ca(tmp_path / "certs")
+    issuer = TokenIssuer(init_key(tmp_path / "token.key"))
+    replica = await replicas(
+        ca_dir=str(ca.directory), token_key=str(tmp_path / "token.key"), idle_timeout=0.5
+    )
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    tls.check_hostname = False
+    tls.load_verify_locations(cadata=ca.bundle.read_text())
+    reader, writer = await asyncio.open_connection("127.0.0.1", replica.listen_port, ssl=tls)
+    peer = Peer(reader, writer)
+    Peer.opened.append(peer)
+    token = issuer.create(subject="chat", role="join", ttl=600, service="chat")
+    peer.send(dataclasses.replace(hello("chat", "frozen-1"), token=token))
+    assert isinstance(await peer.recv(), mp.Welcome)
+    await peer.next_snapshot()
+    assert await store.get(INSTANCE.format("chat", "frozen-1")) is not None
+    # Frozen (as with SIGSTOP): it sends nothing and reads nothing, a TLS close_notify included.
+    writer.transport.pause_reading()
+    frozen = time.monotonic()
+
+    async def gone() -> bool:
+        return await store.get(INSTANCE.format("chat", "frozen-1")) is None
+
+    await eventually(gone, timeout=4.0, what="the frozen sidecar deregistered")
+    assert time.monotonic() - frozen < 4.0  # idle timeout (0.5 s), then a revoke
+    assert await store.get("/lepton/v1/sidecars/frozen-1") is None
