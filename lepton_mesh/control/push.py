@@ -83,6 +83,9 @@ _MAX_EARLY = 16
 _READY_WAIT = 5.0
 # A TLS client that has not finished its handshake by then is dropped.
 _HANDSHAKE_TIMEOUT = 10.0
+# Bytes a stream may hold unsent before it is reset: above one snapshot (a
+# frame is at most 16 MiB), so that only a peer that stopped reading hits it.
+_MAX_BUFFERED = mp.MAX_FRAME + 1024 * 1024
 # A closed stream whose peer has not taken what was left to send (an error
 # frame, a TLS close_notify) by then is reset.
 _CLOSE_GRACE = 2.0
@@ -348,8 +351,19 @@ class _Stream(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._last_rx = self._loop.time()
         self._decoder.feed(data)
+        self._process()
+
+    def _process(self) -> None:
+        """Handle the frames received, until the peer stops reading what we send:
+        then the rest wait in the decoder, and reading is paused (backpressure:
+        a peer that sends pings and never reads the pongs must not make us
+        buffer them without bound)."""
         try:
-            while not self._closed and (msg := self._decoder.next_message()) is not None:
+            while (
+                not self._closed
+                and not self._write_paused
+                and (msg := self._decoder.next_message()) is not None
+            ):
                 self._handle(msg)
         except mp.ProtocolError as e:
             self._fail(e.reason, e.detail)
@@ -383,10 +397,15 @@ class _Stream(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        if self._transport is not None and not self._closed:
+            self._transport.pause_reading()
 
     def resume_writing(self) -> None:
         self._write_paused = False
         self.push()
+        self._process()
+        if self._transport is not None and not self._closed and not self._write_paused:
+            self._transport.resume_reading()
 
     # --- messages ---
 
@@ -572,8 +591,15 @@ class _Stream(asyncio.Protocol):
         self._server.pushes += 1
 
     def _send(self, msg: mp.Message) -> None:
-        if not self._closed and self._transport is not None:
-            self._transport.write(mp.encode(msg))
+        if self._closed or self._transport is None:
+            return
+        if self._transport.get_write_buffer_size() > _MAX_BUFFERED:
+            # Reading is paused while writing is, so this takes a peer that
+            # does not read while we keep having things to tell it.
+            log.warning("resetting a stream that does not read what is sent to it")
+            self.abort()
+            return
+        self._transport.write(mp.encode(msg))
 
     def _fail(self, reason: str, detail: str) -> None:
         """An `error` frame, then close: fatal for the stream."""
@@ -608,7 +634,8 @@ class _Stream(asyncio.Protocol):
         idle = self._loop.time() - self._last_rx
         if idle >= self._server.idle_timeout:
             log.info("dropping a stream silent for %.0f s", idle)
-            self._fail("idle_timeout", f"nothing received for {idle:.0f} s")
+            why = " (it does not read what is sent to it)" if self._write_paused else ""
+            self._fail("idle_timeout", f"nothing received for {idle:.0f} s{why}")
             return
         self._idle_timer = self._loop.call_later(self._server.idle_timeout - idle, self._check_idle)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import socket
 import ssl
 import time
 from pathlib import Path
@@ -339,3 +340,42 @@ async def test_a_frozen_tls_sidecar_is_deregistered_when_its_stream_is_declared_
     await eventually(gone, timeout=4.0, what="the frozen sidecar deregistered")
     assert time.monotonic() - frozen < 4.0  # idle timeout (0.5 s), then a revoke
     assert await store.get("/lepton/v1/sidecars/frozen-1") is None
+
+
+async def test_a_peer_that_sends_pings_and_never_reads_is_not_buffered_without_bound(
+    replicas: Replicas,
+) -> None:
+    """Real backpressure: while the peer does not read our pongs, we stop reading its pings."""
+    replica = await replicas()
+    assert replica.ctx is not None
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills up soon
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", replica.listen_port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    peer = Peer(reader, writer)
+    Peer.opened.append(peer)
+    peer.send(hello("chat", "greedy-1"))
+    assert isinstance(await peer.recv(), mp.Welcome)
+    await peer.next_snapshot()
+    (stream,) = replica.ctx.push._streams
+    writer.transport.pause_reading()  # it never reads again
+    pings = mp.encode(mp.Ping(1.5)) * 200_000  # ~6 MB, answered by as many bytes of pongs
+    writer.write(pings)
+    await eventually(lambda: not stream._transport.is_reading(), what="reading paused")
+    sent = len(pings)
+    buffered = stream._transport.get_write_buffer_size()
+    assert buffered < sent // 4, (buffered, sent)  # without backpressure: ~all of it
+    # Once it reads again, the stream goes on: every ping is answered.
+    expected = 200_000 * len(mp.encode(mp.Pong(1.5)))
+    received = [0]
+
+    async def read_all() -> None:
+        while received[0] < expected and (data := await reader.read(1 << 20)):
+            received[0] += len(data)
+
+    writer.transport.resume_reading()
+    async with asyncio.timeout(20):
+        await read_all()
+    assert received[0] == expected
+    assert stream in replica.ctx.push._streams and stream._transport.is_reading()
