@@ -11,7 +11,7 @@ to another control daemon.
 With `--keep`, `UserConfig` points the user's own CLI config at the demo,
 so `lepton-mesh get services` works in another terminal: only when the user
 has no config there yet (or only a config an earlier demo left), and it is
-removed again when the demo stops.
+removed again when the demo stops, with the folders made for it.
 """
 
 from __future__ import annotations
@@ -96,11 +96,13 @@ class UserConfig:
         self.path = path or config_path()
         self.marker = self.path.with_name(self.path.name + ".demo")
         self._token: str | None = None
+        self._made: list[Path] = []  # folders `install` created, deepest first
 
     def install(self, server: str, token: str) -> bool:
         """Point the CLI at the demo; False (nothing written) if the user has a config."""
         if self.path.exists() and not self._written_by_demo():
             return False
+        self._made = [p for p in self.path.parents if not p.exists()]
         save_config(self.path, server, token)
         self.marker.write_text(_digest(token) + "\n")
         self._token = token
@@ -114,6 +116,12 @@ class UserConfig:
             self.path.unlink(missing_ok=True)
         self.marker.unlink(missing_ok=True)
         self._token = None
+        for folder in self._made:  # only if empty: the user may have put files there since
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        self._made = []
 
     def _written_by_demo(self) -> bool:
         try:

@@ -29,6 +29,29 @@ def test_no_user_config_is_lent_then_removed(tmp_path: Path) -> None:
     cfg.restore()  # idempotent
 
 
+def test_the_folders_made_for_the_lent_config_are_removed_with_it(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    cfg = UserConfig(home / ".config" / "lepton-mesh" / "config.json")
+    assert cfg.install(SERVER, "demo-token")
+    cfg.restore()
+    assert list(home.iterdir()) == []  # no empty ~/.config/lepton-mesh/ left behind
+
+
+def test_folders_that_were_there_or_are_no_longer_empty_stay(tmp_path: Path) -> None:
+    config = tmp_path / ".config"
+    config.mkdir()
+    cfg = UserConfig(config / "lepton-mesh" / "config.json")
+    assert cfg.install(SERVER, "demo-token")
+    (config / "lepton-mesh" / "notes.txt").write_text("mine")  # the user's, meanwhile
+    cfg.restore()
+    assert [p.name for p in (config / "lepton-mesh").iterdir()] == ["notes.txt"]
+    cfg = UserConfig(config / "other" / "config.json")
+    assert cfg.install(SERVER, "demo-token")
+    cfg.restore()
+    assert sorted(p.name for p in config.iterdir()) == ["lepton-mesh"]
+
+
 def test_a_users_config_is_left_alone(tmp_path: Path) -> None:
     path = tmp_path / "config.json"
     save_config(path, "http://control.internal:15011", "users-token")
