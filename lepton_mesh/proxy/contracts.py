@@ -40,7 +40,13 @@ class ListenerSide(Protocol):
     def cluster_for(self, snap: Snapshot, backend: Backend) -> Cluster: ...
     def record(self, ex: Any) -> None: ...  # a finished exchange -> metrics and access log
     def record_reject(
-        self, err: ProxyError, method: bytes, url: bytes, client: str, request_id: bytes
+        self,
+        err: ProxyError,
+        method: bytes,
+        authority: bytes,
+        target: bytes,
+        client: str,
+        request_id: bytes,
     ) -> None: ...
     def connection_opened(self, conn: Any) -> bool: ...  # False: over the connection limit
     def connection_closed(self, conn: Any) -> None: ...

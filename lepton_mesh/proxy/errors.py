@@ -19,6 +19,7 @@ class Reason:
     HEADERS_TOO_LARGE = "headers_too_large"
     BODY_TOO_LARGE = "body_too_large"
     HEADER_TIMEOUT = "header_timeout"
+    BODY_TIMEOUT = "body_timeout"
     UNSUPPORTED = "unsupported"
     UPSTREAM_CONNECT_FAILED = "upstream_connect_failed"
     UPSTREAM_RESET = "upstream_reset"

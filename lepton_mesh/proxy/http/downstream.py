@@ -8,21 +8,35 @@ Pipelining: requests are answered strictly in order. While an exchange is in
 flight, any further request the parser produces is queued (head, body and
 completion) in `backlog` and reading is paused (reason PIPELINE), so the
 queue holds at most what one read returned. When the exchange finishes, the
-next queued request starts.
+next queued request starts. Bytes the parser refuses are answered (400, 431)
+only after every request parsed before them (RFC 9112 section 9.3.2): the
+error waits in `_deferred_error` until the backlog is empty.
+
+Upgrade requests: httptools ends the message at the head (it treats what
+follows as the new protocol), so a Content-Length body is counted off here
+(`Incoming.body_left`) and forwarded as the request's body; only the bytes
+after it are held for the tunnel. If the upgrade does not happen (the
+upstream declines, or the sidecar answers itself), those bytes are parsed
+as HTTP again.
 
 Timers: one `Deadline` per connection. Idle between requests (`idle`), then
 `header_read` from the first byte of a request until its head is parsed
 (slowloris -> 408), and while an exchange runs, that exchange's overall
 timeout (the route's): a long response is governed by it, never by an idle
-timer. One loop handle serves all three, moved by float stores.
+timer. While a request body is being received, no byte for `idle` seconds
+is a stalled upload (408 body_timeout), whether or not the route has a
+timeout; the deadline is then the earlier of the two (`_ex_until` keeps the
+exchange's). One loop handle serves all of them, moved by float stores.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import traceback
 from collections import deque
+from math import inf
 from typing import TYPE_CHECKING
 
 import httptools
@@ -30,7 +44,13 @@ import httptools
 from lepton_mesh.proxy.errors import ProxyError, Reason, bad_request, error_body
 from lepton_mesh.proxy.flow import BUFFERED, PEER_BACKPRESSURE, PIPELINE, ReadGate
 from lepton_mesh.proxy.http.exchange import Exchange
-from lepton_mesh.proxy.http.http1 import Headers, error_response, inspect_request, new_request_id
+from lepton_mesh.proxy.http.http1 import (
+    Headers,
+    error_response,
+    inspect_request,
+    new_request_id,
+    split_target,
+)
 from lepton_mesh.proxy.security.mtls import XFCC
 from lepton_mesh.proxy.timers import Deadline
 
@@ -44,6 +64,7 @@ class Incoming:
 
     __slots__ = (
         "body",
+        "body_left",
         "complete",
         "exchange",
         "head_size",
@@ -52,6 +73,7 @@ class Incoming:
         "keep_alive",
         "method",
         "trailers",
+        "tunnel",
         "upgrade",
         "url",
         "version",
@@ -70,6 +92,8 @@ class Incoming:
         self.version = "1.1"
         self.keep_alive = True
         self.upgrade = False
+        self.body_left = 0  # upgrade request: body bytes still to come (httptools skips them)
+        self.tunnel = b""  # upgrade request still queued: bytes after it, for the new protocol
 
 
 class DownstreamProtocol(asyncio.Protocol):
@@ -79,7 +103,9 @@ class DownstreamProtocol(asyncio.Protocol):
         "loop",
         "parser",
         # per connection
+        "_body_timed",
         "_deferred_error",
+        "_ex_until",
         "_head_bytes",
         "_stashed",
         "backlog",
@@ -131,7 +157,11 @@ class DownstreamProtocol(asyncio.Protocol):
         self.client_ip_str = ""
         self._head_bytes = 0
         self._stashed: ProxyError | None = None  # raised inside a parser callback
-        self._deferred_error: ProxyError | None = None  # to answer after the in-flight exchange
+        # A refused request to answer once every request before it is answered,
+        # with what its access-log line shows (method, authority, target).
+        self._deferred_error: tuple[ProxyError, tuple[bytes, bytes, bytes]] | None = None
+        self._ex_until = inf  # loop time of the running exchange's overall timeout
+        self._body_timed = False  # the deadline times the gaps in a request body
         # An inbound listener in STRICT or PERMISSIVE mode passes `tls`: the
         # caller is then who the handshake proved (`peer`, its workload; b""
         # for plaintext or no mesh identity), never what x-lepton-peer says,
@@ -163,7 +193,8 @@ class DownstreamProtocol(asyncio.Protocol):
                     Reason.OVERFLOW,
                     f"listener {listener.name} is at its connection limit",
                     close=True,
-                )
+                ),
+                None,
             )
             return
         self.deadline.arm(cfg.timeouts.header_read)
@@ -211,9 +242,8 @@ class DownstreamProtocol(asyncio.Protocol):
         if req is None or not req.headers_done:
             self._head_bytes += len(data)
         elif req.upgrade:
-            # Bytes after an upgrade request, before the upstream agreed: held (reading is paused).
-            if req.exchange is not None:
-                req.exchange.set_early_tunnel_bytes(data)
+            # After an upgrade request's head: its body, then bytes for the new protocol.
+            self._after_upgrade(req, data)
             return
         self.feeding = True
         try:
@@ -225,12 +255,17 @@ class DownstreamProtocol(asyncio.Protocol):
             return
         except httptools.HttpParserError as exc:
             self.feeding = False
+            ex = self.current
+            if ex is not None and ex.req_done:
+                self._flush_upstream()  # the request before the bad bytes goes on
             self._parse_failed(exc)
             return
         self.feeding = False
         self._flush_upstream()
         req = self.req
-        if req is not None and not req.headers_done:
+        if req is None:
+            return
+        if not req.headers_done:
             limit = self.listener.snapshot.cfg.limits.max_header_bytes
             if self._head_bytes > limit:
                 self._reject(
@@ -239,8 +274,11 @@ class DownstreamProtocol(asyncio.Protocol):
                         Reason.HEADERS_TOO_LARGE,
                         f"request head exceeds {limit} bytes",
                         close=True,
-                    )
+                    ),
+                    req,
                 )
+        elif self._body_timed:
+            self._arm_body()  # a body byte arrived: the stall timer starts again
 
     def _flush_upstream(self) -> None:
         ex = self.current
@@ -303,6 +341,11 @@ class DownstreamProtocol(asyncio.Protocol):
         assert req is not None
         req.headers_done = True
         self._head_bytes = 0
+        parser = self.parser
+        req.method = parser.get_method()
+        req.version = parser.get_http_version()
+        req.keep_alive = parser.should_keep_alive()
+        req.upgrade = parser.should_upgrade()
         limit = self.listener.snapshot.cfg.limits.max_header_bytes
         if req.head_size > limit:
             self._stash(
@@ -310,20 +353,26 @@ class DownstreamProtocol(asyncio.Protocol):
                     431, Reason.HEADERS_TOO_LARGE, f"request head exceeds {limit} bytes", close=True
                 )
             )
-        parser = self.parser
-        req.method = parser.get_method()
-        req.version = parser.get_http_version()
-        req.keep_alive = parser.should_keep_alive()
-        req.upgrade = parser.should_upgrade()
-        if req.method == b"CONNECT":
-            self._stash(
-                ProxyError(
-                    501,
-                    Reason.UNSUPPORTED,
-                    "CONNECT tunnels are not supported; send plain HTTP to the mesh",
-                    close=True,
+        if req.upgrade:
+            if req.method == b"CONNECT":
+                self._stash(
+                    ProxyError(
+                        501,
+                        Reason.UNSUPPORTED,
+                        "CONNECT tunnels are not supported; send plain HTTP to the mesh",
+                        close=True,
+                    )
                 )
-            )
+            req.body_left = _upgrade_body_length(req.headers)
+            if req.body_left < 0:
+                self._stash(
+                    ProxyError(
+                        501,
+                        Reason.UNSUPPORTED,
+                        "an upgrade request with a chunked body is not supported",
+                        close=True,
+                    )
+                )
         if self.current is None and not self.backlog:
             err = self._start(req)
             if err is not None:
@@ -343,9 +392,15 @@ class DownstreamProtocol(asyncio.Protocol):
     def on_message_complete(self) -> None:
         req = self.req
         assert req is not None
+        if req.upgrade:
+            # `req` stays: what follows is its body (`body_left`), then the new protocol.
+            if not req.body_left:
+                self._upgrade_body_done(req)
+            return
         req.complete = True
-        if not req.upgrade:
-            self.req = None
+        self.req = None
+        if self._body_timed:
+            self._end_body_timer()
         ex = req.exchange
         if ex is not None:
             ex.request_complete(req.trailers)
@@ -355,6 +410,8 @@ class DownstreamProtocol(asyncio.Protocol):
     def _start(self, req: Incoming) -> ProxyError | None:
         """Turn a parsed head into a running exchange; a refused head is returned, not raised."""
         self.deadline.disarm()
+        self._ex_until = inf
+        self._body_timed = False
         listener = self.listener
         snap = listener.snapshot
         try:
@@ -368,6 +425,16 @@ class DownstreamProtocol(asyncio.Protocol):
             )
         except ProxyError as err:
             return err
+        limit = snap.cfg.limits.max_body_bytes
+        if limit and facts.content_length > limit:
+            # Refused before anything is forwarded (RFC 9110 section 15.5.14), and
+            # before a `100 Continue` invites the body.
+            return ProxyError(
+                413,
+                Reason.BODY_TOO_LARGE,
+                f"request body of {facts.content_length} bytes exceeds {limit} bytes",
+                close=True,
+            )
         if self.inbound_tls is not None:
             facts.peer = self.peer
             if self.xfcc:
@@ -381,13 +448,20 @@ class DownstreamProtocol(asyncio.Protocol):
             req.body = []
         if req.complete:
             ex.request_complete(req.trailers)
+        if req.tunnel:
+            ex.set_early_tunnel_bytes(req.tunnel)
+            req.tunnel = b""
         ex.begin()
+        if not req.complete and (facts.chunked or facts.content_length > 0) and not ex.done:
+            self._arm_body()
         return None
 
     def exchange_done(self, ex: Exchange, abort: bool) -> None:
         if ex is not self.current:
             return
         self.current = None
+        self._ex_until = inf
+        self._body_timed = False
         transport = self.transport
         assert transport is not None
         if abort:
@@ -399,12 +473,11 @@ class DownstreamProtocol(asyncio.Protocol):
             self.uncork()  # what the exchange wrote goes out before the FIN
             transport.close()
             return
-        if self._deferred_error is not None:
-            self._reject(self._deferred_error)
-            return
-        if ex.facts.upgrade:
-            # The upstream declined the upgrade: the connection goes on as HTTP,
-            # and what the client sent after the upgrade request is HTTP too.
+        if ex.facts.upgrade and not self.feeding:
+            # The upgrade did not happen (the upstream declined): the connection
+            # goes on as HTTP, and what the client sent after the request is HTTP
+            # too. (Answered by us inside the parser's callbacks, `feeding`:
+            # `_upgrade_requested` does this once the parser returns.)
             self.req = None
             held, ex.early_tunnel = ex.early_tunnel, b""
             self.gate.resume(BUFFERED)
@@ -413,11 +486,16 @@ class DownstreamProtocol(asyncio.Protocol):
                 return
         if self.backlog:
             nxt = self.backlog.popleft()
-            if not self.backlog:
+            if not self.backlog and self._deferred_error is None:
                 self.gate.resume(PIPELINE)
             err = self._start(nxt)
             if err is not None:
-                self._reject(err)
+                self._reject(err, nxt)
+            return
+        deferred = self._deferred_error
+        if deferred is not None:
+            self._deferred_error = None
+            self._reject(deferred[0], None, deferred[1])
             return
         self.gate.resume(PIPELINE)
         cfg = self.listener.snapshot.cfg
@@ -437,6 +515,67 @@ class DownstreamProtocol(asyncio.Protocol):
         self.closing = True
         if self.current is None and not self.backlog:
             self.transport.close()  # type: ignore[union-attr]
+
+    # -- upgrade requests ------------------------------------------------------
+
+    def _upgrade_requested(self, rest: bytes) -> None:
+        """The parser stopped after an upgrade request's head; `rest` is what followed it."""
+        req = self.req
+        if self._stashed is not None:  # e.g. CONNECT, refused in on_headers_complete
+            self._reject(self._stashed, req)
+            return
+        if req is None or self.transport is None or self.transport.is_closing():
+            return
+        ex = req.exchange
+        if ex is not None and ex.done:
+            # Answered by us already (no route, no endpoint): no switch happens,
+            # and what follows is the next request.
+            self.req = None
+            if rest:
+                self.data_received(rest)
+            return
+        if ex is None:
+            self.gate.pause(PIPELINE)  # queued behind another request: wait for its turn
+        if rest:
+            self._after_upgrade(req, rest)
+
+    def _after_upgrade(self, req: Incoming, data: bytes) -> None:
+        """Bytes after an upgrade request's head: its body first, then, held until the
+        upstream answers (reading paused), bytes for the new protocol."""
+        left = req.body_left
+        if left:
+            body = data if len(data) <= left else data[:left]
+            req.body_left = left - len(body)
+            ex = req.exchange
+            if ex is not None:
+                ex.request_body(body)
+            else:
+                req.body.append(body)
+            if req.body_left:
+                if self._body_timed:
+                    self._arm_body()
+                return
+            self._upgrade_body_done(req)
+            data = data[left:]
+            if not data:
+                return
+        ex = req.exchange
+        if ex is not None:
+            ex.set_early_tunnel_bytes(data)
+            self.gate.pause(BUFFERED)
+        else:
+            req.tunnel += data
+
+    def _upgrade_body_done(self, req: Incoming) -> None:
+        req.complete = True
+        ex = req.exchange
+        if ex is None:
+            return
+        if self._body_timed:
+            self._end_body_timer()
+        ex.request_complete(None)
+        if not ex.done:
+            self.gate.pause(BUFFERED)  # the rest waits for the upstream's answer
 
     # -- errors --------------------------------------------------------------
 
@@ -458,34 +597,34 @@ class DownstreamProtocol(asyncio.Protocol):
         if err is None:
             detail = str(exc) or type(exc).__name__
             err = bad_request(f"malformed request: {detail}")
-        self._reject(err)
+        self._reject(err, self.req)
 
-    def _upgrade_requested(self, rest: bytes) -> None:
-        if self._stashed is not None:  # e.g. CONNECT, refused in on_headers_complete
-            self._reject(self._stashed)
-            return
-        req = self.req
-        if req is None or req.exchange is None:
-            # The upgrade request is queued behind another one; hold its bytes too.
-            if req is not None and rest:
-                req.body.append(rest)
-            self.gate.pause(PIPELINE)
-            return
-        self.gate.pause(BUFFERED)
-        if rest:
-            req.exchange.set_early_tunnel_bytes(rest)
+    def _reject(
+        self,
+        err: ProxyError,
+        req: Incoming | None,
+        fields: tuple[bytes, bytes, bytes] | None = None,
+    ) -> None:
+        """Answer a request the proxy refuses before it became an exchange, then close.
 
-    def _reject(self, err: ProxyError) -> None:
-        """Answer a request the proxy refuses before it became an exchange, then close."""
+        `req` is the refused request as far as it was parsed (None: no request);
+        `fields` its (method, authority, target) when taken earlier."""
         ex = self.current
         if ex is not None and not ex.req_done:
             # The error is in the body of the request in flight (a bad chunk,
             # a truncated stream): that exchange fails, and the connection with it.
             ex.fail(err)
             return
+        if fields is None:
+            fields = self._request_fields(req)
         if ex is not None:
-            # Responses go out in order: answer after the one in flight.
-            self._deferred_error = err
+            # Responses go out in order: answer after the ones in flight and queued.
+            # A queued request whose body is bad is answered by this error alone.
+            backlog = self.backlog
+            if req is not None and backlog and backlog[-1] is req:
+                backlog.pop()
+            if self._deferred_error is None:
+                self._deferred_error = (err, fields)
             self.gate.pause(PIPELINE)
             return
         transport = self.transport
@@ -498,20 +637,77 @@ class DownstreamProtocol(asyncio.Protocol):
         transport.write(error_response(err, rid, body, keep_alive=False))
         transport.close()
         self.closing = True
-        req = self.req
-        self.listener.record_reject(
-            err, req.method if req else b"", req.url if req else b"", self.client_ip_str, rid
-        )
+        method, authority, target = fields
+        self.listener.record_reject(err, method, authority, target, self.client_ip_str, rid)
+
+    def _request_fields(self, req: Incoming | None) -> tuple[bytes, bytes, bytes]:
+        """(method, authority, target) of a refused request, as far as it was parsed."""
+        if req is None:
+            return b"", b"", b""
+        url = req.url
+        method = req.method
+        if not method and url:
+            method = self.parser.get_method()  # the request line was read: the method is known
+        authority = b""
+        if url[:1] != b"/":
+            with contextlib.suppress(ProxyError):  # a bad target is logged as received
+                authority, url = split_target(url)
+        if not authority:
+            for name, value in req.headers:
+                if name.lower() == b"host":
+                    authority = value.strip().lower()
+                    break
+        return method, authority, url
+
+    # -- timers ----------------------------------------------------------------
 
     def arm_deadline(self, seconds: float) -> None:
         """While an exchange runs, the connection's deadline is its overall timeout."""
-        self.deadline.arm(seconds)
+        deadline = self.deadline
+        deadline.arm(seconds)
+        self._ex_until = deadline.when  # type: ignore[assignment]
+        if self._body_timed:
+            self._arm_body()
+
+    def _arm_body(self) -> None:
+        """A request body is being received: the deadline is the next `timeouts.idle`
+        without a byte of it, unless the exchange's overall timeout comes first."""
+        self._body_timed = True
+        wait = self.listener.snapshot.cfg.timeouts.idle
+        until = self._ex_until
+        if until != inf:
+            wait = min(wait, until - self.loop.time())
+        self.deadline.arm(wait)
+
+    def _end_body_timer(self) -> None:
+        """The body is complete: the deadline is the exchange's overall timeout again."""
+        self._body_timed = False
+        until = self._ex_until
+        if until == inf:
+            self.deadline.disarm()
+        else:
+            self.deadline.arm(until - self.loop.time())
 
     def _on_deadline(self) -> None:
         if self.transport is None:
             return
-        if self.current is not None:
-            self.current.on_timeout()
+        ex = self.current
+        if ex is not None:
+            if self._body_timed and self.loop.time() < self._ex_until:
+                if self.gate.paused:
+                    self._arm_body()  # we stopped reading (backpressure): not the client's stall
+                    return
+                idle = self.listener.snapshot.cfg.timeouts.idle
+                ex.fail(
+                    ProxyError(
+                        408,
+                        Reason.BODY_TIMEOUT,
+                        f"no request body byte received for {idle:g}s",
+                        close=True,
+                    )
+                )
+                return
+            ex.on_timeout()
             return
         if self.req is not None or self.backlog:
             timeout = self.listener.snapshot.cfg.timeouts.header_read
@@ -521,7 +717,22 @@ class DownstreamProtocol(asyncio.Protocol):
                     Reason.HEADER_TIMEOUT,
                     f"request head not received within {timeout:g}s",
                     close=True,
-                )
+                ),
+                self.req,
             )
         else:
             self.transport.close()  # idle keep-alive connection
+
+
+def _upgrade_body_length(headers: Headers) -> int:
+    """The Content-Length of an upgrade request: 0 without one, -1 for a chunked body.
+
+    httptools ends an upgrade request's message at its head, so its body is
+    counted off by us; chunked framing would need a decoder of its own."""
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"content-length":
+            return int(value)  # llhttp validated digits and uniqueness
+        if lname == b"transfer-encoding":
+            return -1
+    return 0

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from lepton_mesh.proxy.errors import ProxyError
 from lepton_mesh.proxy.http.downstream import DownstreamProtocol
+from lepton_mesh.proxy.http.exchange import _iso as iso_time
 from lepton_mesh.proxy.http.exchange import log_entry_bytes, render_log_line
 from lepton_mesh.proxy.l4.tcp_proxy import InboundTunnels
 from lepton_mesh.proxy.security.mtls import InboundTls, TlsAcceptor
@@ -159,9 +160,18 @@ class HttpListener:
             log.defer(render_log_line, entry, log_entry_bytes(entry))  # built when the batch leaves
 
     def record_reject(
-        self, err: ProxyError, method: bytes, url: bytes, client: str, request_id: bytes
+        self,
+        err: ProxyError,
+        method: bytes,
+        authority: bytes,
+        target: bytes,
+        client: str,
+        request_id: bytes,
     ) -> None:
-        """A request refused before it became an exchange (malformed, too large, too slow)."""
+        """A request refused before it became an exchange (malformed, too large, too slow).
+
+        Its access-log line has the fields of an exchange's line that are known
+        by then (b"" for what was not parsed), plus `detail`."""
         cfg = self.sidecar.snapshot.cfg
         source, destination = (
             (cfg.service, UNKNOWN_WORKLOAD) if self.outbound else (UNKNOWN_WORKLOAD, cfg.service)
@@ -173,10 +183,11 @@ class HttpListener:
         if log.enabled:
             log.log(
                 {
-                    "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z",
+                    "time": iso_time(time.time()),
                     "reporter": self.reporter,
                     "method": method.decode("latin-1"),
-                    "path": url[:200].decode("latin-1"),
+                    "authority": authority[:200].decode("latin-1"),
+                    "path": target[:200].decode("latin-1"),
                     "status": err.status,
                     "reason": err.reason,
                     "detail": err.detail,
