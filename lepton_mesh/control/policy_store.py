@@ -305,7 +305,8 @@ class PolicyStore:
             # Most likely an empty folder or a wrong path, not a wish to delete everything.
             raise BadRequest(
                 "prune with no manifests would delete every policy: refusing "
-                "(to clear them all, roll back to revision 0)"
+                "(to clear them all, roll back to revision 0: `lepton-mesh rollback 0`, "
+                "which names the steps to take if there are too many for one transaction)"
             )
 
         async def planner(state: _State) -> list[Change]:
@@ -346,7 +347,10 @@ class PolicyStore:
                 )
             records = await self._records(revision + 1, state.revision)
             target = undo(state.policies, records)
-            return plan(state.policies, [], target=target, origin=f"revision {revision}:")
+            changes = plan(state.policies, [], target=target, origin=f"revision {revision}:")
+            if not _fits(changes):
+                raise _rollback_too_large(revision, changes, state, records)
+            return changes
 
         return await self._write(
             planner, who=who, message=message or f"rollback to {revision}", rollback_of=revision
@@ -429,7 +433,7 @@ class PolicyStore:
                     f"a transaction's outcome is unknown and etcd no longer answers ({e.detail}): "
                     f"check history for write {write_id} before applying again"
                 ) from e
-            if dry_run or not changes:
+            if not changes:
                 return _result(state.revision, changes, dry_run=dry_run)
             record = {
                 "revision": state.revision + 1,
@@ -440,7 +444,9 @@ class PolicyStore:
                 "rollback_of": rollback_of,
                 "id": write_id,
             }
-            ops = _ops(changes, record)
+            ops = _ops(changes, record)  # a dry run is refused as the write would be
+            if dry_run:
+                return _result(state.revision, changes, dry_run=True)
             try:
                 result = await self._store.txn([Compare.mod(REVISION_KEY, state.revision_mod)], ops)
             except UnknownOutcome as e:
@@ -489,6 +495,42 @@ def _conflict(base: int, current: int) -> RevisionConflict:
         "someone else applied a change since; review it (diff), then apply again",
         current=current,
         base=base,
+    )
+
+
+def _fits(changes: list[Change]) -> bool:
+    """Whether one transaction can carry `changes` (with a record of about this size)."""
+    record = {"revision": 0, "time": 0.0, "who": "", "message": "", "rollback_of": 0, "id": ""}
+    try:
+        _ops(changes, record | {"changes": changes})
+    except TooLarge:
+        return False
+    return True
+
+
+def _rollback_too_large(
+    revision: int, changes: list[Change], state: _State, records: list[dict]
+) -> TooLarge:
+    """A rollback is never split into several transactions: sidecars would be
+    sent states that never existed, and a failure midway would leave one
+    stored. Name the first step instead: the oldest revision between the
+    target and now whose state one transaction reaches (undoing one record
+    always does: each was one transaction)."""
+    states = [state.policies]  # states[i]: the state at revision state.revision - i
+    for record in records:  # newest first
+        states.append(undo(states[-1], [record]))
+    step = state.revision - 1
+    for back in range(len(states) - 1, 0, -1):  # from the target towards now
+        if _fits(changes_between(state.policies, states[back])):
+            step = state.revision - back
+            break
+    return TooLarge(
+        f"rolling back to revision {revision} changes {len(changes)} objects; one transaction "
+        f"carries at most {MAX_CHANGES} (etcd's --max-txn-ops is {MAX_TXN_OPS}) and about "
+        f"{MAX_TXN_BYTES} bytes. A rollback is not split (sidecars would see states that never "
+        f"existed): roll back in steps, each to a state that did. First `lepton-mesh rollback "
+        f"{step}`, then `lepton-mesh rollback {revision}` again (it names the next step if one "
+        "is still needed)"
     )
 
 

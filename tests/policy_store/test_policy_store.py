@@ -354,3 +354,39 @@ async def test_a_write_that_landed_while_etcd_stalled_is_reported_unknown_not_un
         # It did land, once: a client told "unavailable" would have applied it again.
         kvs, _ = await ctl.store.get_prefix(HISTORY_PREFIX)
         assert len(kvs) == 1
+
+
+async def test_a_dry_run_is_refused_as_the_write_would_be(control: Control) -> None:
+    many = docs(*(dest(f"s{i}") for i in range(127)))
+    with pytest.raises(TooLarge, match="at most 126") as info:
+        await control.policies.apply(many, who="alice", dry_run=True)
+    with pytest.raises(TooLarge) as real:
+        await control.policies.apply(many, who="alice")
+    assert info.value.detail == real.value.detail
+    subsets = [{"name": f"v{j}", "labels": {"blob": "y" * 1000}} for j in range(40)]
+    big = [
+        {
+            "apiVersion": "lepton-mesh/v1",
+            "kind": "DestinationPolicy",
+            "metadata": {"name": f"b{i}"},
+            "spec": {"service": f"b{i}", "subsets": subsets},
+        }
+        for i in range(40)
+    ]  # ~1.6 MB: over what one transaction carries
+    with pytest.raises(TooLarge, match="bytes"):
+        await control.policies.apply(big, who="alice", dry_run=True)
+    assert control.policies.revision() == 0
+
+
+async def test_a_rollback_too_large_for_one_transaction_names_the_steps(control: Control) -> None:
+    await control.policies.apply(docs(*(dest(f"a{i}") for i in range(70))), who="alice")
+    await control.policies.apply(docs(*(dest(f"b{i}") for i in range(70))), who="alice")
+    with pytest.raises(TooLarge) as info:
+        await control.policies.rollback(0, who="alice")
+    assert "140 objects" in info.value.detail
+    assert "`lepton-mesh rollback 1`, then `lepton-mesh rollback 0` again" in info.value.detail
+    assert control.policies.revision() == 2
+    # The steps it names work, and end where the rollback was meant to.
+    await control.policies.rollback(1, who="alice")
+    result = await control.policies.rollback(0, who="alice")
+    assert result["revision"] == 4 and await stored(control) == {}
