@@ -142,6 +142,21 @@ REQUEST_ERRORS = [
     ("te-gzip-chunked", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501, Reason.UNSUPPORTED),
     ("https-absolute", b"GET https://a/ HTTP/1.1\r\nHost: a\r\n\r\n", 400, Reason.UNSUPPORTED),
     ("userinfo", b"GET http://u:p@a/ HTTP/1.1\r\nHost: a\r\n\r\n", 400, Reason.BAD_REQUEST),
+    ("host-port-not-numeric", b"GET / HTTP/1.1\r\nHost: up:abc\r\n\r\n", 400, Reason.BAD_REQUEST),
+    ("host-port-too-long", b"GET / HTTP/1.1\r\nHost: up:123456\r\n\r\n", 400, Reason.BAD_REQUEST),
+    ("host-list", b"GET / HTTP/1.1\r\nHost: up, dead\r\n\r\n", 400, Reason.BAD_REQUEST),
+    ("host-userinfo", b"GET / HTTP/1.1\r\nHost: x@up\r\n\r\n", 400, Reason.BAD_REQUEST),
+    ("host-space", b"GET / HTTP/1.1\r\nHost: up dead\r\n\r\n", 400, Reason.BAD_REQUEST),
+    ("host-bare-ipv6", b"GET / HTTP/1.1\r\nHost: ::1\r\n\r\n", 400, Reason.BAD_REQUEST),
+    ("host-ipv6-unclosed", b"GET / HTTP/1.1\r\nHost: [::1:80\r\n\r\n", 400, Reason.BAD_REQUEST),
+    ("host-ipv6-junk-after", b"GET / HTTP/1.1\r\nHost: [::1]x\r\n\r\n", 400, Reason.BAD_REQUEST),
+    ("absolute-port-not-numeric", b"GET http://up:abc/ HTTP/1.1\r\nHost: up\r\n\r\n", 400, Reason.BAD_REQUEST),
+    ("absolute-list", b"GET http://up,dead/ HTTP/1.1\r\nHost: up\r\n\r\n", 400, Reason.BAD_REQUEST),
+    ("star-not-options", b"GET * HTTP/1.1\r\nHost: up\r\n\r\n", 400, Reason.BAD_REQUEST),
+    ("fragment", b"GET /echo#frag HTTP/1.1\r\nHost: up\r\n\r\n", 400, Reason.BAD_REQUEST),
+    ("fragment-after-query", b"GET /echo?a=1#frag HTTP/1.1\r\nHost: up\r\n\r\n", 400, Reason.BAD_REQUEST),
+    ("http-2.0", b"GET / HTTP/2.0\r\nHost: up\r\n\r\n", 505, Reason.UNSUPPORTED),
+    ("http-0.9-with-headers", b"GET / HTTP/0.9\r\nHost: up\r\n\r\n", 505, Reason.UNSUPPORTED),
 ]  # fmt: skip
 
 
@@ -153,6 +168,26 @@ def test_request_head_errors(case_id, raw, status, reason, bytewise) -> None:
     with pytest.raises(ProxyError) as info:
         forward(raw, bytewise=bytewise)
     assert (info.value.status, info.value.reason, info.value.close) == (status, reason, True)
+
+
+@pytest.mark.parametrize(
+    ("raw", "authority"),
+    [
+        (b"OPTIONS * HTTP/1.1\r\nHost: up\r\n\r\n", b"up"),
+        (
+            b"GET / HTTP/1.1\r\nHost: Up.ns.svc.cluster.local:8080\r\n\r\n",
+            b"up.ns.svc.cluster.local:8080",
+        ),
+        (b"GET / HTTP/1.1\r\nHost: 10.0.0.1:80\r\n\r\n", b"10.0.0.1:80"),
+        (b"GET / HTTP/1.1\r\nHost: [fe80::1]:8080\r\n\r\n", b"[fe80::1]:8080"),
+        (b"GET / HTTP/1.1\r\nHost: [::1]\r\n\r\n", b"[::1]"),
+        (b"GET / HTTP/1.1\r\nHost: my_svc~1:\r\n\r\n", b"my_svc~1:"),
+        (b"GET http://up:81/x HTTP/1.1\r\nHost: other\r\n\r\n", b"up:81"),
+    ],
+)
+def test_valid_targets_and_hosts(raw, authority) -> None:
+    _, facts = forward(raw)
+    assert facts.authority == authority
 
 
 def test_http10_without_host_is_allowed() -> None:

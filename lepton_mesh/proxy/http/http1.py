@@ -144,9 +144,13 @@ def split_target(url: bytes) -> tuple[bytes, bytes]:
     """(authority, origin-form target) of a request target.
 
     Absolute-form (`http://intent:8080/v1/x?q`) gives the authority and
-    `/v1/x?q`; origin-form gives (b"", url). Only http is proxied: an `https://`
-    absolute target would mean the client expects us to originate TLS to it.
+    `/v1/x?q`; origin-form gives (b"", url); asterisk-form `*` gives (b"", b"*").
+    Only http is proxied: an `https://` absolute target would mean the client
+    expects us to originate TLS to it. A fragment is never part of a request
+    target (RFC 9112 section 3.2): llhttp accepts one, we refuse it.
     """
+    if b"#" in url:
+        raise bad_request("a fragment (#) is not part of a request target")
     if url[:1] == b"/":
         return b"", url
     if url == b"*":
@@ -171,10 +175,40 @@ def split_target(url: bytes) -> tuple[bytes, bytes]:
         raise bad_request("userinfo in request target is not allowed")
     if not authority:
         raise bad_request("absolute-form target without a host")
+    if not valid_authority(authority):
+        raise bad_request("request target's authority is not a host[:port]")
     path = rest[end:]
     if not path.startswith(b"/"):
         path = b"/" + path
     return authority.lower(), path
+
+
+# What a host may be made of (RFC 3986 section 3.2.2): a reg-name's unreserved
+# characters and pct-encoding; sub-delims (`,` `;` `!` ...) are allowed by the
+# grammar but in a Host value mean a list or an attack, never a DNS name.
+_REG_NAME = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~%"
+_IP_LITERAL = b"0123456789abcdefABCDEF:.vV"
+
+
+def valid_authority(authority: bytes) -> bool:
+    """Whether `authority` is `host[:port]` (RFC 9112 section 3.2: an invalid Host is a 400).
+
+    A reg-name or IPv4 address, or an IP literal in brackets; the port, if
+    any, digits. No userinfo, no lists, no spaces. Two C-level scans."""
+    if authority[:1] == b"[":
+        end = authority.find(b"]")
+        if end < 0 or authority[1:end].translate(None, _IP_LITERAL):
+            return False
+        rest = authority[end + 1 :]
+        return not rest or (rest[:1] == b":" and _valid_port(rest[1:]))
+    colon = authority.find(b":")
+    if colon < 0:
+        return not authority.translate(None, _REG_NAME)
+    return not authority[:colon].translate(None, _REG_NAME) and _valid_port(authority[colon + 1 :])
+
+
+def _valid_port(port: bytes) -> bool:
+    return not port or (port.isdigit() and len(port) <= 5)  # RFC 3986: port = *DIGIT
 
 
 def inspect_request(
@@ -188,10 +222,21 @@ def inspect_request(
 ) -> RequestFacts:
     """Validate a parsed request head and extract what the proxy needs.
 
-    Raises ProxyError (400/501) for what llhttp accepts but a proxy must not
+    Raises ProxyError (400/501/505) for what llhttp accepts but a proxy must not
     pass on. One pass over the headers; rendering is `render_request_head`.
     """
+    if version != "1.1" and version != "1.0":
+        # llhttp reads `HTTP/2.0` and `HTTP/0.9` request lines; we would forward
+        # them as HTTP/1.1, so they are refused as nginx does.
+        raise ProxyError(
+            505,
+            Reason.UNSUPPORTED,
+            f"HTTP/{version} is not supported: send HTTP/1.1 (or 1.0) to the mesh",
+            close=True,
+        )
     target_authority, target = split_target(url)
+    if target == b"*" and method != b"OPTIONS":
+        raise bad_request("the target * is only for OPTIONS")
     host: bytes | None = None
     conn_values: list[bytes] = []
     te: bytes | None = None
@@ -258,7 +303,11 @@ def inspect_request(
         if version != "1.0" and not target_authority:
             raise bad_request("missing Host header")
         host = target_authority
-    authority = target_authority or host.strip().lower()
+    else:
+        host = host.strip()
+        if host and not valid_authority(host):
+            raise bad_request("Host header is not a host[:port]")
+    authority = target_authority or host.lower()
     if not authority and version != "1.0":
         raise bad_request("empty Host header")
 
