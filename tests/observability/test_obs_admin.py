@@ -107,6 +107,10 @@ async def test_routes(
     assert r.status_code == status
     if isinstance(body, bytes):
         assert r.content == body
+    elif "error" in body:  # the server's own errors say which request and why, as the proxy's
+        got = r.json()
+        assert got.pop("request_id") == r.headers["x-request-id"]
+        assert got == body and r.headers["x-lepton-reason"] == body["reason"]  # type: ignore[index]
     else:
         assert r.json() == body
     if content_type is not None:
@@ -361,7 +365,7 @@ async def test_while_writes_are_paused_requests_wait_and_reading_stops() -> None
     proto.connection_made(t)  # type: ignore[arg-type]
     proto.pause_writing()
     assert not t.reading
-    proto.data_received(b"GET /live HTTP/1.1\r\n\r\n" * 3)
+    proto.data_received(b"GET /live HTTP/1.1\r\nHost: a\r\n\r\n" * 3)
     assert t.out == b"" and not t.reading
     proto.resume_writing()
     assert statuses(bytes(t.out)) == [200, 200, 200]
@@ -374,7 +378,7 @@ async def test_too_many_waiting_pipelined_requests_end_the_connection() -> None:
     t = FakeTransport()
     proto.connection_made(t)  # type: ignore[arg-type]
     proto.pause_writing()
-    proto.data_received(b"GET /live HTTP/1.1\r\n\r\n" * 5)
+    proto.data_received(b"GET /live HTTP/1.1\r\nHost: a\r\n\r\n" * 5)
     proto.resume_writing()
     # The two that fit are answered, then one 503, then the connection closes.
     assert statuses(bytes(t.out)) == [200, 200, 503]
@@ -393,7 +397,7 @@ async def test_quit_is_called_after_its_answer_is_written() -> None:
 
     proto = AdminProtocol(Hooks(), AdminLimits(), asyncio.get_running_loop())
     proto.connection_made(t)  # type: ignore[arg-type]
-    proto.data_received(b"POST /quit HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+    proto.data_received(b"POST /quit HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n")
     (before,) = written_at_quit
     assert statuses(before) == [202] and before.endswith(b'{"quitting":true}')
     proto.connection_lost(None)

@@ -9,11 +9,14 @@ Routes: GET /, /metrics, /ready, /live, /config, /clusters; POST /drain,
 bound beyond loopback for probes and scraping). HEAD is accepted wherever GET is.
 
 Protocol rules (the things a client can count on):
-- Keep-alive, HTTP/1.0 and 1.1; every response has Content-Length.
-- Errors answer `{"error": <detail>, "reason": <code>}`: 404 and 405 (with
-  Allow) keep the connection; 400 (unparseable), 413 (body over
-  `max_body_bytes`), 431 (request line + headers over `max_header_bytes`)
-  close it, since the rest of the byte stream can no longer be trusted.
+- Keep-alive, HTTP/1.0 and 1.1; every response has Content-Length. An
+  HTTP/1.1 request needs exactly one Host header (RFC 9112 section 3.2), else 400.
+- Errors are the proxy's own (`http1.error_response`): an `x-lepton-reason`
+  and an `x-request-id` header, and `{"error": <detail>, "reason": <code>,
+  "request_id": <id>}`. 404 and 405 (with Allow) keep the connection; 400
+  (unparseable), 413 (body over `max_body_bytes`), 431 (request line +
+  headers over `max_header_bytes`) close it, since the rest of the byte
+  stream can no longer be trusted.
 - Pipelined requests are answered in order, as soon as each is complete.
   While the transport's write buffer is over its high-water mark, reading is
   paused and the requests already read wait in a queue of at most
@@ -42,8 +45,9 @@ from http import HTTPStatus
 import httptools
 import orjson
 
-from lepton_mesh.proxy.errors import ProxyError, Reason, bad_request
+from lepton_mesh.proxy.errors import ProxyError, Reason, bad_request, error_body
 from lepton_mesh.proxy.flow import PEER_BACKPRESSURE, ReadGate
+from lepton_mesh.proxy.http.http1 import error_response, new_request_id
 
 _log = logging.getLogger(__name__)
 
@@ -94,6 +98,9 @@ class _Response:
     content_type: str = JSON
     # Runs once the response is written (POST /quit: exit only after answering).
     after: Callable[[], None] | None = None
+    # An error the server originates: rendered as the proxy renders its own
+    # (`body` is then built when written, with a fresh request id).
+    error: ProxyError | None = None
 
 
 def _json(status: int, obj: object) -> _Response:
@@ -101,7 +108,11 @@ def _json(status: int, obj: object) -> _Response:
 
 
 def _error(status: int, reason: str, detail: str) -> _Response:
-    return _json(status, {"error": detail, "reason": reason})
+    return _failure(ProxyError(status, reason, detail))
+
+
+def _failure(err: ProxyError) -> _Response:
+    return _Response(err.status, b"", error=err)
 
 
 def _index(hooks: AdminHooks) -> _Response:
@@ -229,6 +240,7 @@ class AdminProtocol(asyncio.Protocol):
         "_fed_in_head",
         "_gate",
         "_head_bytes",
+        "_hosts",
         "_head_open",
         "_hooks",
         "_idle",
@@ -271,6 +283,7 @@ class AdminProtocol(asyncio.Protocol):
         self._content_length = 0
         self._expect_continue = False
         self._body_bytes = 0
+        self._hosts = 0
 
     # -- transport callbacks --------------------------------------------------
 
@@ -337,6 +350,7 @@ class AdminProtocol(asyncio.Protocol):
         self._content_length = 0
         self._expect_continue = False
         self._body_bytes = 0
+        self._hosts = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -352,10 +366,16 @@ class AdminProtocol(asyncio.Protocol):
                 raise bad_request("invalid content-length") from None
         elif lname == b"expect":
             self._expect_continue = value.lower() == b"100-continue"
+        elif lname == b"host":
+            self._hosts += 1
 
     def on_headers_complete(self) -> None:
         self._head_open = False
         self._fed_in_head = 0
+        if self._hosts > 1:
+            raise bad_request("more than one Host header")
+        if not self._hosts and self._parser.get_http_version() != "1.0":
+            raise bad_request("missing Host header")
         if self._content_length > self._limits.max_body_bytes:
             raise _body_too_large(self._limits.max_body_bytes)
         # Only when nothing is queued: a 100 must not overtake an earlier answer.
@@ -389,7 +409,7 @@ class AdminProtocol(asyncio.Protocol):
         while pending and not self._write_paused:
             item = pending.popleft()
             if isinstance(item, ProxyError):
-                self._write(_error(item.status, item.reason, item.detail), keep_alive=False)
+                self._write(_failure(item), keep_alive=False)
                 self._close()
                 return
             resp = dispatch(self._hooks, item.method, item.path, local=self._local)
@@ -420,6 +440,17 @@ class AdminProtocol(asyncio.Protocol):
     ) -> None:
         transport = self._transport
         if transport is None or transport.is_closing():
+            return
+        err = resp.error
+        if err is not None:
+            rid = new_request_id()
+            body = error_body(err, rid.decode("latin-1"))
+            extra = f"allow: {allow}\r\n".encode() if allow is not None else b""
+            transport.write(
+                error_response(
+                    err, rid, body, keep_alive=keep_alive, head_request=head, extra=extra
+                )
+            )
             return
         parts = [
             _STATUS_LINES[resp.status],
