@@ -82,3 +82,16 @@ async def test_stalled_upgrade_request_body_is_timed_out(sidecars, echo) -> None
         await c.send(head + b"abc")
         assert_lepton_error(await c.response(), 408, Reason.BODY_TIMEOUT)
         assert await c.closed_by_peer()
+
+
+async def test_stalled_body_of_a_queued_request_is_timed_out(sidecars, echo) -> None:
+    """The body's timer starts when the queued request gets its turn, not at its first read."""
+    sc = await sidecars(services={"svc": echo.address}, timeouts={"request": 0, "idle": 0.3})
+    queued = request_bytes("POST", "/b", headers=[("Content-Length", "10")]) + b"abc"
+    async with client(outbound(sc)) as c:
+        await c.send(get("/a") + queued)
+        resp = await c.response()
+        assert (resp.status, resp.json()["target"]) == (200, "/a")
+        assert_lepton_error(await c.response(), 408, Reason.BODY_TIMEOUT)
+        assert await c.closed_by_peer()
+    assert [r.target for r in echo.requests] == ["/a"]
