@@ -26,6 +26,9 @@ from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+from aiohttp.web_server import Server
 
 from lepton_mesh.control.auth import AuthError, Claims, Role, TokenVerifier, Unauthenticated
 from lepton_mesh.control.openapi import document as openapi_document
@@ -57,6 +60,11 @@ LEADER_KEY = "/lepton/v1/election/leader"
 # Policy bundles are small; etcd takes at most ~1.5 MiB per transaction anyway.
 MAX_BODY = 4 * 1024 * 1024
 MAX_HISTORY = 1000
+# Header lines up to this long reach the handlers (aiohttp's default is
+# 8190), so that a long Authorization header is answered in JSON; a token we
+# issue is well under 1 KiB.
+MAX_AUTHORIZATION = 16 * 1024
+MAX_HEADER_LINE = MAX_AUTHORIZATION + 256
 
 
 class RegistryView(Protocol):
@@ -128,6 +136,19 @@ _HTTP_REASONS = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 async def _errors(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
+    response = await _answer(request, handler)
+    if response.status >= 400 and request.body_exists and not request.content.is_eof():
+        # A body the handler did not read (refused before it): aiohttp would
+        # read and drop it after the response, and a body that cannot be
+        # decoded (bad gzip) would then log a traceback. Close instead.
+        response.force_close()
+        request.content.feed_eof()
+    return response
+
+
+async def _answer(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     try:
         return await handler(request)
     except AuthError as e:
@@ -178,6 +199,10 @@ def _claims(request: web.Request, role: Role) -> Claims:
             "this control daemon has no token key (--token-key): it accepts no admin requests",
         )
     header = request.headers.get("Authorization", "")
+    if len(header) > MAX_AUTHORIZATION:
+        raise ApiError(
+            431, "too_large", f"the Authorization header is over {MAX_AUTHORIZATION} bytes"
+        )
     scheme, _, token = header.partition(" ")
     if not header:
         raise Unauthenticated(
@@ -206,8 +231,19 @@ def _bad(message: str) -> ApiError:
     return ApiError(400, "bad_request", message)
 
 
-async def _body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
+async def _raw_body(request: web.Request) -> bytes:
+    try:
+        return await request.read()
+    except (HttpProcessingError, RequestPayloadError) as e:
+        # e.g. Content-Encoding: gzip with a body that is not gzip
+        message = e.message if isinstance(e, HttpProcessingError) else str(e).replace("\n", " ")
+        raise _bad(f"the request body cannot be read: {message}") from None
+
+
+async def _body(request: web.Request, fields: frozenset[str] | None = None) -> dict[str, Any]:
+    """The JSON object of the request; with `fields`, any other key is a 400
+    (a typo such as `dryrun` must not turn a dry run into a write)."""
+    raw = await _raw_body(request)
     if not raw:
         return {}
     try:
@@ -216,18 +252,36 @@ async def _body(request: web.Request) -> dict[str, Any]:
         raise _bad(f"the request body is not JSON: {e}") from e
     if not isinstance(data, dict):
         raise _bad("the request body must be a JSON object")
+    if fields is not None:
+        _known(data, fields, "the request body")
     return data
 
 
+def _known(data: Mapping[str, Any], fields: frozenset[str], where: str) -> None:
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise _bad(
+            f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; "
+            f"the fields are {', '.join(sorted(fields))}"
+        )
+
+
 def _int(value: Any, field: str, *, minimum: int = 0) -> int | None:
-    """An optional integer from JSON or a query string."""
-    if value is None or value == "":
+    """An optional integer from a JSON body: a JSON number, never a string."""
+    if value is None:
         return None
-    if isinstance(value, str) and value.lstrip("-").isdigit():
-        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise _bad(f"{field}: expected an integer >= {minimum}, found {value!r}")
     return value
+
+
+def _text_int(value: str | None, field: str, *, minimum: int = 0) -> int | None:
+    """An optional integer from a query string or path: ASCII digits only."""
+    if value is None or value == "":
+        return None
+    if not (value.isascii() and value.isdigit()) or int(value) < minimum:
+        raise _bad(f"{field}: expected an integer >= {minimum}, found {value!r}")
+    return int(value)
 
 
 def _bool(value: Any, field: str) -> bool:
@@ -246,6 +300,13 @@ def _str(value: Any, field: str) -> str:
     return value
 
 
+# The fields each JSON body may have (docs/admin-api.md).
+_FILE_FIELDS = frozenset({"name", "content"})
+_DIFF_FIELDS = frozenset({"files", "manifests", "prune"})
+_APPLY_FIELDS = _DIFF_FIELDS | {"message", "base_revision", "dry_run"}
+_ROLLBACK_FIELDS = frozenset({"revision", "message"})
+
+
 def _bundle(body: Mapping[str, Any]) -> list[Document]:
     """The documents of a request: `files` (YAML text, so problems name file and line)
     and/or `manifests` (JSON objects, named `manifests[i]`)."""
@@ -261,6 +322,7 @@ def _bundle(body: Mapping[str, Any]) -> list[Document]:
             and isinstance(item.get("content"), str)
         ):
             raise _bad(f"files[{i}]: expected {{name: string, content: string}}")
+        _known(item, _FILE_FIELDS, f"files[{i}]")
         try:
             docs.extend(load_documents(item["content"], item["name"]))
         except ConfigError as e:  # not YAML: still report the other files' problems
@@ -292,12 +354,11 @@ async def overview(request: web.Request) -> web.StreamResponse:
     policies: dict[str, int] = dict.fromkeys(KINDS, 0)
     for manifest in ctx.policies.list():
         policies[manifest["kind"]] = policies.get(manifest["kind"], 0) + 1
-    leader = ctx.cache.items.get(LEADER_KEY)
     push = getattr(ctx, "push", None)
     return _json(
         {
             "replica": ctx.replica_id,
-            "leader": orjson.loads(leader) if leader is not None else None,
+            "leader": _leader(ctx),
             "policy_revision": ctx.policies.revision(),
             "store": {"healthy": ctx.cache.healthy, "revision": ctx.cache.revision},
             "counts": {
@@ -312,6 +373,25 @@ async def overview(request: web.Request) -> web.StreamResponse:
             "time": time.time(),
         }
     )
+
+
+def _leader(ctx: AdminContext) -> dict[str, Any] | None:
+    """The leader key as the cache has it, with `confirmed`: false while the
+    cache's watch is down (etcd may have expired that leader since), and null
+    when it names this replica but this replica knows it lost its lease."""
+    raw = ctx.cache.items.get(LEADER_KEY)
+    try:
+        leader = orjson.loads(raw) if raw is not None else None
+    except orjson.JSONDecodeError:
+        leader = None
+    if not isinstance(leader, dict):
+        return None
+    election = getattr(ctx, "election", None)
+    if election is not None and leader.get("replica") == ctx.replica_id:
+        if not election.is_leader:
+            return None
+        return leader | {"confirmed": True}  # its own lease is alive: it knows
+    return leader | {"confirmed": bool(ctx.cache.healthy)}
 
 
 def _namespace(request: web.Request) -> str | None:
@@ -416,7 +496,7 @@ async def put_policy(request: web.Request) -> web.StreamResponse:
         [Document("request body", manifest, {})],
         who=_who(request),
         message=request.query.get("message", ""),
-        base_revision=_int(request.query.get("base_revision"), "base_revision"),
+        base_revision=_text_int(request.query.get("base_revision"), "base_revision"),
     )
     return _json(result)
 
@@ -429,13 +509,13 @@ async def delete_policy(request: web.Request) -> web.StreamResponse:
         request.match_info["name"],
         who=_who(request),
         message=request.query.get("message", ""),
-        base_revision=_int(request.query.get("base_revision"), "base_revision"),
+        base_revision=_text_int(request.query.get("base_revision"), "base_revision"),
     )
     return _json(result)
 
 
 async def apply_policies(request: web.Request) -> web.StreamResponse:
-    body = await _body(request)
+    body = await _body(request, _APPLY_FIELDS)
     result = await _ctx(request).policies.apply(
         _bundle(body),
         who=_who(request),
@@ -448,14 +528,14 @@ async def apply_policies(request: web.Request) -> web.StreamResponse:
 
 
 async def validate_policies(request: web.Request) -> web.StreamResponse:
-    body = await _body(request)
+    body = await _body(request, _DIFF_FIELDS)
     policies = _ctx(request).policies
     changes = policies.diff(_bundle(body), prune=_bool(body.get("prune"), "prune"))
     return _json({"valid": True, "revision": policies.revision(), "changes": len(changes)})
 
 
 async def diff_policies(request: web.Request) -> web.StreamResponse:
-    body = await _body(request)
+    body = await _body(request, _DIFF_FIELDS)
     policies = _ctx(request).policies
     changes = policies.diff(_bundle(body), prune=_bool(body.get("prune"), "prune"))
     return _json({"revision": policies.revision(), "changes": changes})
@@ -465,14 +545,14 @@ async def diff_policies(request: web.Request) -> web.StreamResponse:
 
 
 async def list_history(request: web.Request) -> web.StreamResponse:
-    limit = _int(request.query.get("limit"), "limit", minimum=1) or 100
+    limit = _text_int(request.query.get("limit"), "limit", minimum=1) or 100
     name = request.query.get("name") or None
     records = await _ctx(request).policies.history(name, min(limit, MAX_HISTORY))
     return _json({"items": records})
 
 
 async def get_history(request: web.Request) -> web.StreamResponse:
-    revision = _int(request.match_info["revision"], "revision", minimum=1)
+    revision = _text_int(request.match_info["revision"], "revision", minimum=1)
     assert revision is not None
     record = _ctx(request).policies.record(revision)
     if record is None:
@@ -481,7 +561,7 @@ async def get_history(request: web.Request) -> web.StreamResponse:
 
 
 async def rollback(request: web.Request) -> web.StreamResponse:
-    body = await _body(request)
+    body = await _body(request, _ROLLBACK_FIELDS)
     revision = _int(body.get("revision"), "revision")
     if revision is None:
         raise _bad("revision: required (the policy revision to restore)")
@@ -531,8 +611,48 @@ ROUTES: tuple[Route, ...] = (
 )
 
 
+class _JsonErrors(RequestHandler):
+    """aiohttp's connection handler, answering requests it cannot parse (a header
+    line too long, bad framing) with our JSON error instead of plain text and a
+    logged traceback: they are the client's errors, not ours."""
+
+    def handle_error(
+        self,
+        request: Any,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500:
+            return super().handle_error(request, status, exc, message)
+        self.logger.info("admin API: a request could not be parsed: %s", message or exc)
+        if isinstance(exc, LineTooLong):  # a header (or the request line) too long
+            status = 431
+        reason = "too_large" if status in (413, 431) else "bad_request"
+        text = (message or "the request could not be parsed")[:300]
+        response = _error(status, reason, text)
+        response.force_close()
+        return response
+
+
+class _JsonErrorServer(Server):
+    def __call__(self) -> RequestHandler:
+        return _JsonErrors(self, loop=self._loop, **self._kwargs)
+
+
+class _Runner(web.AppRunner):
+    async def _make_server(self) -> Server:
+        server = await super()._make_server()
+        server.__class__ = _JsonErrorServer  # same state; only the handler it makes differs
+        return server
+
+
 def build_app(ctx: AdminContext) -> web.Application:
-    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
+    app = web.Application(
+        middlewares=[_errors],
+        client_max_size=MAX_BODY,
+        handler_args={"max_line_size": MAX_HEADER_LINE, "max_field_size": MAX_HEADER_LINE},
+    )
     app[CTX] = ctx
     for route in ROUTES:
         app.router.add_route(route.method, route.path, _guarded(route.role, route.handler))
@@ -598,7 +718,7 @@ async def start_admin_api(ctx: AdminContext, host: str, port: int) -> AdminServe
     app = build_app(ctx)
     add_metrics(app, ctx)
     add_probes(app, ctx)
-    runner = web.AppRunner(app, access_log=None)
+    runner = _Runner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:

@@ -215,6 +215,8 @@ class TokenVerifier:
         """The token's claims, or `Unauthenticated` with the precise reason."""
         if not token:
             raise Unauthenticated("a bearer token is required", "missing_token")
+        if not token.isascii():  # a JWT is base64url and dots; PyJWT would fail to encode it
+            raise Unauthenticated("malformed token: not ASCII", "invalid_token")
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as e:
@@ -242,8 +244,20 @@ class TokenVerifier:
         return _claims(claims)
 
 
+# Larger `exp`/`iat` values are not times (2**53: the largest integer a float,
+# and so any JSON parser, holds exactly; ~285 million years from now).
+_MAX_TIME = 2**53
+
+
 def _claims(claims: dict[str, object]) -> Claims:
     role, subject, exp = claims.get("role"), claims.get("sub"), claims.get("exp")
+    for name in ("exp", "iat"):
+        value = claims.get(name)
+        # PyJWT accepts a numeric string and converts it; we issue integers only.
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+            raise Unauthenticated(f"invalid token: {name} is not a number", "invalid_token")
+        if not 0 <= value < _MAX_TIME:
+            raise Unauthenticated(f"invalid token: {name} is out of range", "invalid_token")
     if role not in ROLES:
         raise Unauthenticated(f"invalid token: unknown role {role!r}", "invalid_token")
     if not isinstance(subject, str) or not subject:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import jwt
+import orjson
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -413,8 +414,16 @@ async def test_etcd_down_writes_503_reads_still_answer(
     async with open_api(list(etcd_private.endpoints), tmp_path, store_timeout=0.5) as a:
         await put_instance(a.ctl, instance("dialog", "dialog-1", version="v1"))
         await a.call("POST", "/api/v1/policies:apply", body=files(dest()))
+        leader = {"replica": "replica-x", "since": 1.0}
+        rev = await a.ctl.store.put("/lepton/v1/election/leader", orjson.dumps(leader))
+        await a.ctl.cache.wait_for_revision(rev, timeout=5)
+        overview = (await a.call("GET", "/api/v1/overview", token="read")).body
+        assert overview["leader"] == leader | {"confirmed": True}
         etcd_private.stop()
         await eventually(lambda: not a.ctl.cache.healthy, 10, "the cache to notice etcd is down")
+        # etcd may have expired that leader's lease since: not shown as a fact.
+        overview = (await a.call("GET", "/api/v1/overview", token="read")).body
+        assert overview["leader"] == leader | {"confirmed": False}
 
         reply = await a.call("POST", "/api/v1/policies:apply", body=files(route()))
         assert (reply.status, reply.body["reason"]) == (503, "store_unavailable")
