@@ -420,6 +420,12 @@ class PolicyStore:
                     found = await self._find_write(write_id, unknown_since, state.revision)
                     if found is not None:
                         return _result(found["revision"], found["changes"])
+                if base_revision is not None and base_revision > state.revision:
+                    # Not a conflict (nobody changed anything since): a mistake.
+                    raise BadRequest(
+                        f"revision {base_revision} does not exist: "
+                        f"the current revision is {state.revision}"
+                    )
                 if base_revision is not None and base_revision != state.revision:
                     raise _conflict(base_revision, state.revision)
                 changes = await planner(state)  # a rollback reads history from etcd

@@ -390,3 +390,14 @@ async def test_a_rollback_too_large_for_one_transaction_names_the_steps(control:
     await control.policies.rollback(1, who="alice")
     result = await control.policies.rollback(0, who="alice")
     assert result["revision"] == 4 and await stored(control) == {}
+
+
+async def test_a_base_revision_past_the_current_one_is_a_bad_request(control: Control) -> None:
+    for dry_run in (False, True):
+        with pytest.raises(
+            BadRequest, match="revision 9 does not exist: the current revision is 0"
+        ):
+            await control.policies.apply(docs(dest()), who="a", base_revision=9, dry_run=dry_run)
+    with pytest.raises(RevisionConflict):  # a past one is still a conflict
+        await control.policies.apply(docs(dest()), who="a", base_revision=0)
+        await control.policies.apply(docs(dest(timeout="1s")), who="a", base_revision=0)
