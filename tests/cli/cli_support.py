@@ -4,16 +4,26 @@ serves the admin API under test."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from lepton_mesh.control.etcd_local import die_with_parent_prefix
 
-__all__ = ["CliResult", "cli_env", "run_cli"]
+__all__ = [
+    "CliResult",
+    "cli_env",
+    "deny_listing",
+    "finish",
+    "run_cli",
+    "run_main",
+    "start_cli",
+]
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,8 +47,10 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-async def run_cli(env: dict[str, str], *args: str, cwd: Path = ROOT) -> CliResult:
-    proc = await asyncio.create_subprocess_exec(
+async def start_cli(
+    env: dict[str, str], *args: str, cwd: Path = ROOT, stdout: int = asyncio.subprocess.PIPE
+) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
         *die_with_parent_prefix(),
         sys.executable,
         "-m",
@@ -47,9 +59,39 @@ async def run_cli(env: dict[str, str], *args: str, cwd: Path = ROOT) -> CliResul
         cwd=cwd,
         env=env,
         stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
+        stdout=stdout,
         stderr=asyncio.subprocess.PIPE,
     )
+
+
+async def finish(proc: asyncio.subprocess.Process) -> CliResult:
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode is not None
-    return CliResult(proc.returncode, out.decode(), err.decode())
+    return CliResult(proc.returncode, (out or b"").decode(), err.decode())
+
+
+async def run_cli(env: dict[str, str], *args: str, cwd: Path = ROOT) -> CliResult:
+    return await finish(await start_cli(env, *args, cwd=cwd))
+
+
+def deny_listing(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """Make `folder` fail to list as it would for a user without read permission
+    (the tests run as root, whom permissions do not stop)."""
+    real = os.scandir
+
+    def scandir(path: Any = ".") -> Any:
+        if os.path.realpath(path) == os.path.realpath(folder):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def run_main(*args: str) -> int:
+    """The CLI in this process (where a test patches what it calls), as its exit code."""
+    from lepton_mesh.cli import main
+
+    try:
+        return main(list(args))
+    except SystemExit as e:  # argparse
+        return int(e.code or 0)
