@@ -76,13 +76,35 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _seconds(text: str) -> float:
-    """`60`, `500ms`, `2m` -> seconds (argparse type; 0 is refused)."""
+    """`60`, `500ms`, `2m` -> seconds (argparse type): more than 0, at most a day."""
     from lepton_mesh.policy.fields import to_seconds
 
     seconds = to_seconds(text)
-    if seconds is None or seconds <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: use a duration like 500ms, 60s or 2m")
+    if seconds is None or not 0 < seconds <= 86400:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: use a duration like 500ms, 60s or 2m, more than 0 and at most 24h"
+        )
     return seconds
+
+
+_MAX_INTEGER = 2**63 - 1  # what the admin API (JSON, orjson) takes as an integer
+
+
+def _integer(lo: int) -> Callable[[str], int]:
+    """An argparse type: an integer from `lo` to 2**63 - 1."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = lo - 1
+        if not lo <= value <= _MAX_INTEGER:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer from {lo} to {_MAX_INTEGER}, found {text!r}"
+            )
+        return value
+
+    return parse
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -94,10 +116,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_control(args: argparse.Namespace) -> int:
     import asyncio
 
+    from lepton_mesh.cli_client import check_url
     from lepton_mesh.control.auth import KeyFileError
     from lepton_mesh.control.daemon import OptionError, run_control
     from lepton_mesh.control.store import StoreError
 
+    # The store splits the endpoints only when it connects, where a bad one was a traceback.
+    for endpoint in (args.etcd or "").split(","):
+        if endpoint.strip():
+            check_url(endpoint.strip(), "--etcd", expected="host:port or http[s]://host:port")
     try:
         return asyncio.run(run_control(args))
     except (OptionError, KeyFileError) as exc:
@@ -242,61 +269,20 @@ def _add_certs_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
 # flags, or the server's 400/404/410/413); 3 server or connection error; 4
 # authentication (no token, 401, 403); 5 conflict (409: someone applied first).
 
-_YAML_SUFFIXES = (".yaml", ".yml")
-
-
-def _yaml_files(paths: Sequence[str]) -> list[str]:
-    """Files as given, folders as every .yaml/.yml file below them (sorted, no hidden ones)."""
-    import os
-
-    from lepton_mesh.cli_client import EXIT_INVALID, ClientError
-
-    out: list[str] = []
-    for path in paths:
-        if os.path.isdir(path):
-            found = []
-            for root, dirs, names in os.walk(path):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                found += [os.path.join(root, n) for n in names if n.endswith(_YAML_SUFFIXES)]
-            if not found:
-                raise ClientError(f"{path}: no .yaml or .yml files in this folder", EXIT_INVALID)
-            out += sorted(found)
-        elif os.path.exists(path):
-            out.append(path)
-        else:
-            raise ClientError(f"{path}: no such file or folder", EXIT_INVALID)
-    return list(dict.fromkeys(out))  # a file named twice is read once
-
-
-def _is_manifest_file(docs: Sequence[Any]) -> bool:
-    """Policy manifests have a kind; a sidecar config is one mapping without one."""
-    return not docs or any(isinstance(d.data, dict) and "kind" in d.data for d in docs)
-
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from lepton_mesh.policy.file_set import read_files
     from lepton_mesh.policy.manifest_set import resulting_set
-    from lepton_mesh.policy.sidecar_loader import load_sidecar_config
-    from lepton_mesh.policy.yaml_source import load_file
 
-    files = _yaml_files(args.paths)
-    problems: list[Any] = []
-    bad: set[str] = set()
+    files, problems = read_files(args.paths)
+    bad = {p.file for p in problems}
     manifests: list[Any] = []
-    for path in files:
-        try:
-            docs = load_file(path)
-        except ConfigError as err:
-            problems += err.problems
-            bad.add(path)
-            continue
-        if _is_manifest_file(docs):
-            manifests += docs
-            continue
-        try:
-            load_sidecar_config(path)
-        except ConfigError as err:  # its problems may be in the policy files it names
-            problems += err.problems
-            bad.add(path)
+    for file in files:
+        if not file.sidecar_config:
+            manifests += file.docs
+        elif found := _sidecar_problems(file.path, start_files=not args.config_only):
+            problems += found  # some may be in the policy files it names
+            bad.add(file.path)
     if manifests:
         # All manifests as one set, as an apply of these files would store them.
         try:
@@ -306,47 +292,84 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             bad.update(p.file for p in err.problems)
     for problem in problems:
         print(problem, file=sys.stderr)
-    for path in files:
-        if path not in bad:
-            print(f"{path}: ok")
+    for file in files:
+        if file.path not in bad:
+            print(f"{file.path}: ok")
     if bad:
-        print(f"{len(bad & set(files)) or len(bad)} file(s) with problems", file=sys.stderr)
+        print(f"{len(bad)} file(s) with problems", file=sys.stderr)
     return 2 if bad else 0
 
 
-def _read_bundle(paths: Sequence[str]) -> tuple[list[dict[str, str]], list[tuple[str, str, str]]]:
+def _sidecar_problems(path: str, *, start_files: bool) -> list[Any]:
+    """What `lepton-mesh sidecar --config PATH` would refuse before serving: the
+    config, the policy files it names, and (`start_files`) the files it reads
+    when it is made (tls.cert, tls.key, tls.bundle, control.ca_bundle), by the
+    sidecar's own code."""
+    from lepton_mesh.policy.sidecar_loader import load_sidecar_config
+
+    try:
+        cfg = load_sidecar_config(path)
+        if start_files:
+            from lepton_mesh.proxy.sidecar import Sidecar
+
+            Sidecar(cfg)
+    except ConfigError as err:
+        return list(err.problems)
+    return []
+
+
+_PRUNE_NOTHING = (
+    "prune with no manifests would delete every policy: refusing "
+    "(to clear them all, roll back to revision 0)"
+)
+
+
+def _read_bundle(
+    paths: Sequence[str], *, prune: bool
+) -> tuple[list[dict[str, str]], list[tuple[str, str, str]]]:
     """The files to send (YAML text, so the server's problems name file and line)
-    and the objects they hold. YAML syntax errors stop here, offline."""
+    and the objects they hold. Problems `validate` finds without the live state
+    (YAML syntax, unreadable folders, empty files) stop here, offline; sidecar
+    configs are left out, with a note."""
+    from lepton_mesh.cli_client import EXIT_INVALID
+    from lepton_mesh.policy.file_set import read_files
     from lepton_mesh.policy.manifest_set import identity
-    from lepton_mesh.policy.yaml_source import load_documents
 
-    files: list[dict[str, str]] = []
-    idents: list[tuple[str, str, str]] = []
-    problems: list[Any] = []
-    for path in _yaml_files(paths):
-        try:
-            with open(path, encoding="utf-8-sig") as f:
-                text = f.read()
-            docs = load_documents(text, path)
-        except OSError as e:
-            problems.append(f"{path}: cannot read: {e.strerror or e}")
-            continue
-        except (ConfigError, UnicodeDecodeError) as err:
-            problems += [str(p) for p in getattr(err, "problems", [err])]
-            continue
-        files.append({"name": path, "content": text})
-        idents += [i for d in docs if (i := identity(d.data)) is not None]
+    files, problems = read_files(paths)
     if problems:
-        from lepton_mesh.cli_client import EXIT_INVALID, ClientError
-
-        raise ClientError("\n".join(map(str, problems)), EXIT_INVALID)
-    return files, idents
+        raise ConfigError(problems)
+    bundle: list[dict[str, str]] = []
+    idents: list[tuple[str, str, str]] = []
+    for file in files:
+        if file.sidecar_config:
+            print(f"{file.path}: skipped: a sidecar config, not policy manifests", file=sys.stderr)
+            continue
+        bundle.append({"name": file.path, "content": file.text})
+        idents += [i for d in file.docs if (i := identity(d.data)) is not None]
+    if prune and not bundle:
+        # As the server refuses an apply: an empty folder is more likely a wrong path.
+        raise ClientError(_PRUNE_NOTHING, EXIT_INVALID)
+    return bundle, idents
 
 
 def _client(args: argparse.Namespace) -> Any:
     from lepton_mesh.cli_client import AdminClient, resolve
 
     return AdminClient(resolve(args.server, args.token), timeout=args.timeout)
+
+
+def _write(client: Any, path: str, body: dict[str, Any], *, dry_run: bool = False) -> Any:
+    """POST a write; interrupted once sent, it may still land, and the user must know."""
+    try:
+        return client.request("POST", path, body=body)
+    except KeyboardInterrupt:
+        if not dry_run:
+            print(
+                "interrupted: the change may or may not have been written; "
+                "check `lepton-mesh history` before you run this again",
+                file=sys.stderr,
+            )
+        raise
 
 
 def _label(change: dict[str, Any]) -> str:
@@ -379,10 +402,9 @@ def _print_diff(change: dict[str, Any], revision: int) -> None:
 def _cmd_diff(args: argparse.Namespace) -> int:
     from lepton_mesh.cli_client import EXIT_CHANGES
 
-    files, _ = _read_bundle(args.paths)
-    result = _client(args).request(
-        "POST", "/policies:diff", body={"files": files, "prune": args.prune}
-    )
+    client = _client(args)
+    files, _ = _read_bundle(args.paths, prune=args.prune)
+    result = client.request("POST", "/policies:diff", body={"files": files, "prune": args.prune})
     for change in result["changes"]:
         _print_diff(change, result["revision"])
     if not result["changes"]:
@@ -400,7 +422,10 @@ def _print_changes(changes: list[dict[str, Any]], unchanged: Sequence[str] = ())
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
-    files, idents = _read_bundle(args.paths)
+    from lepton_mesh.cli_client import EXIT_INVALID
+
+    client = _client(args)
+    files, idents = _read_bundle(args.paths, prune=args.prune)
     body = {
         "files": files,
         "message": args.message,
@@ -409,7 +434,16 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     }
     if args.base_revision is not None:
         body["base_revision"] = args.base_revision
-    result = _client(args).request("POST", "/policies:apply", body=body)
+    try:
+        result = _write(client, "/policies:apply", body, dry_run=args.dry_run)
+    except ClientError as err:
+        if err.status == 409 and isinstance(err.body, dict):
+            current, base = err.body.get("current"), err.body.get("base")
+            if isinstance(current, int) and isinstance(base, int) and base > current:
+                # Not a conflict: no one can have applied a revision that never was.
+                message = f"revision {base} does not exist: the current revision is {current}"
+                raise ClientError(message, EXIT_INVALID) from None
+        raise
     changed = {_label(c) for c in result["changes"]}
     _print_changes(result["changes"], [x for x in map("/".join, idents) if x not in changed])
     rev = result["revision"]
@@ -506,12 +540,22 @@ _COLUMNS: dict[str, list[tuple[str, Callable[[dict[str, Any]], Any]]]] = {
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """Columns left-aligned, padded to the widest cell, three spaces apart (as kubectl)."""
-    cells = [list(headers)] + [["-" if c is None else str(c) for c in row] for row in rows]
+    cells = [list(headers)] + [
+        ["-" if c is None else _printable(str(c)) for c in row] for row in rows
+    ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = [
         "   ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
     ]
     return "\n".join(lines)
+
+
+def _printable(text: str) -> str:
+    """`text` with control and format characters escaped (`\\n`, `\\x1b`, `\\u202e`):
+    a newline would split a row, an escape sequence would reach the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def _output(data: Any, fmt: str, kind: str) -> None:
@@ -558,9 +602,19 @@ def _cmd_get(args: argparse.Namespace) -> int:
         if name:
             data = [s for s in data if name in (s.get("node_id"), s.get("service"))]
     if name and not data:
-        raise ClientError(f"no {args.resource[:-1]} named {name!r}", EXIT_INVALID)
+        raise ClientError(_nothing_named(args), EXIT_INVALID)
     _output(data, args.output, args.resource)
     return 0
+
+
+def _nothing_named(args: argparse.Namespace) -> str:
+    """What `get RESOURCE NAME` found nothing for, as the NAME is matched."""
+    what = {
+        "instances": f"no instances of service {args.name!r}",
+        "policies": f"no {args.kind or 'policy'} named {args.name!r}",
+        "sidecars": f"no sidecar with node id or service {args.name!r}",
+    }[args.resource]
+    return what + (f" in namespace {args.namespace!r}" if args.namespace else "")
 
 
 def _quote(name: str) -> str:
@@ -606,7 +660,7 @@ def _cmd_history(args: argparse.Namespace) -> int:
 
 def _cmd_rollback(args: argparse.Namespace) -> int:
     body = {"revision": args.revision, "message": args.message}
-    result = _client(args).request("POST", "/rollback", body=body)
+    result = _write(_client(args), "/rollback", body)
     _print_changes(result["changes"])
     if result["changes"]:
         print(f"rolled back to policy revision {args.revision} as revision {result['revision']}")
@@ -616,17 +670,18 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def _cmd_login(args: argparse.Namespace) -> int:
-    from lepton_mesh.cli_client import AdminClient, Settings, config_path, save_config
+    from lepton_mesh.cli_client import AdminClient, Settings, check_url, config_path, save_config
 
-    settings = Settings(args.server.rstrip("/"), args.token, "--token")
+    server = check_url(args.server, "--server")  # before saving what no command could use
     if not args.no_verify:
+        settings = Settings(server, args.token, "--token")
         overview = AdminClient(settings, timeout=args.timeout).request("GET", "/overview")
         print(
-            f"{args.server}: replica {overview['replica']}, policy revision "
-            f"{overview['policy_revision']}"
+            f"{server}: replica {overview.get('replica')}, policy revision "
+            f"{overview.get('policy_revision')}"
         )
     path = config_path()
-    save_config(path, args.server, args.token)
+    save_config(path, server, args.token)
     print(f"saved the server and token to {path}")
     return 0
 
@@ -681,7 +736,7 @@ def _connection_flags() -> argparse.ArgumentParser:
     g = p.add_argument_group("connection")
     g.add_argument("--server", metavar="URL", help="admin API (env LEPTON_SERVER, login)")
     g.add_argument("--token", metavar="TOKEN", help="bearer token (env LEPTON_TOKEN, login)")
-    g.add_argument("--timeout", type=float, default=30.0, metavar="S", help="default 30")
+    g.add_argument("--timeout", type=_seconds, default=30.0, metavar="S", help="default 30")
     return p
 
 
@@ -693,6 +748,12 @@ def _add_policy_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignor
         help="check files offline: sidecar configs and policy manifests (files or folders)",
     )
     p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument(
+        "--config-only",
+        action="store_true",
+        help="sidecar configs without the certificate and CA files they name (CI, where "
+        "those exist only where the sidecar runs)",
+    )
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("diff", parents=[conn], help="show what applying PATH... would change")
@@ -704,7 +765,9 @@ def _add_policy_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("--dry-run", action="store_true", help="validate and show, write nothing")
     p.add_argument("-m", "--message", default="", help="why: kept in history")
-    p.add_argument("--base-revision", type=int, metavar="N", help="fail (exit 5) unless at N")
+    p.add_argument(
+        "--base-revision", type=_integer(0), metavar="N", help="fail (exit 5) unless at N"
+    )
     p.add_argument("--prune", action="store_true", help="delete stored objects not in PATH...")
     p.set_defaults(func=_cmd_apply)
 
@@ -718,12 +781,12 @@ def _add_policy_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignor
 
     p = sub.add_parser("history", parents=[conn], help="policy changes, newest first")
     p.add_argument("name", nargs="?", metavar="NAME", help="only changes to objects so named")
-    p.add_argument("--limit", type=int, default=50, metavar="N", help="default 50")
+    p.add_argument("--limit", type=_integer(1), default=50, metavar="N", help="default 50")
     p.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
     p.set_defaults(func=_cmd_history)
 
     p = sub.add_parser("rollback", parents=[conn], help="restore the policies of a revision")
-    p.add_argument("revision", type=int, metavar="REVISION")
+    p.add_argument("revision", type=_integer(0), metavar="REVISION")
     p.add_argument("-m", "--message", default="", help="why: kept in history")
     p.set_defaults(func=_cmd_rollback)
 
@@ -731,7 +794,7 @@ def _add_policy_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("--server", required=True, metavar="URL")
     p.add_argument("--token", required=True, metavar="TOKEN")
     p.add_argument("--no-verify", action="store_true", help="save without asking the server")
-    p.add_argument("--timeout", type=float, default=10.0, metavar="S")
+    p.add_argument("--timeout", type=_seconds, default=10.0, metavar="S")
     p.set_defaults(func=_cmd_login)
 
     p = sub.add_parser("token", help="the admin token key, and tokens signed with it")
@@ -794,10 +857,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse fills an optional positional (`get policies [NAME]`) with nothing as
+    # soon as an option follows the first one, so a NAME after the options is left over.
+    if len(extra) == 1 and not extra[0].startswith("-") and getattr(args, "name", "") is None:
+        args.name = extra.pop()
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe is reported here, not as Python exits
+        return code
     except ConfigError as err:
         print(err, file=sys.stderr)
         return err.exit_code
@@ -808,6 +885,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return err.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `lepton-mesh diff | head`: stdout closed early
+        # Python would report the pipe again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a command killed by SIGPIPE
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ connection error, 4 authentication (401/403, or no token), 5 conflict (409).
 from __future__ import annotations
 
 import contextlib
+import errno
+import http.client
 import json
 import os
 import tempfile
@@ -38,6 +40,7 @@ __all__ = [
     "AdminClient",
     "ClientError",
     "Settings",
+    "check_url",
     "config_path",
     "resolve",
     "save_config",
@@ -126,7 +129,14 @@ def resolve(
         value = config.get(key)
         return value if isinstance(value, str) and value else None
 
-    url = _normal_url(server or env.get("LEPTON_SERVER") or from_config("server") or DEFAULT_SERVER)
+    if server:
+        url = check_url(server, "--server")
+    elif env.get("LEPTON_SERVER"):
+        url = check_url(env["LEPTON_SERVER"], "LEPTON_SERVER")
+    elif (saved_url := from_config("server")) is not None:
+        url = check_url(saved_url, f"{path}: server")
+    else:
+        url = DEFAULT_SERVER
     if token:
         return Settings(url, token, "--token")
     if env.get("LEPTON_TOKEN"):
@@ -136,27 +146,65 @@ def resolve(
     return Settings(url, None, "none")
 
 
-def _normal_url(url: str) -> str:
-    if "://" not in url:
-        url = "http://" + url
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ClientError(f"invalid server URL {url!r}: expected http://HOST:PORT", EXIT_INVALID)
-    return url.rstrip("/")
+def check_url(url: str, source: str, *, expected: str = "http://HOST:PORT") -> str:
+    """`url` as a base URL (http:// added when it has no scheme), or a `ClientError`
+    (exit 2) naming `source`: a flag, a variable, a file's field."""
+    text = url if "://" in url else "http://" + url
+    why = ""
+    try:
+        parts = urllib.parse.urlsplit(text)
+        port = parts.port  # ValueError: not a number, or past 65535
+    except ValueError as e:
+        if str(e).startswith("Port"):
+            why = "the port must be a number from 1 to 65535"
+        elif "IPv6" in str(e):
+            why = "an IPv6 address goes in [brackets], both of them"
+        else:
+            why = f"the host is not valid ({e})"
+    else:
+        if any(c.isspace() or not c.isprintable() for c in url):
+            why = "it holds spaces or control characters"
+        elif parts.scheme not in ("http", "https"):
+            why = f"the scheme must be http or https, not {parts.scheme!r}"
+        elif not parts.hostname:
+            why = "it names no host"
+        elif port == 0:
+            why = "the port must be a number from 1 to 65535"
+        elif parts.username is not None or parts.query or parts.fragment:
+            why = "a base URL has no user, query or fragment"
+    if why:
+        raise ClientError(
+            f"{source}: invalid URL {url!r}: {why}; expected {expected}", EXIT_INVALID
+        )
+    return text.rstrip("/")
 
 
 def save_config(path: Path, server: str, token: str) -> None:
-    """Write the config atomically, readable by its owner only (it holds a token)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(prefix=".config-", dir=path.parent)  # created 0600
+    """Write the config atomically, readable by its owner only (it holds a token).
+
+    A `ClientError` (exit 2) if `server` is not a URL or the file cannot be
+    written (LEPTON_CONFIG names a folder, no permission); the old file stays.
+    """
+    server = check_url(server, "--server")
+    tmp: str | None = None
     try:
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "this is a folder, not a file")
+        if path.parent.exists() and not path.parent.is_dir():  # mkdir would say "File exists"
+            raise NotADirectoryError(errno.ENOTDIR, f"{path.parent} is not a folder")
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(prefix=".config-", dir=path.parent)  # created 0600
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"server": _normal_url(server), "token": token}, f, indent=2)
+            json.dump({"server": server, "token": token}, f, indent=2)
             f.write("\n")
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(e, OSError):
+            why = e.strerror or e
+            raise ClientError(f"{path}: cannot save the CLI config: {why}", EXIT_INVALID) from None
         raise
 
 
@@ -202,8 +250,10 @@ class AdminClient:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as e:
-            raise _http_error(e) from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            raise self._http_error(e) from None
+        except http.client.HTTPException:  # a status line that is not HTTP's, a torn body
+            raise self._not_the_api("it does not answer HTTP") from None
+        except OSError as e:  # URLError, refused, reset, timed out, TLS
             why = getattr(e, "reason", e)
             raise ClientError(
                 f"cannot reach the control daemon at {self.settings.server}: {why}",
@@ -211,25 +261,34 @@ class AdminClient:
                 reason="connection_failed",
             ) from None
         try:
-            return json.loads(raw) if raw else None
-        except ValueError as e:
-            raise ClientError(
-                f"{self.settings.server} answered something that is not JSON: {e}",
-                EXIT_SERVER,
-                reason="bad_response",
-            ) from None
+            answer = json.loads(raw) if raw else None
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):  # every answer of the admin API is a JSON object
+            raise self._not_the_api("its answer is not a JSON object")
+        return answer
 
+    def _not_the_api(self, why: str) -> ClientError:
+        return ClientError(
+            f"{self.settings.server} is not a lepton-mesh admin API: {why} "
+            "(is this the control daemon's admin address?)",
+            EXIT_SERVER,
+            reason="bad_response",
+        )
 
-def _http_error(e: urllib.error.HTTPError) -> ClientError:
-    raw = e.read()
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        body = None
-    if isinstance(body, dict) and "error" in body:
-        message, reason = str(body["error"]), str(body.get("reason", ""))
-        problems = body.get("problems") or []
-    else:
-        message, reason, problems = f"HTTP {e.code} {e.reason}", "", []
-    code = _EXIT_BY_STATUS.get(e.code, EXIT_SERVER)
-    return ClientError(message, code, reason=reason, status=e.code, problems=problems, body=body)
+    def _http_error(self, e: urllib.error.HTTPError) -> ClientError:
+        try:
+            body = json.loads(e.read())
+        except (ValueError, OSError, http.client.HTTPException):
+            body = None
+        if isinstance(body, dict) and "error" in body:
+            message, reason = str(body["error"]), str(body.get("reason", ""))
+            problems = body.get("problems") or []
+        elif e.code < 500:  # ours answers every error in JSON; a proxy in front may not on 5xx
+            return self._not_the_api(f"it answered HTTP {e.code} {e.reason}, not in JSON")
+        else:
+            message, reason, problems = f"HTTP {e.code} {e.reason}", "", []
+        code = _EXIT_BY_STATUS.get(e.code, EXIT_SERVER)
+        return ClientError(
+            message, code, reason=reason, status=e.code, problems=problems, body=body
+        )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import stat
 from pathlib import Path
 
+import pytest
 import yaml
 
 from lepton_mesh.cli_client import (
@@ -19,7 +21,7 @@ from lepton_mesh.cli_client import (
 )
 from lepton_mesh.control.etcd_local import free_port
 from tests.admin_api.admin_support import Api, instance, put_instance
-from tests.cli.cli_support import run_cli
+from tests.cli.cli_support import deny_listing, run_cli, run_main
 from tests.policy_store.policy_support import dest, route
 
 
@@ -248,3 +250,132 @@ async def test_cli_against_the_control_daemon(mesh_etcd, cli_env, tmp_path: Path
         assert history[0]["message"] == "examples"
     finally:
         await daemon.stop()
+
+
+async def test_apply_prune_refuses_a_folder_it_cannot_read(
+    api: Api, cli_env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    write(tmp_path, "m/dialog.yaml", dest())
+    write(tmp_path, "m/sub/route.yaml", route())
+    mesh = str(tmp_path / "m")
+    flags = ("--server", api.url, "--token", api.tokens["admin"])
+    assert await asyncio.to_thread(run_main, "apply", mesh, *flags) == EXIT_OK
+    deny_listing(monkeypatch, tmp_path / "m" / "sub")
+    capsys.readouterr()
+    # Skipped, the folder's Route would have looked deleted: --prune would remove it.
+    for command in (("diff", mesh, "--prune"), ("apply", mesh, "--prune")):
+        assert await asyncio.to_thread(run_main, *command, *flags) == EXIT_INVALID
+        out, err = capsys.readouterr()
+        assert out == "" and err.startswith(f"{tmp_path / 'm' / 'sub'}: cannot read this folder")
+    got = await api.call("GET", "/api/v1/policies", token="read")
+    assert sorted(m["kind"] for m in got.body["items"]) == ["DestinationPolicy", "Route"]
+
+
+async def test_an_integer_past_64_bits_is_a_400_not_a_crash(
+    api: Api, cli_env, tmp_path: Path
+) -> None:
+    env = env_for(cli_env, api)
+    for field, path in (
+        ("limits: {max_connections: 99999999999999999999999999}", "spec.limits.max_connections"),
+        ("outlier: {consecutive_5xx: 18446744073709551616}", "spec.outlier.consecutive_5xx"),
+    ):
+        bad = write(tmp_path, "d.yaml", dest().replace("timeout: 30s", field))
+        result = await run_cli(env, "apply", bad)
+        assert result.code == EXIT_INVALID, result.err
+        lines = result.err.splitlines()
+        assert lines[0] == "lepton-mesh apply: invalid policy: 1 problem(s)"
+        assert lines[1].startswith(f"{bad}:7: {path}: must be at most 1000000000, found ")
+    # The daemon answered, and answers still.
+    assert (await run_cli(env, "apply", write(tmp_path, "ok.yaml", dest()))).code == EXIT_OK
+
+
+async def test_a_dry_run_refuses_what_the_apply_would(api: Api, cli_env, tmp_path: Path) -> None:
+    env = env_for(cli_env, api)
+    many = "---\n".join(dest(f"s{i}") for i in range(127))
+    path = write(tmp_path, "many.yaml", many)
+    real = await run_cli(env, "apply", path)
+    assert real.code == EXIT_INVALID and "one apply may change at most 126" in real.err
+    dry = await run_cli(env, "apply", path, "--dry-run")
+    assert (dry.code, dry.err) == (real.code, real.err)
+
+
+async def test_a_base_revision_past_the_current_one_does_not_exist(
+    api: Api, cli_env, tmp_path: Path
+) -> None:
+    env = env_for(cli_env, api)
+    path = write(tmp_path, "d.yaml", dest())
+    for flags in ((), ("--dry-run",)):
+        result = await run_cli(env, "apply", path, "--base-revision", "999", *flags)
+        assert (result.code, result.err) == (
+            EXIT_INVALID,
+            "lepton-mesh apply: revision 999 does not exist: the current revision is 0\n",
+        )
+
+
+async def test_apply_reads_a_folder_named_twice_once(api: Api, cli_env, tmp_path: Path) -> None:
+    env = env_for(cli_env, api)
+    write(tmp_path, "m2/dialog.yaml", dest() + "---\n" + route())
+    result = await run_cli(env, "apply", "m2", "./m2", "m2/dialog.yaml", cwd=tmp_path)
+    assert result.code == EXIT_OK, result.err
+    assert result.out.splitlines()[-1] == "applied as policy revision 1"
+
+
+async def test_apply_and_diff_skip_a_sidecar_config_with_a_note(
+    api: Api, cli_env, tmp_path: Path
+) -> None:
+    env = env_for(cli_env, api)
+    policies = write(tmp_path, "mix/dialog.yaml", dest() + "---\n" + route())
+    sidecar = write(
+        tmp_path,
+        "mix/sidecar.yaml",
+        "service: chat\napp: 127.0.0.1:8080\npolicies: [dialog.yaml]\n",
+    )
+    validate = await run_cli(env, "validate", str(tmp_path / "mix"))
+    assert validate.out.splitlines() == [f"{policies}: ok", f"{sidecar}: ok"]
+    note = f"{sidecar}: skipped: a sidecar config, not policy manifests"
+    diff = await run_cli(env, "diff", str(tmp_path / "mix"))
+    assert diff.code == EXIT_CHANGES and diff.err.splitlines()[0] == note
+    apply = await run_cli(env, "apply", str(tmp_path / "mix"), "--prune")
+    assert apply.code == EXIT_OK and apply.err == note + "\n"
+    assert apply.out.splitlines()[-1] == "applied as policy revision 1"
+
+
+async def test_get_says_what_it_matched_names_against(api: Api, cli_env) -> None:
+    env = env_for(cli_env, api, token="read")
+    for args, message in (
+        (("policies", "nosuch"), "no policy named 'nosuch'"),
+        (("policies", "nosuch", "--kind", "Route", "-n", "prod"),
+         "no Route named 'nosuch' in namespace 'prod'"),
+        (("instances", "nosuch"), "no instances of service 'nosuch'"),
+        (("sidecars", "nosuch"), "no sidecar with node id or service 'nosuch'"),
+    ):  # fmt: skip
+        result = await run_cli(env, "get", *args)
+        assert (result.code, result.err) == (EXIT_INVALID, f"lepton-mesh get: {message}\n")
+
+
+async def test_a_name_after_the_options(api: Api, cli_env, tmp_path: Path) -> None:
+    env = env_for(cli_env, api)
+    assert (
+        await run_cli(env, "apply", write(tmp_path, "d.yaml", dest() + "---\n" + route()))
+    ).code == 0
+    got = await run_cli(env, "get", "policies", "-o", "yaml", "--kind", "Route", "dialog")
+    assert got.code == EXIT_OK, got.err
+    assert [m["metadata"]["name"] for m in yaml.safe_load(got.out)] == ["dialog"]
+    history = await run_cli(env, "history", "-o", "json", "dialog")
+    assert history.code == EXIT_OK and len(json.loads(history.out)) == 1
+    extra = await run_cli(env, "get", "policies", "-o", "yaml", "dialog", "more")
+    assert extra.code == EXIT_INVALID and "unrecognized arguments: dialog more" in extra.err
+
+
+async def test_history_escapes_control_characters(api: Api, cli_env, tmp_path: Path) -> None:
+    env = env_for(cli_env, api)
+    path = write(tmp_path, "d.yaml", dest())
+    message = "two\nlines \x1b[31mred\x1b[0m \u202egnp.exe"
+    assert (await run_cli(env, "apply", path, "-m", message)).code == EXIT_OK
+    history = await run_cli(env, "history")
+    lines = history.out.splitlines()
+    assert len(lines) == 2  # the header and one row: a newline no longer splits it
+    assert "two\\nlines \\x1b[31mred\\x1b[0m \\u202egnp.exe" in lines[1]
+    assert all(c.isprintable() for c in history.out.replace("\n", ""))
+    # -o json keeps the message as it is.
+    assert json.loads((await run_cli(env, "history", "-o", "json")).out)[0]["message"] == message
