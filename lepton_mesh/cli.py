@@ -422,8 +422,6 @@ def _print_changes(changes: list[dict[str, Any]], unchanged: Sequence[str] = ())
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
-    from lepton_mesh.cli_client import EXIT_INVALID
-
     client = _client(args)
     files, idents = _read_bundle(args.paths, prune=args.prune)
     body = {
@@ -434,16 +432,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     }
     if args.base_revision is not None:
         body["base_revision"] = args.base_revision
-    try:
-        result = _write(client, "/policies:apply", body, dry_run=args.dry_run)
-    except ClientError as err:
-        if err.status == 409 and isinstance(err.body, dict):
-            current, base = err.body.get("current"), err.body.get("base")
-            if isinstance(current, int) and isinstance(base, int) and base > current:
-                # Not a conflict: no one can have applied a revision that never was.
-                message = f"revision {base} does not exist: the current revision is {current}"
-                raise ClientError(message, EXIT_INVALID) from None
-        raise
+    result = _write(client, "/policies:apply", body, dry_run=args.dry_run)
     changed = {_label(c) for c in result["changes"]}
     _print_changes(result["changes"], [x for x in map("/".join, idents) if x not in changed])
     rev = result["revision"]
