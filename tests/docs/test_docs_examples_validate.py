@@ -49,8 +49,10 @@ CHECKED = [b for b in YAML_BLOCKS if kind_of(b) is not None]
 
 
 def validate(*paths: str | Path, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    # --config-only: the blocks name certificate files that exist only where a
+    # sidecar runs; what is checked is the config itself.
     return subprocess.run(
-        [*CLI, "validate", *map(str, paths)],
+        [*CLI, "validate", "--config-only", *map(str, paths)],
         cwd=cwd,
         capture_output=True,
         text=True,
