@@ -36,7 +36,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 
@@ -265,7 +265,10 @@ class PolicyStore:
         self, manifests: Sequence[Mapping[str, Any] | Document], *, prune: bool = False
     ) -> list[Change]:
         """What `apply` would change, against the cache; raises `PolicyError`. Writes nothing."""
-        return plan(self._cached(), as_documents(manifests), prune=prune)
+        docs = as_documents(manifests)
+        if prune and not docs:
+            _refuse_empty_prune()
+        return plan(self._cached(), docs, prune=prune)
 
     async def history(self, name: str | None = None, limit: int = 100) -> list[dict]:
         """Change records, newest first; with `name`, those that touched an object so named."""
@@ -302,12 +305,7 @@ class PolicyStore:
         """
         docs = as_documents(manifests)
         if prune and not docs:
-            # Most likely an empty folder or a wrong path, not a wish to delete everything.
-            raise BadRequest(
-                "prune with no manifests would delete every policy: refusing "
-                "(to clear them all, roll back to revision 0: `lepton-mesh rollback 0`, "
-                "which names the steps to take if there are too many for one transaction)"
-            )
+            _refuse_empty_prune()
 
         async def planner(state: _State) -> list[Change]:
             return plan(state.policies, docs, prune=prune)
@@ -559,3 +557,13 @@ def _ops(changes: list[Change], record: dict[str, Any]) -> list[Put | Delete]:
             f"about {MAX_TXN_BYTES} in one transaction: apply it in several parts"
         )
     return ops
+
+
+def _refuse_empty_prune() -> NoReturn:
+    """Prune with no manifests: most likely an empty folder or a wrong path, not a
+    wish to delete everything (diff refuses it as apply does: one answer for both)."""
+    raise BadRequest(
+        "prune with no manifests would delete every policy: refusing "
+        "(to clear them all, roll back to revision 0: `lepton-mesh rollback 0`, "
+        "which names the steps to take if there are too many for one transaction)"
+    )

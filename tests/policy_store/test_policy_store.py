@@ -206,6 +206,8 @@ async def test_delete_and_prune(control: Control) -> None:
     assert sorted(await stored(control)) == ["DestinationPolicy/default/b"]
     with pytest.raises(BadRequest, match="would delete every policy"):
         await control.policies.apply([], who="alice", prune=True)
+    with pytest.raises(BadRequest, match="would delete every policy"):
+        control.policies.diff([], prune=True)  # diff answers as apply would
 
 
 async def test_deleting_what_a_route_needs_is_refused(control: Control) -> None:
