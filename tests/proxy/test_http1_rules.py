@@ -190,6 +190,22 @@ def test_valid_targets_and_hosts(raw, authority) -> None:
     assert facts.authority == authority
 
 
+def test_checked_hosts_are_remembered_within_a_bound() -> None:
+    from lepton_mesh.proxy.http import http1
+
+    raw = b"GET / HTTP/1.1\r\nHost:  Up.Example:8080 \r\n\r\n"
+    for _ in range(2):  # checked, then remembered: the same answer
+        head, facts = forward(raw)
+        assert (facts.authority, facts.host) == (b"up.example:8080", b"Up.Example:8080")
+        assert b"Up.Example:8080\r\n" in head  # forwarded as sent, less the spaces
+    for i in range(http1._HOSTS_MAX + 10):
+        forward(b"GET / HTTP/1.1\r\nHost: h%d\r\n\r\n" % i)
+    assert len(http1._HOSTS) <= http1._HOSTS_MAX
+    with pytest.raises(ProxyError):
+        forward(b"GET / HTTP/1.1\r\nHost: up:abc\r\n\r\n")  # refused ones are not kept
+    assert b"up:abc" not in http1._HOSTS
+
+
 def test_http10_without_host_is_allowed() -> None:
     head, _ = forward(b"GET / HTTP/1.0\r\n\r\n")
     assert head.startswith(b"GET / HTTP/1.1\r\n")

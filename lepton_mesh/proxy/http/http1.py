@@ -211,6 +211,25 @@ def _valid_port(port: bytes) -> bool:
     return not port or (port.isdigit() and len(port) <= 5)  # RFC 3986: port = *DIGIT
 
 
+# Host values already checked: raw value -> (value to forward, lowercase authority).
+# Most connections send one Host again and again; this saves the checks and the
+# copies. Bounded: cleared when full, so distinct Hosts cost the check again.
+_HOSTS: dict[bytes, tuple[bytes, bytes]] = {}
+_HOSTS_MAX = 512
+
+
+def _check_host(value: bytes) -> tuple[bytes, bytes]:
+    host = value.strip()
+    if host and not valid_authority(host):
+        raise bad_request("Host header is not a host[:port]")
+    known = (host, host.lower())
+    if len(value) <= 300:  # a DNS name is at most 253 bytes: longer ones are not kept
+        if len(_HOSTS) >= _HOSTS_MAX:
+            _HOSTS.clear()
+        _HOSTS[value] = known
+    return known
+
+
 def inspect_request(
     method: bytes,
     url: bytes,
@@ -302,12 +321,13 @@ def inspect_request(
     if host is None:
         if version != "1.0" and not target_authority:
             raise bad_request("missing Host header")
-        host = target_authority
+        host = host_authority = target_authority
     else:
-        host = host.strip()
-        if host and not valid_authority(host):
-            raise bad_request("Host header is not a host[:port]")
-    authority = target_authority or host.lower()
+        known = _HOSTS.get(host)
+        if known is None:
+            known = _check_host(host)
+        host, host_authority = known
+    authority = target_authority or host_authority
     if not authority and version != "1.0":
         raise bad_request("empty Host header")
 
