@@ -637,13 +637,21 @@ class _JsonErrors(RequestHandler):
 
 class _JsonErrorServer(Server):
     def __call__(self) -> RequestHandler:
-        return _JsonErrors(self, loop=self._loop, **self._kwargs)
+        try:
+            return _JsonErrors(self, loop=self._loop, **self._kwargs)
+        except (AttributeError, TypeError):
+            # aiohttp's internals moved (`_loop`, `_kwargs` are not public): its
+            # own handler still serves every request, with plain-text parse errors.
+            return super().__call__()
 
 
 class _Runner(web.AppRunner):
+    # `_make_server` is aiohttp's, not public API: if it is gone or returns
+    # another class, the runner is aiohttp's own (see _JsonErrorServer).
     async def _make_server(self) -> Server:
         server = await super()._make_server()
-        server.__class__ = _JsonErrorServer  # same state; only the handler it makes differs
+        if type(server) is Server:
+            server.__class__ = _JsonErrorServer  # same state; only the handler it makes differs
         return server
 
 
