@@ -570,17 +570,38 @@ class InboundTls:
         self._by = b"By=" + identity.id.uri.encode("ascii") + b";URI="
 
     def secured(self, transport: asyncio.Transport) -> tuple[bytes, bytes] | None:
+        """(caller's workload, xfcc) for HTTP; None when the connection was
+        handed to the L4 path or refused (then it is already aborted)."""
         sslobj = transport.get_extra_info("ssl_object")
+        mine = self.identity.id.trust_domain
         try:
-            peer: SpiffeId | None = spiffe_id_of_peercert(sslobj.getpeercert())
-        except (InvalidSpiffeId, ValueError):
-            peer = None  # a bundle-verified certificate without a mesh identity
+            peer = spiffe_id_of_peercert(sslobj.getpeercert())
+        except (InvalidSpiffeId, ValueError) as exc:
+            # A certificate the bundle verified but that names no workload:
+            # served, it would be an anonymous caller no DENY rule can name.
+            detail = exc.detail if isinstance(exc, InvalidSpiffeId) else str(exc)
+            return self._refuse(transport, f"the peer certificate has no mesh identity: {detail}")
+        if peer.trust_domain != mine:
+            # Authorization matches namespace and service only: a bundle that
+            # also holds another trust domain's root must not let its `web`
+            # pass as ours.
+            return self._refuse(transport, f"peer is {peer}, not of trust domain {mine}")
         if self.accept_tcp is not None and sslobj.selected_alpn_protocol() == TCP_ALPN:
-            self.accept_tcp(transport, peer.service if peer is not None else "unknown")
+            self.accept_tcp(transport, peer.service)
             return None
-        if peer is None:
-            return b"", b""
         return peer.service.encode("ascii"), self._by + peer.uri.encode("ascii")
+
+    def _refuse(self, transport: asyncio.Transport, detail: str) -> None:
+        peer = transport.get_extra_info("peername")
+        transport.set_protocol(_Refused())  # the caller's protocol never saw it open
+        transport.abort()
+        self.identity.handshake_failed(
+            "inbound", HandshakeFailure.IDENTITY_MISMATCH, _peer(peer), detail
+        )
+
+
+class _Refused(asyncio.Protocol):
+    """Takes over an inbound TLS connection refused after its handshake."""
 
 
 class TlsAcceptor:
@@ -724,7 +745,7 @@ class TlsAcceptor:
             sock.close()
             raise
         sslobj = transport.get_extra_info("ssl_object")
-        if sslobj is not None:
+        if sslobj is not None and not transport.is_closing():  # else refused by InboundTls
             identity.handshake_done("inbound", sslobj.session_reused)
 
     @staticmethod
