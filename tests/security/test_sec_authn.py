@@ -236,11 +236,6 @@ LOCATED = provider(
         ((("X-Token", "abc"),), b"/", (b"abc", ("header", b"x-token"))),
         ((), b"/p?x=1&access_token=a%2Eb", (b"a.b", ("param", b"access_token"))),
         ((("Cookie", 'a=1; session="tok"'),), b"/", (b"tok", ("cookie", b"session"))),
-        (
-            (("Authorization", "Bearer h"),),
-            b"/?access_token=q",
-            (b"h", ("header", b"authorization")),
-        ),
         ((), b"/?other=1", None),
     ],
     ids=[
@@ -251,7 +246,6 @@ LOCATED = provider(
         "custom-header",
         "query-param-decoded",
         "cookie-quoted",
-        "headers-before-params",
         "none",
     ],
 )
@@ -266,8 +260,22 @@ def test_find_token(headers, target, expected):
         ((("Authorization", "Bearer a"), ("x-token", "b")), b"/"),
         ((), b"/?access_token=a&access_token=b"),
         ((("Cookie", "session=a"), ("Cookie", "session=b")), b"/"),
+        # A token in two kinds of place: one verified, the other forwarded unverified.
+        ((("Authorization", "Bearer h"),), b"/?access_token=q"),
+        ((("Authorization", "Bearer h"), ("Cookie", "session=c")), b"/"),
+        ((("Cookie", "session=c"),), b"/?access_token=q"),
+        ((("Authorization", "Bearer h"),), b"/?access_token=h"),
     ],
-    ids=["two-authorization", "two-header-kinds", "param-twice", "cookie-twice"],
+    ids=[
+        "two-authorization",
+        "two-header-kinds",
+        "param-twice",
+        "cookie-twice",
+        "header-and-param",
+        "header-and-cookie",
+        "cookie-and-param",
+        "same-token-twice",
+    ],
 )
 def test_two_tokens_are_ambiguous(headers, target):
     with pytest.raises(JwtFailure) as err:

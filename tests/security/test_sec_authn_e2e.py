@@ -190,6 +190,32 @@ async def test_two_authorization_headers_are_refused(secured, jwks_server, app: 
     await c.close()
 
 
+async def test_a_good_token_cannot_escort_a_forged_one_in_another_place(
+    secured, jwks_server, app: EchoApp
+):
+    """A verified header token next to a forged query-parameter or cookie token would
+    let the forged one reach an app that reads that place: refused as ambiguous."""
+    sc, c = await start(
+        secured,
+        jwks_server,
+        from_headers=(TokenHeader("authorization", "Bearer "),),
+        from_params=("access_token",),
+        from_cookies=("session",),
+    )
+    good = mint(RSA)
+    forged = mint(RSA, claims(sub="root"))[:-4] + "AAAA"
+    for target, headers in [
+        (f"/p?access_token={forged}", bearer(good)),
+        ("/p", [*bearer(good), ("cookie", f"session={forged}")]),
+        (f"/p?access_token={forged}", [("cookie", f"session={good}")]),
+    ]:
+        r = await c.request(target=target, headers=headers)
+        assert r.status == 401 and r.get("www-authenticate") == INVALID
+        assert sc.log.of(r)["jwt_cause"] == "malformed"
+    assert app.requests == 0
+    await c.close()
+
+
 async def test_the_original_token_can_be_removed_wherever_it_was(
     secured, jwks_server, app: EchoApp
 ):

@@ -156,6 +156,8 @@ class TokenCache:
         return len(self._entries)
 
 
+_TWO_PLACES = "tokens in more than one place (header, query parameter, cookie)"
+
 # Where a token was found, so that it can be removed before forwarding and
 # checked against its provider's locations: ("header" | "param" | "cookie", name).
 TokenLocation = tuple[str, bytes]
@@ -215,12 +217,16 @@ class Authenticator:
     ) -> tuple[bytes, TokenLocation] | None:
         """The request's token and where it was; None when there is none.
 
-        Headers first, then query parameters, then cookies. Two tokens (two
-        token headers, a parameter or cookie twice) are ambiguous:
-        JwtFailure(malformed) rather than a guess at which one the app reads.
+        Headers, query parameters and cookies are all looked at. Two tokens
+        (two token headers, a parameter or cookie twice, or a token in two
+        kinds of place) are ambiguous: JwtFailure(malformed) rather than a
+        guess at which one the app reads. Verifying one and forwarding the
+        other would let a request carry a good token past us and a forged one
+        to an app that reads the other place (Envoy verifies every token for
+        the same reason).
         """
+        found: tuple[bytes, TokenLocation] | None = None
         if self._headers:
-            found: tuple[bytes, TokenLocation] | None = None
             headers = self._headers
             for lname, _, value in kept:
                 prefix = headers.get(lname)
@@ -236,22 +242,24 @@ class Authenticator:
                 if found is not None:
                     raise JwtFailure(JwtCause.MALFORMED, "more than one token in the request")
                 found = (value.strip(), ("header", lname))
-            if found is not None:
-                return found
         if self._params:
             q = target.find(b"?")
             if q >= 0:
                 hit = _one_of(_query_pairs(target[q + 1 :]), self._params, "query parameter")
                 if hit is not None:
-                    return hit[1], ("param", hit[0])
+                    if found is not None:
+                        raise JwtFailure(JwtCause.MALFORMED, _TWO_PLACES)
+                    found = (hit[1], ("param", hit[0]))
         if self._cookies:
             pairs = [
                 pair for lname, _, value in kept if lname == b"cookie" for pair in _cookies(value)
             ]
             hit = _one_of(pairs, self._cookies, "cookie")
             if hit is not None:
-                return hit[1], ("cookie", hit[0])
-        return None
+                if found is not None:
+                    raise JwtFailure(JwtCause.MALFORMED, _TWO_PLACES)
+                found = (hit[1], ("cookie", hit[0]))
+        return found
 
     # -- verifying ---------------------------------------------------------------
 
