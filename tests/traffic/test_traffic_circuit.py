@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 from proxy_harness import (
     RawClient,
     assert_lepton_error,
@@ -18,11 +19,13 @@ from proxy_harness import (
 )
 from traffic_support import (
     HOLD,
+    Unanswered,
     call,
     clusters,
     destination,
     mesh_config,
     metric,
+    reset_on_close,
     scrape,
     start_backend,
 )
@@ -186,3 +189,55 @@ async def test_max_retries_limits_concurrent_retries(sidecars, upstreams) -> Non
     assert metric(samples, "lepton_retries_total", **labels, outcome="attempted") == 1
     assert metric(samples, "lepton_circuit_overflows_total", **labels, limit="retries") == 1
     assert (await clusters(sc))["svc"]["circuit"]["retries"]["used"] == 0
+
+
+@pytest.mark.parametrize("ending", ["overall_timeout", "client_reset"])
+async def test_pending_slot_is_released_when_a_connect_is_abandoned(
+    sidecars, upstreams, ending
+) -> None:
+    """A request that ends while its connection is still being opened (the
+    overall timeout passes, or the client resets) gives its `pending` slot
+    back: otherwise every such request would shrink max_pending for good,
+    until the destination answers nothing but 503 overflow."""
+    hung = Unanswered()
+    try:
+        cfg = mesh_config(
+            {"svc": [hung.address]},
+            destinations=[
+                destination(
+                    "svc",
+                    timeout=0.2 if ending == "overall_timeout" else 0,
+                    limits=CircuitLimits(max_pending=1),
+                    retry=RetryPolicy(attempts=1),
+                    outlier=None,
+                )
+            ],
+        )
+        sc = await sidecars(cfg)
+
+        async def pending() -> int:
+            return (await clusters(sc))["svc"]["circuit"]["pending"]["used"]
+
+        for _ in range(2):  # with max_pending 1, a leaked slot fails the second round
+            if ending == "overall_timeout":
+                result = await call(outbound(sc))
+                assert_lepton_error(result.response, 504, Reason.UPSTREAM_TIMEOUT)
+            else:
+                c = await RawClient.connect(outbound(sc))
+                await c.send(request_bytes("GET", "/", host="svc"))
+                await wait_for_async(lambda: pending(), 1)
+                reset_on_close(c)
+                await c.close()
+            await wait_for_async(lambda: pending(), 0)
+        circuit = (await clusters(sc))["svc"]["circuit"]
+        assert (circuit["requests"]["used"], circuit["pending"]["overflows"]) == (0, 0)
+    finally:
+        hung.close()
+
+
+async def wait_for_async(read, want, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    """Poll an async reading until it equals `want` (fails after `timeout`)."""
+    deadline = time.perf_counter() + timeout
+    while (got := await read()) != want:
+        assert time.perf_counter() < deadline, f"still {got}, want {want}"
+        await asyncio.sleep(0.005)

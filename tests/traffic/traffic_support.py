@@ -20,7 +20,10 @@ deadline. The only sleeps are upstream behavior (a backend told to be slow).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import socket
+import struct
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -353,3 +356,33 @@ def share(values: Iterable[str | None]) -> dict[str | None, float]:
     for v in items:
         counts[v] = counts.get(v, 0) + 1
     return {k: n / len(items) for k, n in counts.items()}
+
+
+class Unanswered:
+    """An address where a TCP connect hangs: a listener whose accept queue is
+    full, so the kernel drops further SYNs (no RST, no accept). `close()` it."""
+
+    def __init__(self) -> None:
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(0)
+        self._fillers: list[socket.socket] = []
+        host, port = self._listener.getsockname()
+        self.address = Address(host, port)
+        for _ in range(3):  # a backlog of 0 still admits one or two
+            s = socket.socket()
+            s.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                s.connect((host, port))
+            self._fillers.append(s)
+
+    def close(self) -> None:
+        for s in self._fillers:
+            s.close()
+        self._listener.close()
+
+
+def reset_on_close(c: RawClient) -> None:
+    """Make `c.close()` send an RST (SO_LINGER 0) instead of a FIN."""
+    sock = c.writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

@@ -32,8 +32,9 @@ Invariants:
   after it, the client connection is cut (the only honest signal left).
 - An upstream connection returns to its pool only when both the request
   and the response were complete and the upstream allows keep-alive.
-- Every breaker slot taken is released exactly once, in `_finish` or when
-  its try ends; `done` is set exactly once, in `_finish`.
+- Every breaker slot taken is released exactly once: in `_finish`, when
+  its try ends, or (a pending slot) when its connect task ends, cancelled
+  or not; `done` is set exactly once, in `_finish`.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import asyncio
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from random import random
 from typing import TYPE_CHECKING
 
@@ -82,6 +84,7 @@ if TYPE_CHECKING:
     from lepton_mesh.proxy.outbound.endpoints import EndpointState
     from lepton_mesh.proxy.outbound.pool import EndpointPool
     from lepton_mesh.proxy.outbound.routing import RuleRuntime, ServiceTarget
+    from lepton_mesh.proxy.resilience.circuit import CircuitBreaker
     from lepton_mesh.proxy.security.inbound_policy import SecurityOutcome
     from lepton_mesh.proxy.snapshot import Snapshot
 
@@ -131,7 +134,6 @@ class Exchange:
         "_wait_timer",
         # breaker slots held
         "_holds_request",
-        "_holds_pending",
         "_holds_retry",
         # the response
         "status",
@@ -179,7 +181,6 @@ class Exchange:
         self._try_timer: asyncio.TimerHandle | None = None
         self._wait_timer: asyncio.TimerHandle | None = None
         self._holds_request = False
-        self._holds_pending = False
         self._holds_retry = False
         self._budget_exhausted = False
         self.attempts = 0
@@ -319,8 +320,11 @@ class Exchange:
             raise ProxyError(
                 503, Reason.OVERFLOW, f"circuit breaker: max_pending to {cluster.label} reached"
             )
-        self._holds_pending = True
-        self._connecting = self.down.loop.create_task(self._open(pool))
+        # The pending slot is the connect task's: released when the task ends,
+        # however it ends (a done callback runs even for a task cancelled
+        # before its first step, which no `finally` in `_open` would see).
+        task = self._connecting = self.down.loop.create_task(self._open(pool))
+        task.add_done_callback(_pending_releaser(breaker))
 
     async def _open(self, pool: EndpointPool) -> None:
         breaker = self.cluster.state.breaker  # type: ignore[union-attr]
@@ -328,12 +332,10 @@ class Exchange:
             conn = await pool.open(self.snap.cfg.timeouts.connect, breaker)
         except ProxyError as err:
             self._connecting = None
-            self._release_pending()
             if not self.done:
                 self.on_upstream_error(err)
             return
         self._connecting = None
-        self._release_pending()
         if self.done:
             pool.release(conn)  # fresh and unused: keep it for the next request
         else:
@@ -610,7 +612,6 @@ class Exchange:
         if self._connecting is not None:
             self._connecting.cancel()
             self._connecting = None
-            self._release_pending()
         per_try = self.rt.retry.per_try_timeout  # type: ignore[union-attr]
         self.on_upstream_error(
             UpstreamError(
@@ -769,11 +770,6 @@ class Exchange:
 
     # -- end -----------------------------------------------------------------
 
-    def _release_pending(self) -> None:
-        if self._holds_pending:
-            self._holds_pending = False
-            self.cluster.state.breaker.release_pending()  # type: ignore[union-attr]
-
     def _finish(self, *, abort: bool = False, tunneled: bool = False, notify: bool = True) -> None:
         self.done = True
         for timer in (self._try_timer, self._wait_timer):
@@ -789,8 +785,8 @@ class Exchange:
             if self._holds_retry:
                 self._holds_retry = False
                 breaker.release_retry()
-            # _holds_pending is released by _open when the connect task ends
-            # (also when cancelled), never here: the slot is the task's.
+            # A pending slot is released when its connect task ends (see
+            # _pending_releaser), never here: the slot is the task's.
         self.down.listener.record(self)
         if notify and not tunneled:
             self.down.exchange_done(self, abort=abort)
@@ -935,6 +931,15 @@ def _response_remove(rt: RuleRuntime | None, outbound: bool) -> frozenset[bytes]
     if rt is None:
         return OUTBOUND_RESPONSE_HEADERS if outbound else frozenset()
     return rt.resp_remove_outbound if outbound else rt.resp_remove
+
+
+def _pending_releaser(breaker: CircuitBreaker) -> Callable[[asyncio.Task[None]], None]:
+    """A done callback giving back the pending slot a connect task holds."""
+
+    def release(_task: asyncio.Task[None]) -> None:
+        breaker.release_pending()
+
+    return release
 
 
 def _fault(status: int, rule: str) -> ProxyError:
