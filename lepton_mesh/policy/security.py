@@ -130,9 +130,9 @@ class JwtProvider:
 
     `algorithms` is a non-empty subset of `JWT_ALGORITHMS`, without
     duplicates. `audiences` empty: the `aud` claim is not checked; else
-    the token's `aud` must hold one of them. Token locations are tried in
-    order: headers, then query parameters, then cookies; the first value
-    found is the token. `clock_skew` is the leeway for `exp`, `nbf` and
+    the token's `aud` must hold one of them. Token locations are headers,
+    query parameters and cookies; a request with a token in two of them (or
+    twice in one) is refused as ambiguous. `clock_skew` is the leeway for `exp`, `nbf` and
     `iat`. `required`: a request without a token is refused (401) instead
     of passing unauthenticated.
     """
