@@ -88,7 +88,8 @@ class AuthzRequest:
     certificate, None for a plaintext caller. `principal` (`iss/sub`) and
     `claims` from a verified JWT, None without one. `client_ip`: the peer's
     address as text. `path` is the target without the query string, as
-    sent. `header` takes a lowercase name and gives the first value or None.
+    sent. `header` takes a lowercase name and gives its value (a repeated
+    header's values joined with ",") or None.
     """
 
     method: str

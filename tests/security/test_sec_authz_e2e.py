@@ -205,6 +205,28 @@ CASES = [
         [],
     ),
     (
+        # Repeated, a header is its values comma-joined (Envoy's and RFC 9110's reading):
+        # judging the first while the app reads the last would let `other` in as `acme`.
+        "tenant-repeated",
+        "GET",
+        "/t/1",
+        [("x-tenant", "acme"), ("x-tenant", "other"), *token()],
+        403,
+        "rbac_denied",
+        ("deny", None, None),
+        [],
+    ),
+    (
+        "tenant-joined",
+        "GET",
+        "/t/1",
+        [("x-tenant", "acme,other"), *token()],
+        403,
+        "rbac_denied",
+        ("deny", None, None),
+        [],
+    ),
+    (
         "claim-list",
         "GET",
         "/ops/a/b",

@@ -685,16 +685,22 @@ def _bound_port(down: Any) -> int:
 def _header_lookup(
     kept: list[tuple[bytes, bytes, bytes]], hidden: frozenset[bytes]
 ) -> Callable[[str], str | None]:
-    """`request.headers[name]` for policies: the first value, never a stripped header."""
+    """`request.headers[name]` for policies, never a stripped header.
+
+    A repeated header is its values joined with "," (RFC 9110 section 5.3,
+    and what Envoy's header matchers see): judging only the first value while
+    the app reads the last would let `x-tenant: acme` escort `x-tenant: evil`.
+    """
 
     def header(name: str) -> str | None:
         lname = name.encode("latin-1")
         if lname in hidden:
             return None
+        found: bytes | None = None
         for n, _, value in kept:
             if n == lname:
-                return value.decode("latin-1")
-        return None
+                found = value if found is None else found + b"," + value
+        return found.decode("latin-1") if found is not None else None
 
     return header
 
