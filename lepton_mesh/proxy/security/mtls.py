@@ -47,9 +47,12 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import datetime as dt
+import hashlib
 import logging
+import os
 import socket
 import ssl
 import sys
@@ -88,6 +91,9 @@ TCP_ALPN = "lepton-tcp/1"
 XFCC = b"x-forwarded-client-cert"
 UPSTREAM_IDENTITY_MISMATCH = Reason.UPSTREAM_IDENTITY_MISMATCH
 DEFAULT_MAX_HANDSHAKES = 256
+# `tls.source: files`: how often the cert, key and bundle files are checked
+# for a replacement (as the control daemon checks its CA files).
+FILE_POLL_INTERVAL = 5.0
 NO_CERT = "this sidecar has no certificate yet"
 
 Side = Literal["inbound", "outbound"]
@@ -271,6 +277,14 @@ class MeshIdentity:
         }
         self._peer_ids: dict[str, SpiffeId] = {}
         self.plaintext_accepted = 0  # PERMISSIVE: connections that came in plaintext
+        # `tls.source: files`: (cert, key, bundle) paths, their stat stamp and
+        # content digest when last looked at, and what went wrong loading them.
+        self._files: tuple[str, str, str] | None = None
+        self._stamp: tuple[tuple[int, int, int], ...] = ()
+        self._digest = b""
+        self._file_error: str | None = None
+        self._poll: asyncio.TimerHandle | None = None
+        self.file_poll_interval = FILE_POLL_INTERVAL
 
     @classmethod
     def create(
@@ -310,9 +324,13 @@ class MeshIdentity:
             return cls(
                 me, None, mode=tls.mode, tcp_app=tls.tcp_app, max_handshakes=tls.max_handshakes
             )
+        paths = (tls.cert, tls.key, tls.bundle)
+        stamp: tuple[tuple[int, int, int], ...] = ()
+        with contextlib.suppress(OSError):  # then reading fails below, naming the field
+            stamp = _stamp_of(paths)
         pems = [_read_pem(cfg.source, field, path) for field, path in _files(tls)]
         try:
-            return cls.create(
+            me = cls.create(
                 *pems,
                 trust_domain=tls.trust_domain,
                 namespace=cfg.namespace,
@@ -323,6 +341,78 @@ class MeshIdentity:
             )
         except TlsCredentialsError as exc:
             raise ConfigError.single(cfg.source, None, "tls", exc.detail) from None
+        me._files, me._stamp, me._digest = paths, stamp, _digest(pems)
+        with contextlib.suppress(RuntimeError):  # no loop: made only to check the files
+            me.watch()
+        return me
+
+    # -- files (`tls.source: files`) -------------------------------------------------
+
+    def watch(self, interval: float | None = None) -> None:
+        """Check the credential files every `interval` seconds (default
+        FILE_POLL_INTERVAL) on the running loop; re-arms if already watching.
+        Without files (`source: control`) it does nothing."""
+        if self._files is None:
+            return
+        if interval is not None:
+            self.file_poll_interval = interval
+        if self._poll is not None:
+            self._poll.cancel()
+        self._poll = asyncio.get_running_loop().call_later(
+            self.file_poll_interval, self._poll_files
+        )
+
+    def _poll_files(self) -> None:
+        self._poll = None
+        try:
+            self.check_files()
+        finally:
+            self.watch()
+
+    def check_files(self) -> bool:
+        """Reload the cert, key and bundle files if they changed since last
+        looked at (inode, size, mtime: a rename over them, as `certs` and
+        secret mounts do, or a rewrite). True if new credentials are in use.
+        Material that does not check out (a certificate replaced before its
+        key) is logged once and the current credentials stay."""
+        paths = self._files
+        if paths is None:
+            return False
+        try:
+            stamp = _stamp_of(paths)
+        except OSError as exc:
+            self._file_problem(f"cannot stat the tls files: {exc.filename}: {exc.strerror}")
+            return False
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            pems = []
+            for path in paths:
+                with open(path, "rb") as f:
+                    pems.append(f.read())
+        except OSError as exc:
+            self._file_problem(f"cannot read {exc.filename}: {exc.strerror}")
+            return False
+        digest = _digest(pems)
+        if digest == self._digest:
+            self._file_error = None
+            return False  # same certificate and bundle: no new contexts, no full handshakes
+        try:
+            self.reload(*pems)
+        except TlsCredentialsError as exc:
+            self._file_problem(
+                f"tls files changed but do not load, keeping the current certificate: {exc.detail}"
+            )
+            return False
+        self._digest = digest
+        self._file_error = None
+        return True
+
+    def _file_problem(self, message: str) -> None:
+        if message != self._file_error:  # once per distinct problem, not per poll
+            log.warning("%s", message)
+        self._file_error = message
 
     # -- reload --------------------------------------------------------------------
 
@@ -426,16 +516,37 @@ class MeshIdentity:
             "handshake_failures": {k: v for k, v in self.failures.items() if v},
             "plaintext_accepted": self.plaintext_accepted,
             "malloc_trim": {"available": self.trimmer.available, "trims": self.trimmer.trims},
+            "files": None
+            if self._files is None
+            else {"poll_interval_s": self.file_poll_interval, "last_error": self._file_error},
         }
 
     def close(self) -> None:
         self.trimmer.close()
+        if self._poll is not None:
+            self._poll.cancel()
+            self._poll = None
 
 
 def _files(tls: TlsConfig) -> Iterator[tuple[str, str]]:
     yield "cert", tls.cert
     yield "key", tls.key
     yield "bundle", tls.bundle
+
+
+def _stamp_of(paths: tuple[str, ...]) -> tuple[tuple[int, int, int], ...]:
+    out = []
+    for path in paths:
+        st = os.stat(path)
+        out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+def _digest(pems: list[bytes]) -> bytes:
+    """Of the chain and the bundle: a new key comes with a new certificate
+    (alone it cannot match), and no form of the key is kept."""
+    chain, _key, bundle = pems
+    return hashlib.sha256(len(chain).to_bytes(8, "big") + chain + bundle).digest()
 
 
 def _read_pem(source: str, field: str, path: str) -> bytes:
