@@ -731,11 +731,18 @@ _DECISIONS_MAX = 4096
 
 
 def _frozen(value: Any) -> Any:
-    """A hashable stand-in for a claim value (JSON: lists and objects nest)."""
+    """A hashable stand-in for a claim value (JSON: lists and objects nest).
+
+    Equal stand-ins must mean equal decisions: Python has `True == 1 == 1.0`
+    and `0.0 == -0.0` (equal hashes too), while conditions compare `"true"`,
+    `"1"`, `"1.0"`, `"-0.0"`; so booleans and floats are tagged with their
+    spelling, or one cached decision would answer for another value."""
     if isinstance(value, list):
         return ("[list]", *(_frozen(v) for v in value))
     if isinstance(value, dict):
         return ("[dict]", *sorted((str(k), _frozen(v)) for k, v in value.items()))
+    if isinstance(value, bool | float):
+        return ("[scalar]", repr(value))
     return value
 
 
