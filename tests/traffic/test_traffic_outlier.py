@@ -8,14 +8,17 @@ sees is one the detector counted.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
-from proxy_harness import LOCAL, Address, free_port, outbound
+from proxy_harness import LOCAL, Address, assert_lepton_error, free_port, outbound, wait_for
 from traffic_support import (
+    HOLD,
     OK,
     STATUS,
     Backend,
+    call,
     clusters,
     destination,
     drive,
@@ -27,7 +30,8 @@ from traffic_support import (
     start_backends,
 )
 
-from lepton_mesh.policy.traffic import LoadBalancer, OutlierDetection, RetryPolicy
+from lepton_mesh.policy.traffic import CircuitLimits, LoadBalancer, OutlierDetection, RetryPolicy
+from lepton_mesh.proxy.errors import Reason
 
 NO_RETRY = RetryPolicy(attempts=1)
 
@@ -228,3 +232,32 @@ async def test_refusing_endpoint_is_ejected_after_consecutive_gateway_errors(
     assert (
         metric(samples, "lepton_retries_total", destination_service="svc", outcome="attempted") == 3
     )
+
+
+async def test_local_overflow_is_not_an_endpoint_failure(sidecars, upstreams) -> None:
+    """A request refused by the sidecar's own limit (max_connections here) never
+    reached the endpoint: it must not count towards the endpoint's ejection."""
+    held = await start_backend(upstreams, "held", HOLD)
+    cfg = mesh_config(
+        {"svc": [held]},
+        destinations=[
+            destination(
+                "svc",
+                limits=CircuitLimits(max_connections=1),
+                retry=RetryPolicy(attempts=1),
+                outlier=OutlierDetection(consecutive_5xx=1, consecutive_gateway_errors=1),
+            )
+        ],
+    )
+    sc = await sidecars(cfg)
+    first = asyncio.ensure_future(call(outbound(sc), target="/first"))
+    await wait_for(lambda: held.in_flight == 1)
+    for _ in range(3):
+        refused = await call(outbound(sc), target="/second")
+        assert_lepton_error(refused.response, 503, Reason.OVERFLOW)
+    view = (await clusters(sc))["svc"]
+    entry = endpoint_view(view, held)
+    assert entry["ejected"] is False
+    assert (view["ejections_total"], view["circuit"]["connections"]["overflows"]) == (0, 3)
+    held.release()
+    assert (await first).status == 200

@@ -511,9 +511,13 @@ class Exchange:
                 )  # the endpoint did nothing wrong: our connection was stale
                 self._again()
                 return
-            if isinstance(err, UpstreamError) and self._retry(Outcome(err.kind), "gateway"):  # type: ignore[arg-type]
+            upstream = isinstance(err, UpstreamError)
+            if upstream and self._retry(Outcome(err.kind), "gateway"):  # type: ignore[attr-defined]
                 return
-            self._end_try(False, "gateway")
+            # Only the endpoint's own failures count against it: a full pool or
+            # the breaker's max_connections is our limit, and ejecting a healthy
+            # endpoint for it (as a gateway error) would shrink capacity further.
+            self._end_try(False, "gateway" if upstream else None)
             if self._budget_exhausted:
                 err = ProxyError(
                     err.status,
