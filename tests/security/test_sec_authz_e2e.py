@@ -174,6 +174,7 @@ CASES = [
         [],
     ),
     ("escaped-slash", "GET", "/admin%2Fusers", token(), 400, "bad_request", None, []),
+    ("dot-params", "GET", "/v1/..;/admin/users", token(), 400, "bad_request", None, []),
     (
         "tenant-header",
         "GET",

@@ -30,6 +30,8 @@ from lepton_mesh.proxy.security.inbound_policy import normalize_path
         (b"/a%3ab", b"/a%3Ab"),
         (b"/caf%c3%a9", b"/caf%C3%A9"),
         (b"/a%7eb", b"/a~b"),
+        (b"/a;v=1/b", b"/a;v=1/b"),  # matrix parameters on other segments are left alone
+        (b"/a/..x;y/b", b"/a/..x;y/b"),
     ],
 )
 def test_normalize_path(path: bytes, expected: bytes):
@@ -38,7 +40,20 @@ def test_normalize_path(path: bytes, expected: bytes):
 
 @pytest.mark.parametrize(
     "path",
-    [b"/admin%2Fsecret", b"/admin%2fsecret", b"/admin%5Csecret", b"/a\\b", b"/a%2", b"/a%zz"],
+    [
+        b"/admin%2Fsecret",
+        b"/admin%2fsecret",
+        b"/admin%5Csecret",
+        b"/a\\b",
+        b"/a%2",
+        b"/a%zz",
+        # Tomcat and other servlet containers strip `;params` before resolving dots.
+        b"/public/..;/admin",
+        b"/public/..;x/admin",
+        b"/public/%2e%2e;/admin",
+        b"/public/.;/admin",
+        b"/public/..;",
+    ],
 )
 def test_ambiguous_paths_are_refused(path: bytes):
     with pytest.raises(ProxyError) as err:

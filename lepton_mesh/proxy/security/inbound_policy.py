@@ -716,8 +716,9 @@ def normalize_path(path: bytes) -> bytes:
     Escapes of unreserved characters are decoded (`%41` -> `A`), other
     escapes upper-cased; repeated slashes are merged; `.` and `..` segments
     are resolved (never above the root). An escaped '/' or '\\', a raw '\\',
-    or a malformed escape is refused: different servers read them
-    differently, so no rule could mean the same thing to both.
+    a malformed escape, or a dot segment with parameters (`..;x`) is refused:
+    different servers read them differently, so no rule could mean the same
+    thing to both.
     """
     if b"%" in path:
         out = bytearray()
@@ -751,6 +752,10 @@ def normalize_path(path: bytes) -> bytes:
             if segments:
                 segments.pop()
         elif seg != b"." and seg:
+            if seg[:2] == b".;" or seg[:3] == b"..;":
+                # Servlet containers drop `;params` first and then see `..`: to
+                # them /public/..;/admin is /admin, to a rule it is under /public/.
+                raise bad_request("a dot segment with ';' parameters in the path")
             segments.append(seg)
     trailing = parts[-1] in (b"", b".", b"..") and len(parts) > 1
     out_path = b"/" + b"/".join(segments)
