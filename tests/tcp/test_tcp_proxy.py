@@ -287,10 +287,46 @@ async def test_close_stops_listening_and_closes_connections(
     assert await c.reader.readexactly(1) == b"x"
     await asyncio.wait_for(run.proxy.close(), DEADLINE)
     assert run.proxy.active() == 0
-    assert await c.reader.read() == b""
+    with pytest.raises(ConnectionResetError):  # cut, not ended: see the next test
+        await c.reader.read()
     with pytest.raises(ConnectionRefusedError):
         await servers.connect(run.address)
     assert run.metrics.calls == [opened(), closed(1, 1)]
+
+
+async def test_a_transfer_cut_by_close_is_a_reset_on_both_sides(
+    servers: Servers, start_proxy: StartProxy
+) -> None:
+    """A drain's deadline ends in close(): a download cut there must not look complete
+    to the client (a clean EOF after the bytes so far), nor the upload to the server."""
+    server_saw: list[BaseException | bytes] = []
+
+    async def stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        chunk = b"x" * 65536
+        try:
+            while not reader.at_eof():
+                writer.write(chunk)
+                await writer.drain()  # blocks once the stalled client's buffers are full
+        except ConnectionError as e:
+            server_saw.append(e)
+            return
+        server_saw.append(b"clean EOF")
+
+    up = await servers.serve(stream)
+    run = await start_proxy(tcp_config(up.address))
+    c = await servers.connect(run.address)
+    await c.reader.readexactly(65536)  # the transfer is under way; the client now stalls
+    await until(lambda: run.proxy.buffered() > 0, "the proxy holding bytes for the client")
+    await asyncio.wait_for(run.proxy.close(), DEADLINE)
+
+    async def read_to_the_end() -> None:
+        while await c.reader.read(1 << 16):
+            pass
+
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(read_to_the_end(), DEADLINE)
+    await until(lambda: server_saw, "the server's end of the transfer")
+    assert isinstance(server_saw[0], ConnectionResetError), server_saw
 
 
 A, B, C = (Endpoint(Address("10.0.0.1", p)) for p in (1, 2, 3))
@@ -333,7 +369,8 @@ async def test_a_bug_while_connecting_closes_the_client(
     run.metrics.tcp_opened = broken  # type: ignore[method-assign]
     c = await servers.connect(run.address)
     with caplog.at_level(logging.ERROR, logger="lepton_mesh.proxy.l4.tcp_proxy"):
-        assert await c.reader.read() == b""
+        with pytest.raises(ConnectionResetError):  # not served: never a clean end
+            await c.reader.read()
         await until(lambda: run.proxy.active() == 0, "connection forgotten")
     assert "connecting failed" in caplog.text
 

@@ -130,7 +130,7 @@ class TcpProxy:
             self._server.close()
 
     async def close(self) -> None:
-        """Stop listening and abort every connection (draining is the caller's job)."""
+        """Stop listening and reset every connection (draining is the caller's job)."""
         self.stop_listening()
         conns = list(self._conns)
         for c in conns:
@@ -317,11 +317,13 @@ class _Conn:
         self.abort()
 
     def abort(self) -> None:
+        """Cut both sides with a reset: a clean close would pass a stream cut
+        short (a drain's deadline, a stop) for a complete one."""
         if self.task is not None:
             self.task.cancel()
-        self.client.transport.abort()
+        _reset(self.client.transport)
         if self.upstream is not None:
-            self.upstream.abort()
+            _reset(self.upstream)
 
     def _client_lost(self) -> None:
         if self.task is not None:
@@ -503,11 +505,12 @@ class _Inbound:
         self.owner._done(self)
 
     def abort(self) -> None:
+        """Cut both sides with a reset, as `_Conn.abort` does."""
         if self.task is not None:
             self.task.cancel()
-        self.client.transport.abort()
+        _reset(self.client.transport)
         if self.app is not None:
-            self.app.abort()
+            _reset(self.app)
         self.owner._done(self)
 
 
