@@ -14,11 +14,14 @@ import pytest
 from proxy_harness import (
     LOCAL,
     Address,
+    RawClient,
     assert_lepton_error,
     chunked_body,
     client,
     free_port,
     outbound,
+    response_bytes,
+    wait_for,
 )
 from traffic_support import (
     CLOSE,
@@ -404,3 +407,54 @@ async def test_chunked_body_is_replayed_on_the_retry(sidecars, upstreams) -> Non
             [("x-checksum", "abc")],
         )
     assert {r.attempts for r in results} == {1, 2}
+
+
+async def test_body_growing_past_the_replay_limit_during_backoff_is_replayed_whole(
+    sidecars, upstreams, monkeypatch
+) -> None:
+    """The first try fails early (a 503 before the app read the body) and a retry
+    is granted; while it waits for its backoff the client sends the rest of a
+    body larger than the replay buffer. The retry must carry the whole body:
+    dropping the held copy then sent the retry without the body's start (a
+    truncated chunked body looks complete to the app), and left the client
+    paused for good."""
+    from lepton_mesh.proxy.http import exchange as exchange_module
+
+    size = 3 * exchange_module.REPLAY_LIMIT
+    seen: list[bytes] = []
+
+    async def handler(conn) -> None:  # type: ignore[no-untyped-def]
+        if not seen:
+            seen.append(b"")  # first try: answer before reading the body
+            await conn.read_request(body=False)
+            await conn.send(response_bytes(503, b"busy", [("connection", "close")]))
+            return
+        req = await conn.read_request()
+        seen.append(req.body)
+        await conn.send(response_bytes(200, b"ok"))
+
+    up = await upstreams(handler)
+    cfg = mesh_config(
+        {"svc": [up.address]},
+        destinations=[destination("svc", retry=retry(2, frozenset({"5xx"})), outlier=None)],
+    )
+    sc = await sidecars(cfg)
+    held: list[exchange_module.Exchange] = []
+    again = exchange_module.Exchange._again
+    monkeypatch.setattr(exchange_module.Exchange, "_again", lambda ex: held.append(ex))
+
+    body = bytes(i % 251 for i in range(size))
+    c = await RawClient.connect(outbound(sc))
+    try:
+        head = f"PUT /big HTTP/1.1\r\nHost: svc\r\nContent-Length: {size}\r\n\r\n".encode()
+        await c.send(head + body[:1000])
+        await wait_for(lambda: bool(held), what="the retry waiting for its backoff")
+        c.writer.write(body[1000:])  # more than the sidecar holds: it pauses reading
+        ex = held[0]
+        await wait_for(lambda: ex.req_bytes > exchange_module.REPLAY_LIMIT, what="body past limit")
+        again(ex)  # the backoff ends
+        resp = await c.response("PUT", timeout=5.0)
+    finally:
+        await c.close()
+    assert (resp.status, resp.get("x-lepton-attempts")) == (200, "2")
+    assert seen[1] == body

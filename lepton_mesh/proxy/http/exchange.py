@@ -383,9 +383,15 @@ class Exchange:
         replay = self.replay
         if replay is not None:
             self.replay_bytes += len(data)
-            if self.replay_bytes > REPLAY_LIMIT:
+            if self.replay_bytes > REPLAY_LIMIT and (
+                self.ep_started is not None or not self.attempts
+            ):
                 self.replay = None  # too large to hold: this request will not be retried
             else:
+                # Past the limit only while a retry waits for its backoff: that
+                # retry was granted and will replay everything (dropping the copy
+                # now would send it without the body's start). No try takes the
+                # bytes meanwhile, so the HOLD_LIMIT gate below bounds them.
                 replay.extend(frames)
         conn = self.conn
         if conn is not None and not self.pending and not self.down.feeding:
@@ -587,7 +593,9 @@ class Exchange:
         if self.done:
             return
         self.pending = list(self.replay or ())
-        self.pending_bytes = 0
+        # What is held now is the whole replay: if holding it paused the client
+        # (BUFFERED), the flush after connecting must resume it.
+        self.pending_bytes = self.replay_bytes
         try:
             self._try()
         except ProxyError as err:
