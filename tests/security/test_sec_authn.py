@@ -4,6 +4,7 @@ and what a cached token costs against a fresh verification."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,7 +36,7 @@ from lepton_mesh.proxy.security.authn import (
     NeedKeys,
     ProviderRuntime,
 )
-from lepton_mesh.proxy.security.jwks import StaticKeys
+from lepton_mesh.proxy.security.jwks import FileKeys, StaticKeys
 
 NOW = 1_800_000_000.0
 
@@ -343,6 +344,25 @@ async def test_cached_tokens_stop_verifying_when_their_key_is_rotated_out():
     source.install(source.keys.__class__({}, (), (), "rotated"))  # the key is gone
     with pytest.raises((JwtFailure, NeedKeys)):
         auth.verify(token, may_wait=False)
+
+
+def test_a_new_kid_in_a_jwks_file_verifies_on_the_request_that_asked_for_it(tmp_path):
+    """An unknown kid re-reads a `jwks_file` at once (no fetch to wait for): the token
+    that named the rotated-in key is verified with it, not refused."""
+    path = tmp_path / "jwks.json"
+    path.write_bytes(orjson.dumps(jwks(public_jwk(RSA, "k1"))))
+    p = provider(jwks_file=str(path))
+    src = FileKeys(str(path), frozenset(p.algorithms), 300.0, Clock(), min_refresh=30.0)
+    auth = Authenticator([ProviderRuntime(p, src)], wall=Clock())
+    assert auth.verify(mint(RSA, at(), kid="k1").encode()).principal == f"{ISSUER}/alice"
+    path.write_bytes(orjson.dumps(jwks(public_jwk(RSA, "k1"), public_jwk(OTHER, "k2"))))
+    os.utime(path, (1, 1))  # a different mtime whatever the filesystem's resolution
+    bob = mint(OTHER, at(sub="bob"), kid="k2").encode()
+    assert auth.verify(bob).principal == f"{ISSUER}/bob"
+    # A made-up kid re-reads at most once per min_refresh and is refused, never waits.
+    with pytest.raises(JwtFailure) as err:
+        auth.verify(mint(OTHER, at(sub="eve"), kid="k9").encode())
+    assert err.value.cause == JwtCause.UNKNOWN_KEY
 
 
 def test_cached_verification_costs_almost_nothing():

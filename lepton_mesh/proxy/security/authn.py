@@ -57,7 +57,7 @@ from jwt.exceptions import (
 from lepton_mesh.policy.security import MAX_TOKEN_BYTES, JwtProvider
 from lepton_mesh.policy.security_decisions import claim_header_value, lookup_claim, principal_of
 from lepton_mesh.proxy.security.authn_errors import JwtCause, JwtFailure, NeedKeys
-from lepton_mesh.proxy.security.jwks import KeySource, VerifyKey
+from lepton_mesh.proxy.security.jwks import KeySet, KeySource, VerifyKey
 
 # A token without `exp` is cached at most this long (seconds).
 CACHE_TTL = 300.0
@@ -326,18 +326,16 @@ class Authenticator:
         keys = source.keys
         if kid is not None and not isinstance(kid, str):
             raise JwtFailure(JwtCause.MALFORMED, "kid is not a string", provider.name)
-        if kid is not None:
-            key = keys.by_kid.get(kid)
-        else:  # no kid: only unambiguous when exactly one key fits the algorithm
-            fits = [k for k in keys.all if alg in k.algorithms]
-            key = fits[0] if len(fits) == 1 else None
+        key = _pick(keys, kid, alg)
+        if key is None and may_wait:
+            pending = source.pending() if not source.loaded else None
+            if pending is None:
+                pending = source.refresh_for_unknown_kid(now)
+            if pending is not None:
+                raise NeedKeys(pending)
+            if source.keys is not keys:  # reloaded at once (a file): look again
+                key = _pick(source.keys, kid, alg)
         if key is None:
-            if may_wait:
-                pending = source.pending() if not source.loaded else None
-                if pending is None:
-                    pending = source.refresh_for_unknown_kid(now)
-                if pending is not None:
-                    raise NeedKeys(pending)
             raise JwtFailure(
                 JwtCause.UNKNOWN_KEY,
                 f"no key {_short(kid)} for {alg}"
@@ -363,6 +361,14 @@ class Authenticator:
                 "misses": self.cache.misses,
             },
         }
+
+
+def _pick(keys: KeySet, kid: str | None, alg: str) -> VerifyKey | None:
+    """The key named by `kid`; without a kid, the one key that fits `alg` (else None)."""
+    if kid is not None:
+        return keys.by_kid.get(kid)
+    fits = [k for k in keys.all if alg in k.algorithms]
+    return fits[0] if len(fits) == 1 else None
 
 
 # Exp/nbf/iat are ours (an injectable clock, precise causes); signature,
