@@ -154,6 +154,7 @@ class IdentityClient:
             "renew_at": self.renew_at,
             "issuer": self.issuer[:16] or None,
             "csr_in_flight": self._pending is not None,
+            "renewal_overdue": cert is not None and self.due,
             "requested": self.requested,
             "installed": self.installed,
             "last_error": self.last_error,
@@ -281,10 +282,13 @@ class IdentityClient:
                 return fingerprint(root)
         return ""
 
-    def _failed(self, error: str) -> None:
+    def _failed(self, error: str, *, retry: float | None = -1.0) -> None:
+        """Record and log `error`; try again after `retry` seconds
+        (`retry_delay` by default, never with None)."""
         self.last_error = error
         log.warning("lepton-mesh sidecar %s: %s", self.identity.service, error)
-        self._arm(self.retry_delay)
+        if retry is not None:
+            self._arm(self.retry_delay if retry < 0 else retry)
 
     def _arm(self, delay: float) -> None:
         if self._timer is not None:
@@ -294,4 +298,28 @@ class IdentityClient:
     def _fire(self) -> None:
         self._timer = None
         self.due = True
+        if self._send is None and self.certificate is not None:
+            self._overdue()
         self._request()
+
+    def _overdue(self) -> None:
+        """Renewal is due and no control replica is reachable: the certificate
+        in use stays (nothing better exists); say so now, and again when it
+        expires (from then on peers refuse it as `expired`)."""
+        cert = self.certificate
+        assert cert is not None
+        end = cert.not_valid_after_utc
+        left = end.timestamp() - time.time()
+        if left > 0:
+            self._failed(
+                f"certificate renewal is due but no control replica is reachable: keeping "
+                f"serial {cert.serial_number:x}, valid until {end:%Y-%m-%d %H:%M:%SZ} "
+                f"({left:.0f}s left)",
+                retry=left,
+            )
+        else:
+            self._failed(
+                f"certificate serial {cert.serial_number:x} expired at {end:%Y-%m-%d %H:%M:%SZ} "
+                "and no control replica is reachable to renew it: peers refuse it until then",
+                retry=None,
+            )
