@@ -137,6 +137,7 @@ class Runner:
         self._abort = asyncio.Event()
         self._hurry = asyncio.Event()
         sidecar.quit_handler = self.quit
+        sidecar.outbound_for_app = True  # until the app exits, whatever drains the sidecar
 
     # -- signals -----------------------------------------------------------------
 
@@ -183,6 +184,7 @@ class Runner:
             _say(f"sidecar ready in {took * 1000:.0f} ms; app started (pid {self.proc.pid})")  # type: ignore[union-attr]
             returncode = await self.proc.wait()  # type: ignore[union-attr]
             self.phase = _Phase.EXITED
+            self.sidecar.outbound_for_app = False
             code = exit_code(returncode)
             took = await self._after_exit()
             _say(f"app exited with {code}; sidecar drained in {took * 1000:.0f} ms")

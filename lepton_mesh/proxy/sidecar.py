@@ -14,7 +14,8 @@ Draining (docs/lifecycle.md) has two phases, bounded by `timeouts.drain`:
    then `drain()` returns and what is left is closed by `stop()`.
 `start_drain()` (`/drain`, `/quit`, SIGINT) has no grace; `terminate()`
 (SIGTERM) grants the whole drain period; `lepton-mesh run` grants it until
-its app exits (`end_outbound_grace()`), then gives phase 2 the full period.
+its app exits (`end_outbound_grace()`), whatever started the drain (SIGTERM,
+`/quit`, `/drain`), then gives phase 2 the full period.
 
 With `control` in its config, a `ControlClient` feeds the sidecar: ready
 only once a snapshot from control (or the last-known-good one) is applied,
@@ -71,6 +72,9 @@ class Sidecar:
         # `lepton-mesh run` sets this: there, /quit means "stop the app", which
         # then stops the sidecar; a sidecar alone drains and exits.
         self.quit_handler: Callable[[], None] | None = None
+        # `lepton-mesh run` holds this True until its app exits: a drain then
+        # (`/drain`, a preStop hook) keeps outbound for the app, which still runs.
+        self.outbound_for_app = False
         self._servers: list[asyncio.AbstractServer] = []
         self._tcp: dict[str, TcpProxy] = {}
         self._drained: asyncio.Event | None = None
@@ -178,7 +182,10 @@ class Sidecar:
         `outbound_grace`: seconds outbound keeps serving the app after inbound
         stopped accepting, None until `end_outbound_grace()`. Only the first
         call starts a drain; a later one without grace ends the grace now.
+        While `outbound_for_app`, the grace is None whatever is asked.
         """
+        if self.outbound_for_app:
+            outbound_grace = None
         if self._drain_task is None:
             # Phase 1 begins now, not when the task first runs: a response
             # leaving inbound after this call already says `Connection: close`.

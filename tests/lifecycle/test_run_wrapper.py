@@ -316,3 +316,49 @@ async def test_cli_errors(tmp_path, args, code, message) -> None:
         assert message in run.stderr.decode(), run.report()
     finally:
         await run.close()
+
+
+def _post(port: int, path: str) -> int:
+    import http.client
+
+    conn = http.client.HTTPConnection(LOCAL, port, timeout=5)
+    try:
+        conn.request("POST", path, headers={"Host": "admin"})
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+async def test_post_drain_keeps_outbound_for_the_running_app(tmp_path) -> None:
+    # A preStop hook that POSTs /drain: inbound stops, but the app still runs and
+    # may still call out; under `run` outbound lasts as long as the app.
+    up = await Upstream().start()
+    inbound, admin = free_port(), free_port()
+    cfg = sidecar_config(
+        tmp_path,
+        app_port=free_port(),
+        inbound_port=inbound,
+        admin_port=admin,
+        services={"up": [up.address]},
+    )
+    run = await run_app(
+        cfg,
+        """
+        say("ready")
+        sys.stdin.readline()
+        say("calls", results=[get("http://up/after-drain/%d" % i) for i in range(3)])
+        """,
+    )
+    try:
+        await run.event("ready")
+        assert await asyncio.to_thread(_post, admin, "/drain") == 202
+        await eventually(lambda: refuses(inbound), "inbound to stop accepting")
+        status, body = await asyncio.to_thread(http_get, admin, "/ready")
+        assert (status, '"draining"' in body) == (503, True)
+        run.write("go\n")
+        calls = await run.event("calls")
+        assert calls["results"] == [[200, "up"]] * 3, run.report()
+        assert await run.wait() == 0
+    finally:
+        await run.close()
+        await up.stop()
