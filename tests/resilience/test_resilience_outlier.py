@@ -106,11 +106,13 @@ def test_times_ejected_decays_while_the_endpoint_stays_in_service() -> None:
         (4, 50.0, 2),
         (4, 75.0, 3),
         (4, 100.0, 4),
-        (4, 10.0, 1),  # one endpoint may always be ejected (Envoy's rule)
-        (4, 0.0, 1),
+        (4, 25.0, 1),
+        (4, 10.0, 0),  # a hard cap: even one of four is 25% > 10%
+        (4, 0.0, 0),
         (3, 50.0, 1),  # 2/3 > 50%
         (2, 50.0, 1),
-        (1, 0.0, 1),  # even the only one: the balancer's panic threshold takes over
+        (1, 50.0, 0),  # the only endpoint of a service is never ejected at 50%
+        (1, 100.0, 1),
         (10, 30.0, 3),
     ],
 )
@@ -293,7 +295,13 @@ class SignallingEndpoint(EndpointState):
 async def test_a_real_event_loop_returns_the_endpoint() -> None:
     loop = asyncio.get_running_loop()
     d = OutlierDetector(
-        OutlierDetection(consecutive_5xx=1, base_ejection_time=0.01, max_ejection_time=0.01), loop
+        OutlierDetection(
+            consecutive_5xx=1,
+            base_ejection_time=0.01,
+            max_ejection_time=0.01,
+            max_ejection_percent=100,  # the only endpoint
+        ),
+        loop,
     )
     ep = SignallingEndpoint(Address("127.0.0.1", 1))
     d.set_endpoints([ep])

@@ -14,11 +14,11 @@ A count reaching its trigger (0 = that trigger is off) ejects the endpoint:
 sleeps; the timer is cancelled if the endpoint goes away.
 
 Rules, stated because they are choices:
-- Max ejection percent (Envoy's rule): an ejection goes ahead if no endpoint
-  is ejected now, or if after it `100 * ejected / known <= max_ejection_percent`,
-  where `known` is the endpoints given to `set_endpoints()`. So one endpoint
-  can always be ejected, whatever the percentage (with a single endpoint
-  too: the balancer's panic threshold then uses it anyway). A refused
+- Max ejection percent: an ejection goes ahead only if after it
+  `100 * ejected / known <= max_ejection_percent`, where `known` is the
+  endpoints given to `set_endpoints()`: the percentage is a hard cap, as
+  Envoy's since `always_eject_one_host` (default off). So with 50% the only
+  endpoint of a service is never ejected, and one of two may be. A refused
   ejection counts in `ejections_overflow` and keeps the endpoint's counts,
   so its next failure tries again as soon as room frees up (Envoy resets
   the count and waits for a whole new run of failures).
@@ -225,7 +225,7 @@ class OutlierDetector:
 
     def _try_eject(self, config: traffic.OutlierDetection, s: _State) -> None:
         known = len(self._states)
-        if self._ejected and 100.0 * (self._ejected + 1) / known > config.max_ejection_percent:
+        if 100.0 * (self._ejected + 1) / known > config.max_ejection_percent:
             self.ejections_overflow += 1
             return
         now = self._loop.time()
