@@ -95,6 +95,31 @@ _CONTROL = re.compile(r"[\x00-\x20\x7f]")
 _RESERVED_HEADERS = PROXY_OWNED_HEADERS | {"host", "proxy-authenticate", "proxy-authorization"}
 
 
+# Headers policies never see as the client sent them: the sidecar takes them
+# out of the request before deciding (hop-by-hop, Host, the caller identity
+# headers, X-Forwarded-For which it re-renders). A condition on one would never
+# match, so a DENY naming it would silently deny nothing: refused, with what to
+# use instead.
+_UNSEEN_HEADERS = {
+    **{h: "it belongs to one hop and the proxy consumes it" for h in PROXY_OWNED_HEADERS},
+    "content-length": None,  # seen as sent (framing is checked, the value kept)
+    "proxy-authorization": "it belongs to one hop and the proxy consumes it",
+    "proxy-authenticate": "it belongs to one hop and the proxy consumes it",
+    "host": "the proxy owns it (the request already reached this service)",
+    "x-forwarded-for": "the proxy re-renders it; compare the caller's address with source.ip"
+    " or ip_blocks",
+    "x-forwarded-client-cert": "the proxy drops it; use source.principal or identities",
+}
+
+
+def _unseen_header(name: str) -> str | None:
+    """Why policies never see header `name` (None when they do)."""
+    if name.startswith("x-lepton-"):
+        return "x-lepton-* headers are the mesh's own and never reach policies"
+    why = _UNSEEN_HEADERS.get(name)
+    return f"policies never see {name!r}: {why}" if why else None
+
+
 # Why an empty list narrowing a match is refused (the rule would match nothing).
 _NARROWS_NOTHING = "matches nothing; omit the field instead"
 
@@ -708,6 +733,9 @@ def _condition_key(
         if not TOKEN_RE.fullmatch(name):
             c.error(path, f"invalid header name {name!r} in {text!r}")
             return None
+        if (why := _unseen_header(name.lower())) is not None:
+            c.error(path, why)
+            return None
         return text, "header", name.lower(), ()
     if m := _CLAIM_KEY.fullmatch(text):
         segments = tuple(m[1][1:-1].split("]["))
@@ -889,6 +917,9 @@ def _rate_key(c: Checker, value: Any, path: Path) -> RateKey | None:
                 c.error((*path, "header"), "required field is missing")
             return None
         header = parse_header_name(c, m["header"], (*path, "header"))
+        if header is not None and (why := _unseen_header(header)) is not None:
+            c.error((*path, "header"), why)
+            return None
         return None if header is None else RateKey("header", header)
     expected(c, path, _KEY_CHOICES, value)
     return None
