@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from tcp_support import (
     until,
 )
 
-from lepton_mesh.policy.sidecar_config import Address, Endpoint, SidecarConfig
+from lepton_mesh.policy.sidecar_config import Address, Endpoint, Limits, SidecarConfig
 from lepton_mesh.proxy.l4.tcp_proxy import TcpProxy, connect_order
 
 
@@ -396,3 +397,29 @@ async def test_drain_stops_accepting_and_reports_idle(
     assert await c.reader.read() == b""
     await until(lambda: idle, "on_idle")
     assert idle == [0]
+
+
+async def test_connections_past_the_limit_are_reset_and_logged(
+    servers: Servers, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    # limits.max_connections holds for every listener, the tcp services' too.
+    up = await servers.serve()
+    cfg = dataclasses.replace(tcp_config(up.address), limits=Limits(max_connections=2))
+    run = await start_proxy(cfg)
+    served = [await servers.connect(run.address) for _ in range(2)]
+    for c in served:
+        c.writer.write(b"x")
+        assert await c.reader.readexactly(1) == b"x"
+    with caplog.at_level(logging.WARNING, logger="lepton_mesh.proxy.l4.tcp_proxy"):
+        over = await servers.connect(run.address)
+        with pytest.raises(ConnectionResetError):
+            async with asyncio.timeout(DEADLINE):
+                await over.reader.read()
+    assert "reason=overflow" in caplog.text
+    assert (run.proxy.active(), up.accepted) == (2, 2)
+    served[0].writer.write_eof()
+    assert await served[0].reader.read() == b""
+    await until(lambda: run.proxy.active() == 1, "a slot freed")
+    again = await servers.connect(run.address)
+    again.writer.write(b"y")
+    assert await again.reader.readexactly(1) == b"y"

@@ -16,6 +16,10 @@ Invariants:
 - A client's EOF before the splice is not a reason to give up: it may be
   waiting for the reply (`nc -N`); the EOF is forwarded once connected. Its
   reset is: connecting stops and the connection is forgotten.
+- At most `limits.max_connections` client connections at once; one past it
+  is reset at accept and logged (reason `overflow`).
+- A connection cut by `close()` (a stop, a drain's deadline) is reset on
+  both sides, never closed cleanly: a cut stream must not look complete.
 - `metrics.tcp_opened` is counted once the upstream connection is made, and
   every opened connection is matched by exactly one `tcp_closed`.
 
@@ -146,6 +150,13 @@ class TcpProxy:
     # --- per connection ---
 
     def _accepted(self, held: _Held) -> None:
+        limit = self._get_config().limits.max_connections
+        if len(self._conns) >= limit:
+            # As the HTTP listeners' 503 overflow; with no protocol to answer in,
+            # a reset (the app's client sees a failure, never a clean end).
+            _log_refused(self.service, held.transport, Reason.OVERFLOW, f"{limit} connections open")
+            _reset(held.transport)
+            return
         conn = _Conn(self, held)
         self._conns.add(conn)
         conn.task = asyncio.get_running_loop().create_task(self._connect(conn))
@@ -296,15 +307,7 @@ class _Conn:
         )
 
     def fail(self, reason: str, detail: str) -> None:
-        peer = self.client.transport.get_extra_info("peername")
-        client = f"{peer[0]}:{peer[1]}" if peer else "?"
-        log.warning(
-            "tcp service=%s client=%s reason=%s detail=%s",
-            self.proxy.service,
-            client,
-            reason,
-            detail,
-        )
+        _log_refused(self.proxy.service, self.client.transport, reason, detail)
         self.client.transport.close()
 
     def connect_done(self, task: asyncio.Task[None]) -> None:
@@ -371,6 +374,13 @@ class _Held(asyncio.Protocol):
         self.lost = True
         if self.on_lost is not None:
             self.on_lost()
+
+
+def _log_refused(service: str, client: asyncio.BaseTransport, reason: str, detail: str) -> None:
+    """The one log line of a connection that could not be served."""
+    peer = client.get_extra_info("peername")
+    where = f"{peer[0]}:{peer[1]}" if peer else "?"
+    log.warning("tcp service=%s client=%s reason=%s detail=%s", service, where, reason, detail)
 
 
 def _describe(e: BaseException) -> str:
