@@ -9,9 +9,9 @@ The order, and why (docs/lifecycle.md):
    A stop signal meanwhile: exit 128+N, no app started.
 3. The app leads its own session and process group, with our stdin, stdout
    and stderr, `HTTP_PROXY` at the outbound listener, and (on Linux) SIGTERM
-   from the kernel should this process die, so it never outlives us. Its own
-   session keeps a terminal's Ctrl-C to us alone: the app gets it once, from
-   us, not twice.
+   from the kernel should this process die (an app that ignores it outlives
+   us: no one is left to send SIGKILL). Its own session keeps a terminal's
+   Ctrl-C to us alone: the app gets it once, from us, not twice.
 4. SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 are forwarded to the
    app's process group. SIGTERM and SIGINT (and `/quit`) also start the
    sidecar's drain: control is told, inbound stops accepting, and outbound
