@@ -27,8 +27,12 @@ from security_support import (
 from lepton_mesh.policy.security import (
     AuthorizationPolicy,
     AuthorizationRule,
+    ClaimToHeader,
     Condition,
     Operation,
+    RateKey,
+    RateLimit,
+    RateLimitRule,
     SecurityPolicies,
     Source,
 )
@@ -402,3 +406,45 @@ async def test_config_describes_the_running_policy(api):
     assert described["authorization"]["uses_request_auth"] is True
     r = await c.request("GET", "/v1/x", [("x-user-id", "x")])
     assert r.status == 200 and echoed(r, "x-user-id") == ["x"]  # not a claim header here
+
+
+async def test_policies_read_a_claim_header_as_the_app_gets_it(secured, app: EchoApp):
+    """`x-user-id` set from the token's `sub` (the client's copy removed): a DENY on it
+    denies that user, and a rate limit keyed on it has one bucket per user."""
+    p = provider(
+        jwks=orjson.dumps(KEYS).decode(), claims_to_headers=(ClaimToHeader("sub", "x-user-id"),)
+    )
+    block = policy(
+        "block-mallory",
+        "DENY",
+        rule(
+            "mallory",
+            conditions=(
+                Condition("request.headers[x-user-id]", "header", "x-user-id", values=("mallory",)),
+            ),
+        ),
+    )
+    per_user = RateLimit(
+        "per-user",
+        "default",
+        "intent",
+        (RateLimitRule("per-user", 0.001, 1, RateKey("header", "x-user-id")),),
+    )
+    sc = await secured(
+        SecurityPolicies(
+            authentication=authentication(p), authorization=(block,), rate_limit=per_user
+        )
+    )
+    c = await Client.connect(sc.addresses["inbound"])
+    r = await c.request(headers=token(sub="mallory"))
+    assert r.status == 403 and sc.log.of(r)["authz"]["rule"] == "mallory"
+    r = await c.request(headers=token(sub="alice"))
+    assert r.status == 200 and echoed(r, "x-user-id") == ["alice"]
+    r = await c.request(headers=token(sub="bob"))  # bob's own bucket
+    assert r.status == 200 and echoed(r, "x-user-id") == ["bob"]
+    r = await c.request(headers=token(sub="alice"))
+    assert r.status == 429 and r.get("retry-after") is not None
+    # A client's own x-user-id is neither forwarded nor judged: no token, no value.
+    r = await c.request(headers=[("x-user-id", "carol")])
+    assert r.status == 200 and echoed(r, "x-user-id") == []
+    await c.close()

@@ -550,7 +550,7 @@ class InboundGuard:
             method=facts.method.decode("latin-1"),
             path=facts.path.decode("latin-1"),
             port=self.port or _bound_port(down),
-            header=_header_lookup(facts.kept, remove),
+            header=_header_lookup(facts.kept, remove, verified),
             source_identity=out.identity,
             principal=out.principal,
             claims=verified.claims if verified is not None else None,
@@ -683,19 +683,23 @@ def _bound_port(down: Any) -> int:
 
 
 def _header_lookup(
-    kept: list[tuple[bytes, bytes, bytes]], hidden: frozenset[bytes]
+    kept: list[tuple[bytes, bytes, bytes]], hidden: frozenset[bytes], verified: Verified | None
 ) -> Callable[[str], str | None]:
-    """`request.headers[name]` for policies, never a stripped header.
+    """`request.headers[name]` for policies: the value the app will get.
 
     A repeated header is its values joined with "," (RFC 9110 section 5.3,
     and what Envoy's header matchers see): judging only the first value while
     the app reads the last would let `x-tenant: acme` escort `x-tenant: evil`.
+    A stripped header is absent, except a claim header, which is the verified
+    claim's value (`x-user-id: mallory` from the token, never from the client):
+    else a DENY on it would deny nothing and a rate limit keyed on it would
+    put every user in one bucket.
     """
 
     def header(name: str) -> str | None:
         lname = name.encode("latin-1")
         if lname in hidden:
-            return None
+            return _claim_header(verified, lname) if verified is not None else None
         found: bytes | None = None
         for n, _, value in kept:
             if n == lname:
@@ -703,6 +707,15 @@ def _header_lookup(
         return found.decode("latin-1") if found is not None else None
 
     return header
+
+
+def _claim_header(verified: Verified, lname: bytes) -> str | None:
+    """The value of claim header `lname` as forwarded for `verified` (None: not set)."""
+    for line in verified.header_lines.split(b"\r\n"):
+        name, sep, value = line.partition(b": ")
+        if sep and name == lname:
+            return value.decode()  # encoded as UTF-8 by authn._claim_lines
+    return None
 
 
 # Unreserved characters (RFC 3986 section 2.3): their escapes mean the same as the character.
