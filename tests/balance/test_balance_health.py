@@ -56,7 +56,7 @@ PANIC = [
     (3, 0, 100.0, False),
     (3, 1, 100.0, True),
     (3, 2, 0.0, False),  # threshold 0: never panic while one is available...
-    (3, 3, 0.0, True),  # ...but all out still balances over all
+    (3, 3, 0.0, False),  # ...nor with none: panic is off, no pick (503 no_healthy_endpoint)
     (3, 3, 50.0, True),
     (1, 1, 50.0, True),
 ]
@@ -71,6 +71,9 @@ def test_panic_threshold(n: int, out: int, threshold: float, panic: bool, algori
         (eps[i].set_ejected if i % 2 else eps[i].set_healthy)(bool(i % 2))
     bal = balancer(algorithm, eps, panic_threshold=threshold)
     assert bal.panic is panic  # up to date before any pick (the admin API reads it)
+    if out == n and not panic:
+        assert bal.pick(b"k") is None
+        return
     c = counts(bal, eps, 600, keyed=algorithm == "ring_hash")
     want = set(range(n)) if panic else set(range(out, n))
     assert {i for i, x in enumerate(c) if x} == want

@@ -301,7 +301,14 @@ class Exchange:
         avoid = self.ep
         ep = cluster.balancer.pick(self.hash_key, avoid)
         if ep is None:
-            raise ProxyError(503, Reason.NO_HEALTHY_ENDPOINT, f"{cluster.label} has no endpoint")
+            n = len(cluster.endpoints)
+            detail = (
+                f"none of the {n} endpoints of {cluster.label} is available (unhealthy or"
+                " ejected) and its panic_threshold is 0"
+                if n
+                else f"{cluster.label} has no endpoint"
+            )
+            raise ProxyError(503, Reason.NO_HEALTHY_ENDPOINT, detail)
         self.ep = ep
         self.attempts += 1
         self.ep_started = ep.begin()

@@ -27,7 +27,8 @@ endpoint weights:
 Candidates, recomputed only when the endpoints' generation changes:
 1. available endpoints (healthy and not ejected), unless fewer than
    `panic_threshold` percent of them are available, or none is: then all
-   endpoints (Envoy's panic mode; ejection alone never blacks a service out);
+   endpoints (Envoy's panic mode; ejection alone never blacks a service out).
+   A `panic_threshold` of 0 turns panic off: with none available, no pick;
 2. with `locality` and a `local_zone`, and not in panic: the available
    endpoints in that zone if there is at least one (no spill-over by
    capacity as Envoy's zone-aware routing does; all-or-nothing).
@@ -208,7 +209,14 @@ class Balancer:
         all_ = self.endpoints
         avail = tuple(e for e in all_ if e.available)
         # No endpoint at all is not panic: there is nothing to balance over.
-        panic = bool(all_) and (not avail or len(avail) * 100.0 < self._panic_threshold * len(all_))
+        # A threshold of 0 never panics, even with none available: the pick is
+        # then None and the request gets 503 no_healthy_endpoint (as Envoy's 0%).
+        threshold = self._panic_threshold
+        panic = (
+            bool(all_)
+            and threshold > 0
+            and (not avail or len(avail) * 100.0 < threshold * len(all_))
+        )
         self._panic = panic
         wider = all_ if panic else avail
         cands = wider
