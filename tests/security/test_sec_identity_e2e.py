@@ -123,3 +123,18 @@ async def test_rate_limit_per_verified_identity(strict: Any, pki: MeshPki, app: 
     statuses = [(await c.request()).status for c in (chat, chat2, chat, chat2)]
     assert statuses == [200, 200, 200, 429]
     assert (await dialog.request()).status == 200
+
+
+async def test_an_admission_is_never_replayed_for_another_caller(
+    strict: Any, pki: MeshPki, app: EchoApp
+):
+    """Byte-identical requests from callers with different certificates: the one
+    admitted for chat is cached, and never answers for billing or search."""
+    chat = await Client.connect(strict.addresses["inbound"], ssl=pki.client_context("chat"))
+    assert (await chat.request(target="/v1/x")).status == 200
+    assert (await chat.request(target="/v1/x")).status == 200  # a replay
+    for service, rule in (("billing", "billing"), ("search", None)):
+        other = await Client.connect(strict.addresses["inbound"], ssl=pki.client_context(service))
+        r = await other.request(target="/v1/x")
+        assert r.status == 403 and strict.log.of(r)["authz"]["rule"] == rule
+    assert app.requests == 2
