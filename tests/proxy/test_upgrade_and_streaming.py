@@ -66,6 +66,23 @@ async def test_websocket_through_proxy(sidecars, ws_echo) -> None:
         assert msg.data == (b"\x00\x01\x02" * 10_000)[::-1]
 
 
+async def test_a_websocket_cut_by_a_stop_is_reset_not_ended(sidecars, ws_echo) -> None:
+    """At the drain deadline a stop cuts open tunnels: the client must see a reset,
+    never a clean end it could take for the server closing the stream normally."""
+    sc = await sidecars(services={"chat": ws_echo}, timeouts={"drain": 0.2})
+    reader, writer = await asyncio.open_connection(outbound(sc).host, outbound(sc).port)
+    writer.write(
+        b"GET /ws HTTP/1.1\r\nHost: chat\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), DEADLINE)
+    assert head.startswith(b"HTTP/1.1 101 ")
+    await asyncio.wait_for(sc.drain_and_stop(), DEADLINE)
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(reader.read(), DEADLINE)
+    writer.close()
+
+
 async def test_websocket_through_two_hops_by_host_header(sidecars, ws_echo) -> None:
     b = await sidecars(app=ws_echo, name="b")
     a = await sidecars(services={"chat": inbound(b)}, name="a")

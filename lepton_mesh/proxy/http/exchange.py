@@ -680,12 +680,13 @@ class Exchange:
         self._end_try(True, "success")
         down = self.down
         listener = down.listener
-        listener.tunnel_opened()
+        down_transport = down.transport
+        ends = (down_transport, conn.transport)
+        listener.tunnel_opened(ends)  # type: ignore[arg-type]
 
         def closed(up: int, down_bytes: int) -> None:
-            listener.tunnel_closed()
+            listener.tunnel_closed(ends)
 
-        down_transport = down.transport
         down_eof = down.eof
         down.detach_for_tunnel()
         conn.gate.resume(PEER_BACKPRESSURE)

@@ -23,6 +23,7 @@ from lepton_mesh.proxy.http.downstream import DownstreamProtocol
 from lepton_mesh.proxy.http.exchange import _iso as iso_time
 from lepton_mesh.proxy.http.exchange import log_entry_bytes, render_log_line
 from lepton_mesh.proxy.l4.tcp_proxy import InboundTunnels
+from lepton_mesh.proxy.l4.tunnel import TunnelEnds, reset
 from lepton_mesh.proxy.security.mtls import InboundTls, TlsAcceptor
 
 if TYPE_CHECKING:
@@ -70,6 +71,7 @@ class HttpListener:
         "server",
         "sidecar",
         "tunnels",
+        "upgraded",
     )
 
     def __init__(self, name: str, sidecar: SidecarSide, *, outbound: bool) -> None:
@@ -81,6 +83,7 @@ class HttpListener:
         self.pools = sidecar.pools
         self.connections: set[DownstreamProtocol] = set()
         self.tunnels = 0
+        self.upgraded: set[TunnelEnds] = set()
         self.draining = False
         self.server: asyncio.Server | TlsAcceptor | None = None
         self.l4: InboundTunnels | None = None  # inbound L4 tunnels over mTLS
@@ -211,11 +214,17 @@ class HttpListener:
         if self.draining and not self.busy():
             self.sidecar.check_drained()
 
-    def tunnel_opened(self) -> None:
+    def tunnel_opened(self, ends: TunnelEnds | None = None) -> None:
+        """A tunnel began: an L4 one, or an upgraded HTTP connection (`ends`: its
+        two transports, reset by `abort_all` when a stop cuts it)."""
         self.tunnels += 1
+        if ends is not None:
+            self.upgraded.add(ends)
 
-    def tunnel_closed(self) -> None:
+    def tunnel_closed(self, ends: TunnelEnds | None = None) -> None:
         self.tunnels -= 1
+        if ends is not None:
+            self.upgraded.discard(ends)
         if self.draining and not self.busy():
             self.sidecar.check_drained()
 
@@ -240,6 +249,12 @@ class HttpListener:
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
+        # Upgraded connections (WebSockets) cut short: a reset both ways, never
+        # a clean end the client could take for the server closing normally.
+        for ends in list(self.upgraded):
+            for transport in ends:
+                reset(transport)
+        self.upgraded.clear()
         if self.l4 is not None:
             self.l4.abort_all()
 

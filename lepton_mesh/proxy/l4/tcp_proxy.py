@@ -42,7 +42,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import struct
 import typing
 from collections.abc import Callable, Sequence
@@ -50,7 +49,7 @@ from collections.abc import Callable, Sequence
 from lepton_mesh.policy.sidecar_config import Address, Endpoint, SidecarConfig
 from lepton_mesh.proxy.errors import Reason
 from lepton_mesh.proxy.flow import PEER_BACKPRESSURE, ReadGate
-from lepton_mesh.proxy.l4.tunnel import splice
+from lepton_mesh.proxy.l4.tunnel import reset, splice
 from lepton_mesh.proxy.security.mtls import MeshTlsError, open_mesh_connection, plaintext_endpoints
 
 if typing.TYPE_CHECKING:
@@ -155,7 +154,7 @@ class TcpProxy:
             # As the HTTP listeners' 503 overflow; with no protocol to answer in,
             # a reset (the app's client sees a failure, never a clean end).
             _log_refused(self.service, held.transport, Reason.OVERFLOW, f"{limit} connections open")
-            _reset(held.transport)
+            reset(held.transport)
             return
         conn = _Conn(self, held)
         self._conns.add(conn)
@@ -324,9 +323,9 @@ class _Conn:
         short (a drain's deadline, a stop) for a complete one."""
         if self.task is not None:
             self.task.cancel()
-        _reset(self.client.transport)
+        reset(self.client.transport)
         if self.upstream is not None:
-            _reset(self.upstream)
+            reset(self.upstream)
 
     def _client_lost(self) -> None:
         if self.task is not None:
@@ -506,7 +505,7 @@ class _Inbound:
             Reason.UPSTREAM_CONNECT_FAILED,
             detail,
         )
-        _reset(self.client.transport)  # the caller's app sees a reset, as with no listener
+        reset(self.client.transport)  # the caller's app sees a reset, as with no listener
         self.owner._done(self)
 
     def client_lost(self) -> None:
@@ -518,9 +517,9 @@ class _Inbound:
         """Cut both sides with a reset, as `_Conn.abort` does."""
         if self.task is not None:
             self.task.cancel()
-        _reset(self.client.transport)
+        reset(self.client.transport)
         if self.app is not None:
-            _reset(self.app)
+            reset(self.app)
         self.owner._done(self)
 
 
@@ -528,8 +527,6 @@ class _Inbound:
 
 FRAME_HEAD = struct.Struct(">I")
 END_FRAME = FRAME_HEAD.pack(0)
-# SO_LINGER on, timeout 0: close() sends RST instead of FIN.
-_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 class FrameError(Exception):
@@ -662,7 +659,7 @@ class _Pair:
             secure = self.secure
             truncated = end is secure and (secure.broken or not secure.decoder.ended)
             if exc is not None or truncated:
-                _reset(other.transport)
+                reset(other.transport)
             elif end is self.plain and not self.secure.sent_end:
                 self.secure.send_end()
                 other.transport.close()
@@ -774,7 +771,7 @@ class _SecureEnd(asyncio.Protocol):
             pieces = self.decoder.feed(data)
         except FrameError:
             self.broken = True
-            _reset(self.transport)
+            reset(self.transport)
             return
         peer = self.peer
         if not peer.lost:
@@ -818,12 +815,3 @@ def _take_reading(
     gate.attach(t)
     if not gate.paused:
         t.resume_reading()
-
-
-def _reset(t: asyncio.Transport) -> None:
-    """Abort `t` so that its peer sees a TCP reset, not a clean close."""
-    sock = t.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    t.abort()

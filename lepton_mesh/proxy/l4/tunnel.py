@@ -36,6 +36,7 @@ from collections.abc import Callable
 from lepton_mesh.proxy.flow import PEER_BACKPRESSURE, ReadGate
 
 OnClosed = Callable[[int, int], None]
+TunnelEnds = tuple[asyncio.Transport, asyncio.Transport]
 
 # SO_LINGER on, timeout 0: close() sends RST instead of FIN.
 _LINGER_RESET = struct.pack("ii", 1, 0)
@@ -185,7 +186,7 @@ class _End(asyncio.Protocol):
             if exc is None:
                 peer.transport.close()
             else:
-                _reset(peer.transport)
+                reset(peer.transport)
             return
         on_closed, self.on_closed, peer.on_closed = self.on_closed, None, None
         if on_closed is None:
@@ -205,7 +206,7 @@ def _over_high_water(t: asyncio.Transport) -> bool:
     return t.get_write_buffer_size() > high
 
 
-def _reset(t: asyncio.Transport) -> None:
+def reset(t: asyncio.Transport) -> None:
     """Abort `t` so that its peer sees a TCP reset, not a clean close."""
     sock = t.get_extra_info("socket")
     if sock is not None:
