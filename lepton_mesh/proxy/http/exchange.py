@@ -912,7 +912,7 @@ def render_log_line(entry: LogEntry) -> dict[str, object]:
         attempts,
     ) = entry
     record: dict[str, object] = {
-        "time": _iso(wall),
+        "time": iso_time(wall),
         "reporter": reporter,
         "method": method.decode("latin-1"),
         "authority": authority.decode("latin-1"),
@@ -969,7 +969,7 @@ def _fault(status: int, rule: str) -> ProxyError:
 _iso_cache: tuple[int, str] = (0, "")
 
 
-def _iso(wall: float) -> str:
+def iso_time(wall: float) -> str:
     """ISO-8601 UTC with milliseconds; the seconds part is formatted once per second."""
     global _iso_cache
     sec = int(wall)

@@ -20,8 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from lepton_mesh.proxy.errors import ProxyError
 from lepton_mesh.proxy.http.downstream import DownstreamProtocol
-from lepton_mesh.proxy.http.exchange import _iso as iso_time
-from lepton_mesh.proxy.http.exchange import log_entry_bytes, render_log_line
+from lepton_mesh.proxy.http.exchange import iso_time, log_entry_bytes, render_log_line
 from lepton_mesh.proxy.l4.tcp_proxy import InboundTunnels
 from lepton_mesh.proxy.l4.tunnel import TunnelEnds, reset
 from lepton_mesh.proxy.security.mtls import InboundTls, TlsAcceptor
