@@ -68,7 +68,6 @@ __all__ = [
     "claims_to_headers",
     "compile_patterns",
     "cookie_value",
-    "extract_token",
     "lookup_claim",
     "parse_ip",
     "principal_of",
@@ -324,43 +323,6 @@ def cookie_value(cookie_header: str | None, name: str) -> str | None:
         if eq and key.strip() == name:
             value = value.strip()
             return value[1:-1] if len(value) >= 2 and value[0] == value[-1] == '"' else value
-    return None
-
-
-def extract_token(
-    provider: JwtProvider,
-    header: Callable[[str], str | None],
-    cookie: Callable[[str], str | None],
-    query: Callable[[str], str | None],
-) -> str | None:
-    """The token `provider` reads from a request, or None if it carries none.
-
-    Headers first (in the provider's order), then query parameters, then
-    cookies. A header without the configured prefix (`Basic ...` where
-    `Bearer ` is expected) holds no token for this provider. A location
-    present but empty gives "" (an invalid token, not a missing one: the
-    client meant to send one).
-    """
-    for h in provider.from_headers:
-        value = header(h.name)
-        if value is None:
-            continue
-        if h.prefix:
-            if value[: len(h.prefix)].lower() != h.prefix.lower():
-                # "Bearer" with the space stripped by a client: present, empty.
-                if value.strip().lower() == h.prefix.strip().lower():
-                    return ""
-                continue
-            value = value[len(h.prefix) :]
-        return value.strip()
-    for name in provider.from_params:
-        value = query(name)
-        if value is not None:
-            return value.strip()
-    for name in provider.from_cookies:
-        value = cookie(name)
-        if value is not None:
-            return value.strip()
     return None
 
 

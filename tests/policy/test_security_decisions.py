@@ -22,7 +22,6 @@ from lepton_mesh.policy.security import (
     RateOverride,
     RequestSelector,
     Source,
-    TokenHeader,
 )
 from lepton_mesh.policy.security_decisions import (
     ALLOWED_NO_POLICY,
@@ -40,7 +39,6 @@ from lepton_mesh.policy.security_decisions import (
     claims_to_headers,
     compile_patterns,
     cookie_value,
-    extract_token,
     lookup_claim,
     parse_ip,
     principal_of,
@@ -224,41 +222,7 @@ def test_parse_ip(text: str | None, expected: str | None) -> None:
     assert (None if ip is None else str(ip)) == expected
 
 
-# --- token extraction --------------------------------------------------------------
-
-PROVIDER = JwtProvider(
-    "corp",
-    "https://idp.example.com",
-    jwks_uri="https://idp.example.com/jwks",
-    from_headers=(TokenHeader("authorization", "Bearer "), TokenHeader("x-jwt")),
-    from_params=("access_token",),
-    from_cookies=("session",),
-)
-
-
-@pytest.mark.parametrize(
-    ("headers", "query", "cookie", "expected"),
-    [
-        ({}, {}, None, None),
-        ({"authorization": "Bearer abc.def.ghi"}, {}, None, "abc.def.ghi"),
-        ({"authorization": "bearer   abc "}, {}, None, "abc"),  # schemes are case-insensitive
-        ({"authorization": "Basic dXNlcjpwdw=="}, {}, None, None),  # not ours: no token
-        ({"authorization": "Bearer "}, {}, None, ""),  # present and empty: invalid
-        ({"authorization": "Bearer"}, {}, None, ""),
-        ({"authorization": "Basic x", "x-jwt": "tok"}, {}, None, "tok"),
-        ({"x-jwt": "h"}, {"access_token": "q"}, "session=c", "h"),  # headers first
-        ({}, {"access_token": "q"}, "session=c", "q"),  # then query parameters
-        ({}, {}, "a=1; session=c; b=2", "c"),  # then cookies
-        ({}, {}, "a=1", None),
-    ],
-)
-def test_extract_token(
-    headers: dict[str, str], query: dict[str, str], cookie: str | None, expected: str | None
-) -> None:
-    def cookies(name: str) -> str | None:
-        return cookie_value(cookie, name)
-
-    assert extract_token(PROVIDER, headers.get, cookies, query.get) == expected
+# --- cookies ----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
