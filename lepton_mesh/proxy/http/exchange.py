@@ -321,7 +321,13 @@ class Exchange:
             self._reused = True
             self._attach(conn)
             return
+        self._connect(pool)
+
+    def _connect(self, pool: EndpointPool) -> None:
+        """Open a new connection for the current try (a task holding a pending slot)."""
         self._reused = False
+        cluster = self.cluster
+        assert cluster is not None
         breaker = cluster.state.breaker
         if not breaker.try_acquire_pending():
             raise ProxyError(
@@ -519,10 +525,7 @@ class Exchange:
             conn.abort()
         if not self.resp_started:
             if self._may_resend(conn, err):
-                self._end_try(
-                    True, None
-                )  # the endpoint did nothing wrong: our connection was stale
-                self._again()
+                self._resend()
                 return
             upstream = isinstance(err, UpstreamError)
             if upstream and self._retry(Outcome(err.kind), "gateway"):  # type: ignore[attr-defined]
@@ -550,7 +553,9 @@ class Exchange:
 
         The request never reached the app if the connection died before any
         response byte; it is sent once more on a fresh connection when it is
-        idempotent and has no body, whatever the retry policy says.
+        idempotent and has no body, whatever the retry policy says (`_resend`).
+        Only a reused connection qualifies and the resend's is new, so a try
+        resends at most once: a second failure is the try's own.
         """
         return (
             conn is not None
@@ -561,6 +566,19 @@ class Exchange:
             and self.req_bytes == 0
             and self.facts.method in IDEMPOTENT
         )
+
+    def _resend(self) -> None:
+        """The same try again on a fresh connection to the same endpoint (as Envoy's
+        reuse of a stale pooled connection): not a try, so no attempt is counted,
+        no retry slot or budget token is taken, and the endpoint, which did nothing
+        wrong, keeps its try running (latency, in-flight count, per-try timer)."""
+        # No body, but a chunked request's last chunk is in the replay copy.
+        self.pending = list(self.replay or ())
+        self.pending_bytes = self.replay_bytes
+        try:
+            self._connect(self.pool)  # type: ignore[arg-type]
+        except ProxyError as err:
+            self.respond_error(err)
 
     # -- retries -----------------------------------------------------------------
 
