@@ -32,6 +32,8 @@ class Reason:
     RETRY_BUDGET_EXHAUSTED = "retry_budget_exhausted"
     UPSTREAM_IDENTITY_MISMATCH = "upstream_identity_mismatch"
     FAULT_INJECTED = "fault_injected"
+    # Plaintext HTTP sent to a STRICT mTLS inbound port (proxy/security/mtls.py).
+    MTLS_REQUIRED = "mtls_required"
     # Inbound request security (proxy/security/inbound_policy.py).
     JWT_INVALID = "jwt_invalid"
     JWT_MISSING = "jwt_missing"

@@ -11,7 +11,9 @@ sidecar keeps and does with them:
 - `TlsAcceptor`: an inbound listening socket in STRICT or PERMISSIVE mode.
   It accepts with `sock_accept` + `connect_accepted_socket(ssl=...)` so that
   each failed handshake is seen, classified, counted and logged with the
-  peer's address (`create_server(ssl=...)` would swallow them).
+  peer's address (`create_server(ssl=...)` would swallow them). In STRICT
+  mode plaintext HTTP is answered `400` with reason `mtls_required` rather
+  than cut by a failed handshake (the same `PeekTLS` peek as PERMISSIVE).
 - `InboundTls`: what a secured inbound connection learns from its handshake:
   the caller's workload (for metrics) and the `x-forwarded-client-cert`
   value for the app, or that it is an L4 tunnel (ALPN `lepton-tcp/1`).
@@ -53,6 +55,7 @@ import datetime as dt
 import hashlib
 import logging
 import os
+import re
 import socket
 import ssl
 import sys
@@ -65,7 +68,8 @@ from lepton_mesh.identity.errors import IdentityError, InvalidSpiffeId
 from lepton_mesh.identity.spiffe import SpiffeId, spiffe_id_of_peercert
 from lepton_mesh.policy.endpoints import PLAINTEXT_LABEL, PLAINTEXT_VALUE
 from lepton_mesh.policy.errors import ConfigError, Problem
-from lepton_mesh.proxy.errors import Reason
+from lepton_mesh.proxy.errors import ProxyError, Reason, error_body
+from lepton_mesh.proxy.http.http1 import error_response, new_request_id
 from lepton_mesh.proxy.security.tls import (
     HandshakeFailure,
     PeekTLS,
@@ -820,14 +824,18 @@ class TlsAcceptor:
         self._slots.release()
 
     async def _setup(self, sock: socket.socket, addr: Any) -> None:
-        """Peek (PERMISSIVE), then hand the socket to a TLS or plaintext transport."""
+        """Peek, then hand the socket to a TLS or plaintext transport (PERMISSIVE),
+        or to TLS unless it is plaintext HTTP, which is answered 400 (STRICT)."""
         loop = asyncio.get_running_loop()
         identity = self.identity
         timeout = self.handshake_timeout()
+        deadline = loop.time() + timeout  # one bound for the peek and the handshake
         secure = True
         try:
             if self.permissive:
                 secure = await self._is_tls(sock, timeout)
+            elif await self._refused_http(sock, addr, timeout):
+                return
             if secure:
                 creds = identity.current
                 if creds is None:
@@ -836,7 +844,7 @@ class TlsAcceptor:
                     lambda: self.factory(True),
                     sock,
                     ssl=creds.server,
-                    ssl_handshake_timeout=timeout,
+                    ssl_handshake_timeout=max(deadline - loop.time(), 0.001),
                 )
             else:
                 identity.plaintext_accepted += 1
@@ -859,6 +867,32 @@ class TlsAcceptor:
         if sslobj is not None and not transport.is_closing():  # else refused by InboundTls
             identity.handshake_done("inbound", sslobj.session_reused)
 
+    async def _refused_http(self, sock: socket.socket, addr: Any, timeout: float) -> bool:
+        """STRICT: answer plaintext HTTP with a 400 that says why, as nginx does
+        on an HTTPS port (OpenSSL would only let us close it: "Empty reply").
+
+        True if the first bytes were an HTTP/1.x request: it was answered,
+        counted as today's failed handshake (`plaintext`, `http_request`) and
+        closed. False for a ClientHello, and for bytes that are neither (TLS
+        refuses those as before). Nothing is consumed before the verdict, so a
+        ClientHello reaches TLS whole; a silent peer times out as a handshake
+        would (TimeoutError, counted by the caller).
+        """
+        if await PeekTLS.peek(sock, timeout=timeout) != PeekTLS.PLAINTEXT:
+            return False  # TLS, or closed: TLS sees the EOF as before
+        try:
+            first = sock.recv(HTTP_SNIFF_BYTES, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return False
+        if not is_http1_request(first):
+            return False
+        _answer_plaintext_http(sock, head=first.startswith(b"HEAD "))
+        sock.close()
+        self.identity.handshake_failed(
+            "inbound", HandshakeFailure.PLAINTEXT, _peer(addr), "http_request"
+        )
+        return True
+
     @staticmethod
     async def _is_tls(sock: socket.socket, timeout: float) -> bool:
         """PERMISSIVE: TLS or plaintext by the first bytes. A peer that closes or
@@ -870,6 +904,47 @@ class TlsAcceptor:
         if verdict == PeekTLS.CLOSED:
             raise _NotServed
         return verdict == PeekTLS.TLS
+
+
+# --- STRICT: plaintext HTTP gets an answer --------------------------------------------
+
+# What is looked at (MSG_PEEK) to tell HTTP/1.x from other plaintext, and what
+# is read of the request (one read of what has arrived) before answering.
+HTTP_SNIFF_BYTES = 1024
+HTTP_DRAIN_BYTES = 65536
+MTLS_REQUIRED_DETAIL = (
+    "this port requires mTLS from a mesh sidecar; plaintext HTTP was sent to it "
+    "(call the service through your sidecar's outbound listener)"
+)
+# A request line: a method (a token; every registered one is upper-case
+# letters, some with '-' as VERSION-CONTROL), one space, a target, and, once
+# the line is complete, HTTP/1.x.
+# h2c's preface ("PRI * HTTP/2.0") is not one.
+_HTTP1_LINE = re.compile(rb"[A-Z][A-Z-]{0,19} [!-~]+ HTTP/1\.[0-9]\r?\n")
+_HTTP1_PARTIAL = re.compile(rb"[A-Z][A-Z-]{0,19} [!-~][^\n]*\Z")
+
+
+def is_http1_request(first: bytes) -> bool:
+    """Whether a connection's first bytes (sans-IO, any prefix length) are
+    plainly an HTTP/1.x request line or the start of one: `GET / HTTP/1.1`,
+    or `GET /very-long-target` cut before the line ends."""
+    if b"\n" in first:
+        return _HTTP1_LINE.match(first) is not None
+    return _HTTP1_PARTIAL.match(first) is not None
+
+
+def _answer_plaintext_http(sock: socket.socket, *, head: bool) -> None:
+    """Best effort, never blocking: read what has arrived of the request (so
+    the close is a FIN, not a reset that could drop the answer), write the
+    400 (~300 bytes: the empty send buffer takes it whole), end our side."""
+    err = ProxyError(400, Reason.MTLS_REQUIRED, MTLS_REQUIRED_DETAIL, close=True)
+    rid = new_request_id()
+    body = error_body(err, rid.decode("ascii"))
+    with contextlib.suppress(OSError):
+        sock.recv(HTTP_DRAIN_BYTES)
+    with contextlib.suppress(OSError):
+        sock.send(error_response(err, rid, body, keep_alive=False, head_request=head))
+        sock.shutdown(socket.SHUT_WR)
 
 
 class _NotServed(Exception):
