@@ -6,6 +6,13 @@ so only requests up to 64 KiB are mirrored), runs on its own pooled
 connection, has its own timeout, and reports only to its own metric
 (`lepton_mirror_requests_total{outcome}`). Its Host carries a `-shadow`
 suffix, as Istio's, so the mirrored service can tell copies from real calls.
+
+A copy goes through its backend's circuit breaker, as Envoy's shadow
+requests: it holds a `max_requests` slot until it ends, a `max_pending` slot
+while its connection opens, and opens connections only within
+`max_connections` and the pool's size. Every slot is taken with a try,
+never waited for: when one is full the copy is dropped and counted as
+`overflow`, so copies can never fill a pool the primary traffic needs.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from lepton_mesh.proxy.errors import ProxyError
+from lepton_mesh.proxy.errors import ProxyError, Reason
 from lepton_mesh.proxy.http.http1 import Headers, render_request_head
 
 if TYPE_CHECKING:
@@ -52,16 +59,27 @@ def start_mirror(
     except ProxyError:
         listener.observe_mirror(backend.service, "dropped")
         return
-    head = render_request_head(
-        facts,
-        set_headers=rt.req_set,
-        add_headers=rt.req_add,
-        remove=rt.req_remove,
-        host=_shadow_host(facts.host),
-        extra=listener.peer_header,
-    )
-    timeout = rt.timeout if rt.timeout > 0 else snap.cfg.timeouts.request
-    MirrorCall(listener, cluster, [head, *body], timeout or 10.0, snap.cfg.timeouts.connect).start()
+    breaker = cluster.state.breaker
+    if not breaker.try_acquire_request():
+        listener.observe_mirror(backend.service, "overflow")
+        return
+    try:
+        head = render_request_head(
+            facts,
+            set_headers=rt.req_set,
+            add_headers=rt.req_add,
+            remove=rt.req_remove,
+            host=_shadow_host(facts.host),
+            extra=listener.peer_header,
+        )
+        timeout = rt.timeout if rt.timeout > 0 else snap.cfg.timeouts.request
+        call = MirrorCall(
+            listener, cluster, [head, *body], timeout or 10.0, snap.cfg.timeouts.connect
+        )
+    except BaseException:
+        breaker.release_request()
+        raise
+    call.start()  # from here the call owns the slot: `_end` gives it back
 
 
 def _shadow_host(host: bytes) -> bytes:
@@ -107,23 +125,34 @@ class MirrorCall:
         self._timer = listener.loop.call_later(timeout, self._fail, "timeout")
 
     def start(self) -> None:
-        ep = self.cluster.balancer.pick()
-        if ep is None:
-            self._end("dropped")
-            return
-        pool = self._pool = self._listener.pools.get(ep.address, self.cluster.service)
-        conn = pool.take_idle()
-        if conn is not None:
-            self._send(conn)
-        else:
-            self._task = self._listener.loop.create_task(self._open(pool))
+        """Send the copy; the caller has taken its `max_requests` slot."""
+        try:
+            ep = self.cluster.balancer.pick()
+            if ep is None:
+                self._end("dropped")
+                return
+            pool = self._pool = self._listener.pools.get(ep.address, self.cluster.service)
+            conn = pool.take_idle()
+            if conn is not None:
+                self._send(conn)
+                return
+            breaker = self.cluster.state.breaker
+            if not breaker.try_acquire_pending():
+                self._end("overflow")
+                return
+            task = self._task = self._listener.loop.create_task(self._open(pool))
+            # The pending slot is the task's, given back however it ends.
+            task.add_done_callback(lambda _task: breaker.release_pending())
+        except BaseException:
+            self._fail("failed", observe=False)  # the caller counts it
+            raise
 
     async def _open(self, pool: EndpointPool) -> None:
         try:
-            conn = await pool.open(self._connect_timeout)
-        except ProxyError:
+            conn = await pool.open(self._connect_timeout, self.cluster.state.breaker)
+        except ProxyError as err:
             self._task = None
-            self._end("failed")
+            self._end("overflow" if err.reason == Reason.OVERFLOW else "failed")
             return
         self._task = None
         if self.done:
@@ -169,18 +198,21 @@ class MirrorCall:
 
     # -- end ----------------------------------------------------------------------
 
-    def _fail(self, outcome: str) -> None:
+    def _fail(self, outcome: str, *, observe: bool = True) -> None:
         if self._task is not None:
             self._task.cancel()
             self._task = None
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.abort()
-        self._end(outcome)
+        self._end(outcome, observe=observe)
 
-    def _end(self, outcome: str) -> None:
+    def _end(self, outcome: str, *, observe: bool = True) -> None:
+        """Exactly once per call: the `max_requests` slot goes back here."""
         if self.done:
             return
         self.done = True
         self._timer.cancel()
-        self._listener.observe_mirror(self.cluster.service, outcome)
+        self.cluster.state.breaker.release_request()
+        if observe:
+            self._listener.observe_mirror(self.cluster.service, outcome)
