@@ -54,13 +54,20 @@ class Listeners:
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
-    """All in seconds. 0 disables `request` (a long inference call may want that)."""
+    """All in seconds. 0 disables `request` (a long inference call may want that)
+    and `tcp_idle`.
+
+    `tcp_idle` is the L4 connections' idle limit (tcp services, inbound L4
+    tunnels), apart from the HTTP keep-alive `idle`: database pools keep
+    connections quiet for far longer than 5 minutes. 1h as Envoy's tcp_proxy.
+    """
 
     connect: float = 1.0
     request: float = 60.0
     header_read: float = 10.0
     idle: float = 300.0
     drain: float = 20.0
+    tcp_idle: float = 3600.0
 
 
 @dataclass(frozen=True, slots=True)

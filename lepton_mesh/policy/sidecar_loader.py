@@ -462,6 +462,7 @@ _TOP_FIELDS: dict[str, Parser] = {
             "header_read": duration(zero_ok=False),
             "idle": duration(zero_ok=False),
             "drain": duration(zero_ok=False),
+            "tcp_idle": duration(zero_ok=True),  # 0: L4 connections never time out idle
         },
     ),
     "limits": section(
@@ -722,6 +723,7 @@ def sidecar_config_to_json(cfg: SidecarConfig) -> dict[str, Any]:
             "header_read": cfg.timeouts.header_read,
             "idle": cfg.timeouts.idle,
             "drain": cfg.timeouts.drain,
+            "tcp_idle": cfg.timeouts.tcp_idle,
         },
         "limits": {
             "max_header_bytes": cfg.limits.max_header_bytes,

@@ -375,7 +375,7 @@ def test_to_json_is_literal() -> None:
         "namespace": "team-a",
         "app": "127.0.0.1:8080",
         "listeners": {"outbound": "127.0.0.1:25001", "inbound": "[::]:25006", "admin": "localhost:0"},
-        "timeouts": {"connect": 0.25, "request": 0.0, "header_read": 90.0, "idle": 3600.0, "drain": 2.5},
+        "timeouts": {"connect": 0.25, "request": 0.0, "header_read": 90.0, "idle": 3600.0, "drain": 2.5, "tcp_idle": 3600.0},
         "limits": {"max_header_bytes": 32768, "max_body_bytes": 500000, "max_connections": 100},
         "pool": {"max_per_endpoint": 8, "idle_timeout": 90.0},
         "access_log": {"enabled": False},
