@@ -23,6 +23,12 @@ Rules, per direction (say a -> b):
 
 `on_closed(bytes_a_to_b, bytes_b_to_a)` runs exactly once, when both ends
 are closed. The counts include the pre-read bytes given to `splice`.
+
+Idle timeout (`idle` > 0, the L4 proxy's `timeouts.tcp_idle`): once no byte
+has been read from either transport for `idle` seconds, half-closed or not,
+`on_idle` runs and both are closed (`close_idle`). Each read only stores the
+loop time (`IdleTimeout.last`); the one timer per tunnel re-arms itself for
+`last + idle` when it fires early, so it fires about once per `idle`.
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ def splice(
     a_eof: bool = False,
     b_eof: bool = False,
     on_closed: OnClosed | None = None,
+    idle: float = 0.0,
+    on_idle: Callable[[], None] | None = None,
 ) -> None:
     """Pipe bytes between `a` and `b` until both are closed.
 
@@ -78,6 +86,15 @@ def splice(
     ea = _End(a, on_closed, first=True)
     eb = _End(b, on_closed, first=False)
     ea.peer, eb.peer = eb, ea
+    if idle > 0:
+
+        def idle_timeout() -> None:
+            if on_idle is not None:
+                on_idle()
+            close_idle(a)
+            close_idle(b)
+
+        ea.idle = eb.idle = IdleTimeout(asyncio.get_running_loop(), idle, idle_timeout)
     # Take the callbacks first, so that pause_writing caused by the pre-read
     # writes below reaches the tunnel.
     a.set_protocol(ea)
@@ -103,7 +120,17 @@ def splice(
 class _End(asyncio.Protocol):
     """One transport of a tunnel; what it reads is written to `peer.transport`."""
 
-    __slots__ = ("eof", "first", "gate", "lost", "nbytes", "on_closed", "peer", "transport")
+    __slots__ = (
+        "eof",
+        "first",
+        "gate",
+        "idle",
+        "lost",
+        "nbytes",
+        "on_closed",
+        "peer",
+        "transport",
+    )
 
     peer: _End
 
@@ -120,6 +147,7 @@ class _End(asyncio.Protocol):
         self.eof = False  # EOF read from this transport
         self.lost = False  # this transport is closed (connection_lost or closing at handover)
         self.nbytes = 0  # bytes read here and written to the peer
+        self.idle: IdleTimeout | None = None  # shared with the peer
 
     def take_reading(self) -> None:
         """Own the reading state from now on (see splice's handover invariants)."""
@@ -135,6 +163,9 @@ class _End(asyncio.Protocol):
     # --- asyncio.Protocol ---
 
     def data_received(self, data: bytes) -> None:
+        idle = self.idle
+        if idle is not None:
+            idle.last = idle.now()
         peer = self.peer
         if peer.lost or peer.transport.is_closing():
             return  # the peer is gone or going; the reset/close reaches our side too
@@ -188,6 +219,8 @@ class _End(asyncio.Protocol):
             else:
                 reset(peer.transport)
             return
+        if self.idle is not None:
+            self.idle.cancel()
         on_closed, self.on_closed, peer.on_closed = self.on_closed, None, None
         if on_closed is None:
             return
@@ -204,6 +237,49 @@ def _over_high_water(t: asyncio.Transport) -> bool:
     except NotImplementedError:
         return False
     return t.get_write_buffer_size() > high
+
+
+class IdleTimeout:
+    """Runs `on_idle` once `last` (the loop time of the latest read, stored by
+    the tunnel's ends) is `seconds` old. One loop timer, re-armed when it
+    fires early; a read costs the ends one float store."""
+
+    __slots__ = ("_handle", "_loop", "_on_idle", "_seconds", "last", "now")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, seconds: float, on_idle: Callable[[], None]
+    ) -> None:
+        self._loop = loop
+        self.now = loop.time
+        self.last = loop.time()
+        self._seconds = seconds
+        self._on_idle = on_idle
+        self._handle: asyncio.TimerHandle | None = loop.call_at(self.last + seconds, self._fire)
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _fire(self) -> None:
+        due = self.last + self._seconds
+        if due > self.now():
+            self._handle = self._loop.call_at(due, self._fire)
+            return
+        self._handle = None
+        self._on_idle()
+
+
+def close_idle(t: asyncio.Transport) -> None:
+    """Close a transport of an idle tunnel as Envoy's tcp_proxy does: a clean
+    close (FIN), since nothing was cut. Bytes still waiting to be written after
+    `idle` without a read are not going anywhere (the peer stopped reading or
+    vanished): then a reset, so the peer does not take the stream for complete
+    and the transport does not wait forever to flush (closing already or not)."""
+    if t.get_write_buffer_size():
+        reset(t)
+    elif not t.is_closing():
+        t.close()
 
 
 def reset(t: asyncio.Transport) -> None:
