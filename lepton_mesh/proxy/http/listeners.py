@@ -113,6 +113,7 @@ class HttpListener:
                 sidecar.metrics,
                 identity,
                 connect_timeout=lambda: sidecar.snapshot.cfg.timeouts.connect,
+                idle_timeout=lambda: sidecar.snapshot.cfg.timeouts.tcp_idle,
                 on_open=self.tunnel_opened,
                 on_close=self.tunnel_closed,
             )

@@ -22,6 +22,11 @@ Invariants:
   both sides, never closed cleanly: a cut stream must not look complete.
 - `metrics.tcp_opened` is counted once the upstream connection is made, and
   every opened connection is matched by exactly one `tcp_closed`.
+- A connection with no byte read from either side for `timeouts.tcp_idle`
+  (half-closed or not) is closed on both sides and logged (reason
+  `idle_timeout`), as Envoy's tcp_proxy `idle_timeout`: a peer that vanished
+  without a FIN or RST would otherwise hold a `max_connections` slot forever.
+  Inbound tunnels too. See `tunnel.IdleTimeout` for what it costs.
 
 L4 over mTLS. With an identity (`tls` configured), an endpoint that is a
 peer sidecar (not labelled `lepton.io/tls: disabled`) is reached at its
@@ -49,13 +54,17 @@ from collections.abc import Callable, Sequence
 from lepton_mesh.policy.sidecar_config import Address, Endpoint, SidecarConfig
 from lepton_mesh.proxy.errors import Reason
 from lepton_mesh.proxy.flow import PEER_BACKPRESSURE, ReadGate
-from lepton_mesh.proxy.l4.tunnel import reset, splice
+from lepton_mesh.proxy.l4.tunnel import IdleTimeout, close_idle, reset, splice
 from lepton_mesh.proxy.security.mtls import MeshTlsError, open_mesh_connection, plaintext_endpoints
 
 if typing.TYPE_CHECKING:
     from lepton_mesh.proxy.security.mtls import Credentials, MeshIdentity
 
 log = logging.getLogger(__name__)
+
+# The log reason of a connection closed by `timeouts.tcp_idle` (a Reason code
+# in the making: no HTTP status goes with it).
+IDLE_TIMEOUT = "idle_timeout"
 
 
 class TcpMetrics(typing.Protocol):
@@ -209,10 +218,11 @@ class TcpProxy:
             if conn.client.lost:
                 upstream.close()  # the app gave up while we were connecting
                 return
+            idle = cfg.timeouts.tcp_idle
             if creds is None:
-                conn.tunnel(cfg.service, upstream, held)
+                conn.tunnel(cfg.service, upstream, held, idle)
             else:
-                conn.tunnel_secure(cfg.service, upstream, held, creds, ep.address)
+                conn.tunnel_secure(cfg.service, upstream, held, idle, creds, ep.address)
             return
         conn.fail(Reason.UPSTREAM_CONNECT_FAILED, "; ".join(errors))
 
@@ -245,7 +255,7 @@ class _Conn:
             n += self.upstream.get_write_buffer_size()
         return n
 
-    def tunnel(self, source: str, upstream: asyncio.Transport, held: _Held) -> None:
+    def tunnel(self, source: str, upstream: asyncio.Transport, held: _Held, idle: float) -> None:
         proxy = self.proxy
         dest = proxy.service
         self.upstream = upstream
@@ -265,6 +275,8 @@ class _Conn:
             a_eof=c.eof,
             b_eof=held.eof,
             on_closed=closed,
+            idle=idle,
+            on_idle=lambda: self.idle_timeout(idle),
         )
 
     def tunnel_secure(
@@ -272,6 +284,7 @@ class _Conn:
         source: str,
         upstream: asyncio.Transport,
         held: _Held,
+        idle: float,
         creds: Credentials,
         address: Address,
     ) -> None:
@@ -303,11 +316,18 @@ class _Conn:
             secure_eof=held.eof,
             on_closed=closed,
             on_secure_data=keep_session,
+            idle=idle,
+            on_idle=lambda: self.idle_timeout(idle),
         )
 
     def fail(self, reason: str, detail: str) -> None:
         _log_refused(self.proxy.service, self.client.transport, reason, detail)
         self.client.transport.close()
+
+    def idle_timeout(self, idle: float) -> None:
+        """The tunnel closes both sides; say why."""
+        detail = f"no byte either way for {idle:g}s"
+        _log_refused(self.proxy.service, self.client.transport, IDLE_TIMEOUT, detail)
 
     def connect_done(self, task: asyncio.Task[None]) -> None:
         """A bug while connecting must not leave the client hanging."""
@@ -376,7 +396,8 @@ class _Held(asyncio.Protocol):
 
 
 def _log_refused(service: str, client: asyncio.BaseTransport, reason: str, detail: str) -> None:
-    """The one log line of a connection that could not be served."""
+    """The one log line of a connection that could not be served, or was closed
+    by the proxy (`idle_timeout`)."""
     peer = client.get_extra_info("peername")
     where = f"{peer[0]}:{peer[1]}" if peer else "?"
     log.warning("tcp service=%s client=%s reason=%s detail=%s", service, where, reason, detail)
@@ -409,6 +430,7 @@ class InboundTunnels:
         identity: MeshIdentity,
         *,
         connect_timeout: Callable[[], float],
+        idle_timeout: Callable[[], float],
         on_open: Callable[[], None],
         on_close: Callable[[], None],
     ) -> None:
@@ -417,6 +439,7 @@ class InboundTunnels:
         self._metrics = metrics
         self._identity = identity
         self._connect_timeout = connect_timeout
+        self._idle_timeout = idle_timeout  # timeouts.tcp_idle, read at each splice
         self._on_open = on_open
         self._on_close = on_close
         self._live: set[_Inbound] = set()
@@ -449,7 +472,7 @@ class InboundTunnels:
         if t.client.lost:
             app.close()
             return
-        t.splice(app, held)
+        t.splice(app, held, self._idle_timeout())
 
     def _done(self, t: _Inbound) -> None:
         if t in self._live:
@@ -474,7 +497,7 @@ class _Inbound:
         self.task: asyncio.Task[None] | None = None
         self.app: asyncio.Transport | None = None
 
-    def splice(self, app: asyncio.Transport, held: _Held) -> None:
+    def splice(self, app: asyncio.Transport, held: _Held, idle: float) -> None:
         owner = self.owner
         self.app = app
         owner._metrics.tcp_opened("destination", self.workload, owner.service)
@@ -493,18 +516,12 @@ class _Inbound:
             plain_eof=held.eof,
             secure_eof=c.eof,
             on_closed=closed,
+            idle=idle,
+            on_idle=lambda: self._log(IDLE_TIMEOUT, f"no byte either way for {idle:g}s"),
         )
 
     def fail(self, detail: str) -> None:
-        peer = self.client.transport.get_extra_info("peername")
-        log.warning(
-            "tcp inbound service=%s client=%s workload=%s reason=%s detail=%s",
-            self.owner.service,
-            f"{peer[0]}:{peer[1]}" if peer else "?",
-            self.workload,
-            Reason.UPSTREAM_CONNECT_FAILED,
-            detail,
-        )
+        self._log(Reason.UPSTREAM_CONNECT_FAILED, detail)
         reset(self.client.transport)  # the caller's app sees a reset, as with no listener
         self.owner._done(self)
 
@@ -512,6 +529,17 @@ class _Inbound:
         if self.task is not None:
             self.task.cancel()
         self.owner._done(self)
+
+    def _log(self, reason: str, detail: str) -> None:
+        peer = self.client.transport.get_extra_info("peername")
+        log.warning(
+            "tcp inbound service=%s client=%s workload=%s reason=%s detail=%s",
+            self.owner.service,
+            f"{peer[0]}:{peer[1]}" if peer else "?",
+            self.workload,
+            reason,
+            detail,
+        )
 
     def abort(self) -> None:
         """Cut both sides with a reset, as `_Conn.abort` does."""
@@ -597,6 +625,8 @@ def splice_framed(
     secure_eof: bool = False,
     on_closed: Callable[[int, int], None] | None = None,
     on_secure_data: Callable[[], None] | None = None,
+    idle: float = 0.0,
+    on_idle: Callable[[], None] | None = None,
 ) -> None:
     """Pipe a plaintext transport and a TLS one carrying `lepton-tcp/1` frames.
 
@@ -605,13 +635,22 @@ def splice_framed(
     they saw). `on_closed(plain_to_secure, secure_to_plain)` runs once, when
     both are closed, with payload byte counts. `on_secure_data` runs once, at
     the first bytes from the TLS side (or at the end): the caller keeps the
-    TLS session then, its ticket having arrived.
+    TLS session then, its ticket having arrived. `idle`, `on_idle`: as in
+    `tunnel.splice`, the end frame going out first when it can.
     """
     p = _PlainEnd(plain)
     q = _SecureEnd(secure, on_secure_data)
     p.peer, q.peer = q, p
     state = _Pair(p, q, on_closed)
     p.pair = q.pair = state
+    if idle > 0:
+
+        def idle_timeout() -> None:
+            if on_idle is not None:
+                on_idle()
+            state.close_idle()
+
+        p.idle = q.idle = state.idle = IdleTimeout(asyncio.get_running_loop(), idle, idle_timeout)
     plain.set_protocol(p)
     secure.set_protocol(q)
     if plain_pre:
@@ -633,7 +672,7 @@ def splice_framed(
 class _Pair:
     """What both ends share: who is closed, and the one on_closed call."""
 
-    __slots__ = ("on_closed", "plain", "secure")
+    __slots__ = ("idle", "on_closed", "plain", "secure")
 
     def __init__(
         self, plain: _PlainEnd, secure: _SecureEnd, on_closed: Callable[[int, int], None] | None
@@ -641,6 +680,7 @@ class _Pair:
         self.plain = plain
         self.secure = secure
         self.on_closed = on_closed
+        self.idle: IdleTimeout | None = None
 
     def both_ended(self) -> bool:
         return self.plain.eof and self.secure.decoder.ended
@@ -649,6 +689,18 @@ class _Pair:
         """Both directions ended: close both (each flushes what it holds first)."""
         self.plain.transport.close()
         self.secure.transport.close()
+
+    def close_idle(self) -> None:
+        """`tunnel.close_idle` for both, the end frame first if it can go out:
+        the peer sidecar then ends its app's side cleanly too."""
+        secure = self.secure
+        t = secure.transport
+        if not t.is_closing() and not t.get_write_buffer_size():
+            secure.send_end()
+            t.close()
+        else:
+            close_idle(t)
+        close_idle(self.plain.transport)
 
     def lost(self, end: _PlainEnd | _SecureEnd, exc: BaseException | None) -> None:
         if end.lost:
@@ -666,6 +718,8 @@ class _Pair:
             else:
                 other.transport.close()
             return
+        if self.idle is not None:
+            self.idle.cancel()
         self.secure.data_seen()
         on_closed, self.on_closed = self.on_closed, None
         if on_closed is not None:
@@ -675,7 +729,7 @@ class _Pair:
 class _PlainEnd(asyncio.Protocol):
     """The plaintext transport: what it reads goes out as frames on the TLS one."""
 
-    __slots__ = ("eof", "gate", "lost", "nbytes", "pair", "peer", "transport")
+    __slots__ = ("eof", "gate", "idle", "lost", "nbytes", "pair", "peer", "transport")
 
     peer: _SecureEnd
     pair: _Pair
@@ -686,11 +740,15 @@ class _PlainEnd(asyncio.Protocol):
         self.eof = False
         self.lost = False
         self.nbytes = 0
+        self.idle: IdleTimeout | None = None
 
     def take_reading(self) -> None:
         _take_reading(self.transport, self.gate, self.lost or self.eof, self.peer.transport)
 
     def data_received(self, data: bytes) -> None:
+        idle = self.idle
+        if idle is not None:
+            idle.last = idle.now()
         peer = self.peer
         if peer.lost or peer.sent_end:
             return
@@ -728,6 +786,7 @@ class _SecureEnd(asyncio.Protocol):
         "decoder",
         "first",
         "gate",
+        "idle",
         "lost",
         "nbytes",
         "pair",
@@ -748,6 +807,7 @@ class _SecureEnd(asyncio.Protocol):
         self.lost = False
         self.sent_end = False
         self.nbytes = 0
+        self.idle: IdleTimeout | None = None
 
     def take_reading(self) -> None:
         _take_reading(
@@ -765,6 +825,9 @@ class _SecureEnd(asyncio.Protocol):
             first()
 
     def data_received(self, data: bytes) -> None:
+        idle = self.idle
+        if idle is not None:
+            idle.last = idle.now()
         if self.first is not None:
             self.data_seen()
         try:
