@@ -20,6 +20,7 @@ class Reason:
     BODY_TOO_LARGE = "body_too_large"
     HEADER_TIMEOUT = "header_timeout"
     BODY_TIMEOUT = "body_timeout"
+    IDLE_TIMEOUT = "idle_timeout"  # L4: no byte either way for timeouts.tcp_idle
     UNSUPPORTED = "unsupported"
     UPSTREAM_CONNECT_FAILED = "upstream_connect_failed"
     UPSTREAM_RESET = "upstream_reset"

@@ -62,10 +62,6 @@ if typing.TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The log reason of a connection closed by `timeouts.tcp_idle` (a Reason code
-# in the making: no HTTP status goes with it).
-IDLE_TIMEOUT = "idle_timeout"
-
 
 class TcpMetrics(typing.Protocol):
     def tcp_opened(self, reporter: str, source_workload: str, destination_service: str) -> None: ...
@@ -327,7 +323,7 @@ class _Conn:
     def idle_timeout(self, idle: float) -> None:
         """The tunnel closes both sides; say why."""
         detail = f"no byte either way for {idle:g}s"
-        _log_refused(self.proxy.service, self.client.transport, IDLE_TIMEOUT, detail)
+        _log_refused(self.proxy.service, self.client.transport, Reason.IDLE_TIMEOUT, detail)
 
     def connect_done(self, task: asyncio.Task[None]) -> None:
         """A bug while connecting must not leave the client hanging."""
@@ -517,7 +513,7 @@ class _Inbound:
             secure_eof=c.eof,
             on_closed=closed,
             idle=idle,
-            on_idle=lambda: self._log(IDLE_TIMEOUT, f"no byte either way for {idle:g}s"),
+            on_idle=lambda: self._log(Reason.IDLE_TIMEOUT, f"no byte either way for {idle:g}s"),
         )
 
     def fail(self, detail: str) -> None:
