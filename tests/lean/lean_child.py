@@ -152,7 +152,7 @@ async def tls(report: Report, args: dict[str, Any]) -> None:
 
 
 async def _refused(address: Address) -> int:
-    """0 when a plaintext request to a STRICT port gets no HTTP answer (the port is mTLS only)."""
+    """The status a plaintext request to a STRICT port gets (400 mtls_required; 0: no answer)."""
     try:
         return await get(address, "b")
     except (ConnectionError, ValueError, IndexError):

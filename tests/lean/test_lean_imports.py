@@ -78,8 +78,8 @@ def test_tls_sidecar_imports_cryptography_when_its_identity_loads(tmp_path: Path
     assert steps["imported"]["modules"] == []
     assert steps["started"]["modules"] == ["cryptography"]
     assert steps["outbound_mtls"]["status"] == 200
-    # STRICT: a plaintext request gets no HTTP answer at all.
-    assert steps["inbound_plaintext_refused"]["status"] == 0
+    # STRICT: a plaintext request is refused with a 400 that says why (mtls_required).
+    assert steps["inbound_plaintext_refused"]["status"] == 400
 
 
 def test_jwt_is_imported_by_the_first_config_with_request_authentication() -> None:
