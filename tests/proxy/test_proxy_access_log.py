@@ -1,5 +1,5 @@
 """The access log of a running sidecar: a finished exchange's line waits for its batch
-without keeping the client connection alive, and says what happened."""
+without keeping the client connection alive, and says what happened; and its time format."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import gc
 import os
 
 import orjson
+import pytest
 from proxy_harness import Upstream, client, get, outbound, wait_for
 
 from lepton_mesh.proxy.http.downstream import DownstreamProtocol
+from lepton_mesh.proxy.http.exchange import iso_time
 from lepton_mesh.proxy.observe.access_log import AccessLog
 
 
@@ -44,3 +46,19 @@ async def test_a_waiting_line_keeps_no_connection_alive(sidecars, echo: Upstream
     assert line["upstream"] == str(echo.address) and line["backend"] == "svc"
     assert line["attempts"] == 1 and line["downstream"] == "127.0.0.1"
     assert 0 < line["upstream_ms"] <= line["duration_ms"]
+
+
+@pytest.mark.parametrize(
+    ("wall", "text"),
+    [
+        (0.0, "1970-01-01T00:00:00.000Z"),
+        (1.9995, "1970-01-01T00:00:01.999Z"),  # truncated, never rounded into the next second
+        (1700000000.123456, "2023-11-14T22:13:20.123Z"),
+        (1700000000.999, "2023-11-14T22:13:20.999Z"),
+        (1700000001.0, "2023-11-14T22:13:21.000Z"),
+        (1700000000.123456, "2023-11-14T22:13:20.123Z"),  # back to an earlier second
+    ],
+)
+def test_iso_time(wall: float, text: str) -> None:
+    assert iso_time(wall) == text
+    assert iso_time(wall) == text  # the remembered millisecond gives the same text

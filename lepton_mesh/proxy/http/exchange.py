@@ -984,13 +984,22 @@ def _fault(status: int, rule: str) -> ProxyError:
     return ProxyError(status, Reason.FAULT_INJECTED, f"fault injected by route rule {rule!r}")
 
 
-_iso_cache: tuple[int, str] = (0, "")
+_iso_cache: tuple[int, str] = (-1, "")
+_iso_last: tuple[int, str] = (-1, "")
 
 
 def iso_time(wall: float) -> str:
-    """ISO-8601 UTC with milliseconds; the seconds part is formatted once per second."""
-    global _iso_cache
-    sec = int(wall)
+    """ISO-8601 UTC with milliseconds. The seconds part is formatted once per
+    second, and the whole text once per millisecond: a batch of access-log lines
+    (rendered together) mostly shares its milliseconds."""
+    global _iso_cache, _iso_last
+    ms = int(wall * 1000)
+    last = _iso_last
+    if last[0] == ms:
+        return last[1]
+    sec = ms // 1000
     if _iso_cache[0] != sec:
         _iso_cache = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
-    return f"{_iso_cache[1]}.{int((wall - sec) * 1000):03d}Z"
+    text = f"{_iso_cache[1]}.{ms % 1000:03d}Z"
+    _iso_last = (ms, text)
+    return text
