@@ -292,3 +292,24 @@ def test_each_metrics_object_has_its_own_registry() -> None:
 def test_max_series_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_series"):
         ProxyMetrics(max_series=0)
+
+
+def test_callers_naming_themselves_cannot_grow_the_tables_without_bound() -> None:
+    """source_workload on a plaintext inbound port is the caller's x-lepton-peer header:
+    a new name per request must not add a series per request, even folded."""
+    m = ProxyMetrics(max_series=10)
+    for i in range(500):
+        m.observe_request("destination", f"caller-{i}", "ratings", 200, "-", 0.001, 0, 0)
+        m.tcp_opened("destination", f"caller-{i}", "db")
+    got = scrape(m)
+    requests = got["lepton_requests"]
+    assert len(requests) <= 2 * 10 + 1
+    assert sum(v for _, _, v in requests) == 500.0  # every request still counted once
+    assert {"source_workload": "overflow", "destination_service": "overflow"}.items() <= (
+        requests[-1][1].items()
+    )
+    tcp = got["lepton_tcp_connections_opened"]
+    assert len(tcp) <= 2 * 10 + 1
+    assert sum(v for _, _, v in tcp) == 500.0
+    overflow = {lbl["table"]: v for _, lbl, v in got["lepton_metrics_label_overflow"]}
+    assert overflow == {"requests": 490.0, "tcp": 490.0}

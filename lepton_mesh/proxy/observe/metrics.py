@@ -34,7 +34,13 @@ Invariants:
   (requests, tcp). A new tuple beyond that is folded into
   `destination_service="overflow"` and every observation so folded counts in
   `lepton_metrics_label_overflow_total`. Folded tuples keep reporter, source
-  workload, code and flags, which are small mesh-controlled sets.
+  workload, code and flags while the table is under twice the cap. Past
+  that, source_workload is folded to "overflow" too: on a plaintext inbound
+  port it is whatever the caller's `x-lepton-peer` header (or L4 tunnel
+  header) says, so a client sending a new name per request would otherwise
+  grow the overflow series without bound. What is left (reporter, code,
+  flags) is a small set, so a table never holds much more than twice
+  `max_series` tuples.
   The mirror table (`observe_mirror`) is capped the same way; its overflow
   counter row appears on its first fold.
 
@@ -561,6 +567,11 @@ class ProxyMetrics:
             s = self._requests.get(key)
             if s is not None:
                 return s
+            if len(self._requests) >= 2 * self._max_series:
+                key = (key[0], OVERFLOW, OVERFLOW, key[3], key[4])
+                s = self._requests.get(key)
+                if s is not None:
+                    return s
         values = (key[0], key[1], key[2], str(key[3]), key[4])
         s = self._requests[key] = _RequestSeries(_Labels(REQUEST_LABELS, values))
         return s
@@ -572,6 +583,11 @@ class ProxyMetrics:
             s = self._tcp.get(key)
             if s is not None:
                 return s
+            if len(self._tcp) >= 2 * self._max_series:
+                key = (key[0], OVERFLOW, OVERFLOW)
+                s = self._tcp.get(key)
+                if s is not None:
+                    return s
         s = self._tcp[key] = _TcpSeries(_Labels(TCP_LABELS, key))
         return s
 
