@@ -478,12 +478,16 @@ class DownstreamProtocol(asyncio.Protocol):
             # goes on as HTTP, and what the client sent after the request is HTTP
             # too. (Answered by us inside the parser's callbacks, `feeding`:
             # `_upgrade_requested` does this once the parser returns.)
+            # Nothing is queued (the parser stopped at the upgrade): the
+            # connection is idle until `held` says otherwise, so the idle timer
+            # runs first (bytes that start no request, a bare CRLF, arm nothing).
             self.req = None
             held, ex.early_tunnel = ex.early_tunnel, b""
-            self.gate.resume(BUFFERED)
+            self.gate.resume(BUFFERED | PIPELINE)
+            self.deadline.arm(self.listener.snapshot.cfg.timeouts.idle)
             if held:
                 self.data_received(held)
-                return
+            return
         if self.backlog:
             nxt = self.backlog.popleft()
             if not self.backlog and self._deferred_error is None:
