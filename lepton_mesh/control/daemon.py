@@ -89,6 +89,7 @@ class ControlOptions:
     replica_id: str = field(default_factory=lambda: default_replica_id())
     etcd_timeout: float = 5.0
     idle_timeout: float = 15.0  # a sidecar stream silent this long is dropped
+    min_push_interval: float = 0.1  # a group's snapshot is pushed at most this often
     seen_interval: float = 5.0  # a sidecar's last_seen is written at most this often
     ca_dir: str | None = None  # the CA's mounted secret: TLS streams, identities
     cert_lifetime: float = 24 * 3600.0  # seconds a workload certificate lives
@@ -161,6 +162,7 @@ class ControlDaemon:
                 registry,
                 control_id=opts.replica_id,
                 idle_timeout=opts.idle_timeout,
+                min_push_interval=opts.min_push_interval,
                 identity=identity,
             )
             cache.subscribe(push.on_cache_change)

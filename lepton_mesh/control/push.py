@@ -21,6 +21,13 @@ transport is paused (the sidecar reads slowly) is not written to; when it
 resumes it gets the group's latest frame, never a backlog: a snapshot is
 complete, so skipping one loses nothing.
 
+Pushes are coalesced: a group is built and pushed at most once per
+`min_push_interval` (0.1 s). A change after a quiet spell goes out at once;
+changes that follow within the interval mark their groups dirty, and one
+build at the end of the interval sends their sum (100 applies in a second
+are ~10 pushes per sidecar, not 100). A sidecar joining a dirty group has
+it built first, so its first snapshot still includes its own registration.
+
 Never a partial state: the index changes only in `on_cache_change`, which
 the WatchCache calls after whole revisions, and a snapshot's version is the
 revision its index was at.
@@ -116,12 +123,14 @@ class PushServer:
         *,
         control_id: str,
         idle_timeout: float = 15.0,
+        min_push_interval: float = 0.1,
         identity: IdentityService | None = None,
     ) -> None:
         self.cache = cache
         self.registry = registry
         self.control_id = control_id
         self.idle_timeout = idle_timeout
+        self.min_push_interval = min_push_interval
         self.identity = identity  # None: plaintext streams, no authentication, no CA
         if identity is not None:
             identity.subscribe(self._on_trust_change)
@@ -129,6 +138,10 @@ class PushServer:
         self._indexed = False  # the index holds a full read
         self.revision = 0  # the revision the index (and every group's snapshot) is at
         self._groups: dict[Scope, _Group] = {}
+        # Coalescing: groups a change may concern, built at the next flush.
+        self._dirty: set[_Group] = set()
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._last_flush = float("-inf")  # loop time
         self._streams: set[_Stream] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.Server | None = None
@@ -158,6 +171,9 @@ class PushServer:
     async def close(self) -> None:
         """Stop accepting, close every stream and revoke their leases."""
         self._closing = True
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
         if self._server is not None:
             self._server.close()
         for stream in list(self._streams):
@@ -225,7 +241,8 @@ class PushServer:
             )
         self.revision = max(self.revision, revision)
         if touched:
-            self._rebuild_affected(touched, everything=events is None)
+            self._mark_affected(touched, everything=events is None)
+            self._schedule_flush()
 
     def _ensure_indexed(self) -> None:
         # The cache may have done its first read before we subscribed.
@@ -241,15 +258,35 @@ class PushServer:
         for stream in list(self._streams):
             stream.send_trust(frame)
 
-    def _rebuild_affected(self, touched: Iterable[tuple[str, str]], *, everything: bool) -> None:
+    def _mark_affected(self, touched: Iterable[tuple[str, str]], *, everything: bool) -> None:
         by_ns: dict[str, set[str]] = {}
         for ns, svc in touched:
             by_ns.setdefault(ns, set()).add(svc)
-        for group in list(self._groups.values()):
+        for group in self._groups.values():
             svcs = by_ns.get(group.scope.namespace)
             if everything or (
                 svcs is not None and (group.scope.everything or not group.reads.isdisjoint(svcs))
             ):
+                self._dirty.add(group)
+
+    def _schedule_flush(self) -> None:
+        """Build the dirty groups now if the last flush is `min_push_interval` old,
+        else once it is (one timer for every change in between)."""
+        if not self._dirty or self._flush_timer is not None or self._closing:
+            return
+        loop = asyncio.get_running_loop()
+        wait = self._last_flush + self.min_push_interval - loop.time()
+        if wait <= 0:
+            self._flush()
+        else:
+            self._flush_timer = loop.call_later(wait, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_timer = None
+        self._last_flush = asyncio.get_running_loop().time()
+        dirty, self._dirty = self._dirty, set()
+        for group in dirty:
+            if self._groups.get(group.scope) is group:
                 self._build(group)
 
     def _build(self, group: _Group) -> None:
@@ -272,6 +309,9 @@ class PushServer:
         if group is None:
             group = self._groups[scope] = _Group(scope)
             self._build(group)
+        elif group in self._dirty:  # its frame predates changes (this registration, maybe)
+            self._dirty.discard(group)
+            self._build(group)
         group.members.add(stream)
         return group
 
@@ -279,6 +319,7 @@ class PushServer:
         group.members.discard(stream)
         if not group.members and self._groups.get(group.scope) is group:
             del self._groups[group.scope]
+            self._dirty.discard(group)
 
     async def wait_ready(self) -> None:
         """The cache has its first full read (else StoreUnavailable)."""

@@ -16,6 +16,7 @@ from lepton_mesh.control.auth import TokenIssuer, init_key
 from lepton_mesh.control.store import Store
 from lepton_mesh.identity.store import init_ca
 from tests.control.conftest import Peer, Replicas, endpoints, eventually, hello
+from tests.control.test_policy_push import SUBSETS, route
 
 INSTANCE = "/lepton/v1/instances/default/{}/{}"
 
@@ -145,6 +146,10 @@ async def test_ack_and_nack_are_recorded_in_the_sidecar_status(replicas: Replica
     await eventually(lambda: status().get("last_nack") is not None, what="nack recorded")
     assert status()["last_nack"] == {"version": version + 1, "error": "policies[0].spec: bad"}
     assert status()["applied_version"] == version
+    # A later snapshot applied: the NACK is over (not counted as a sidecar with a NACK).
+    peer.send(mp.Ack(version + 2))
+    await eventually(lambda: status().get("applied_version") == version + 2, what="ack recorded")
+    assert status()["last_nack"] is None
 
 
 async def test_unchanged_content_is_not_pushed_again(replicas: Replicas) -> None:
@@ -379,3 +384,31 @@ async def test_a_peer_that_sends_pings_and_never_reads_is_not_buffered_without_b
         await read_all()
     assert received[0] == expected
     assert stream in replica.ctx.push._streams and stream._transport.is_reading()
+
+
+async def test_a_burst_of_applies_is_coalesced_into_a_few_pushes(replicas: Replicas) -> None:
+    """100 route changes in a burst: each caller gets a handful of snapshots (one per
+    push interval), the last one with the final content, not 100."""
+    replica = await replicas(min_push_interval=0.2)
+    ctx = replica.ctx
+    assert ctx is not None
+    callers = [
+        await Peer.join(replica.listen_port, hello("chat", f"chat-{i}", deps=("dialog",)))
+        for i in range(5)
+    ]
+    await ctx.policies.apply([SUBSETS], who="test", message="subsets")
+    for peer in callers:
+        await peer.next_snapshot(lambda s: len(s.policies) == 1)
+    pushes = ctx.push.pushes
+    started = time.monotonic()
+    for n in range(100):
+        await ctx.policies.apply([route(n)], who="test", message=f"burst {n}")
+    elapsed = time.monotonic() - started
+    for peer in callers:
+        await peer.next_snapshot(
+            lambda s: len(s.policies) == 2 and s.policies[1]["spec"] == route(99)["spec"]
+        )
+    per_caller = (ctx.push.pushes - pushes) / len(callers)
+    # One at the start, then at most one per interval, and one at the end.
+    assert per_caller <= elapsed / 0.2 + 2, (per_caller, elapsed)
+    assert per_caller < 100
