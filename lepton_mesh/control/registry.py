@@ -284,6 +284,11 @@ class Registry:
 
     def record_ack(self, reg: Registration, version: int) -> None:
         reg.status["applied_version"] = version
+        nack = reg.status.get("last_nack")
+        if isinstance(nack, dict) and version >= int(nack.get("version") or 0):
+            # A later snapshot applied: the rejection is over (else a sidecar that
+            # NACKed once would count in sidecars_with_nack until it reconnects).
+            reg.status["last_nack"] = None
         reg.status["last_seen"] = time.time()
         self._mark(reg, delay=self._flush_delay)
 
