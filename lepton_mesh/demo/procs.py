@@ -172,6 +172,8 @@ class Supervisor:
         self._poll = poll_interval
         self._children: list[Child] = []
         self._hurry = False
+        # The signal that hurried stop_all(), if one did: the stop was interrupted.
+        self.hurried_by: int | None = None
 
     @property
     def children(self) -> tuple[Child, ...]:
@@ -296,9 +298,11 @@ class Supervisor:
 
         def hurry(signum: int, frame: FrameType | None) -> None:
             self._hurry = True
+            if self.hurried_by is None:
+                self.hurried_by = signum
 
         previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             with contextlib.suppress(ValueError):  # only the main thread may set handlers
                 previous[sig] = signal.signal(sig, hurry)
         try:

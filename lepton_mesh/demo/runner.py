@@ -67,29 +67,64 @@ def run_demo(
     out = out or sys.stdout
     if duration is None:
         duration = _duration_from_env()
-    workdir = Path(tempfile.mkdtemp(prefix="lepton-demo-"))
-    sup = Supervisor(workdir)
-    user_config = UserConfig()
-    code = 0
-    try:
-        asyncio.run(_main(sup, workdir, keep, duration, _Printer(out), user_config))
-    except DemoError as e:
-        code = e.exit_code
-        _say(out, f"\ndemo stopped: {e}")
-    except KeyboardInterrupt:  # a Ctrl-C outside the event loop's watch
-        code = 128 + signal.SIGINT
-        _say(out, "\ndemo stopped: interrupted")
-    except Exception:  # a bug: show it, but still stop everything below
-        code = 1
-        _say(out, f"\ndemo stopped: unexpected error\n{traceback.format_exc()}")
-    finally:
-        user_config.restore()
-        code = _stop_and_verify(sup, out, code)
+    with _Caught() as caught:
+        workdir = Path(tempfile.mkdtemp(prefix="lepton-demo-"))
+        sup = Supervisor(workdir)
+        user_config = UserConfig()
+        code = 0
+        try:
+            asyncio.run(_main(sup, workdir, keep, duration, _Printer(out), user_config, caught))
+        except DemoError as e:
+            code = e.exit_code
+            _say(out, f"\ndemo stopped: {e}")
+        except KeyboardInterrupt:  # a Ctrl-C outside the event loop's watch
+            code = 128 + signal.SIGINT
+            _say(out, "\ndemo stopped: interrupted")
+        except Exception:  # a bug: show it, but still stop everything below
+            code = 1
+            _say(out, f"\ndemo stopped: unexpected error\n{traceback.format_exc()}")
+        finally:
+            user_config.restore()
+            if code == 0 and caught.signum is not None:  # came as the loop was closing
+                code = 128 + caught.signum
+                _say(out, f"\ndemo stopped: {Interrupted(caught.signum)}")
+            code = _stop_and_verify(sup, out, code)
+            if code == 0 and sup.hurried_by is not None:  # the stop itself was interrupted
+                code = 128 + sup.hurried_by
     if code == 0 or code > 128:  # done, or stopped on purpose: nothing to look into
         shutil.rmtree(workdir, ignore_errors=True)
     else:
         _say(out, f"logs and configs kept in {workdir}")
     return code
+
+
+class _Caught:
+    """SIGINT, SIGTERM and SIGHUP, recorded instead of fatal for all of run_demo.
+
+    While the event loop runs, `_StopSignal` handles them; this covers the rest
+    (before the loop watches, while it closes, until every child is stopped), so
+    no signal can end the demo between two steps of its cleanup.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> _Caught:
+        for sig in self.SIGNALS:
+            with contextlib.suppress(ValueError):  # only the main thread may set handlers
+                self._previous[sig] = signal.signal(sig, self._record)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+
+    def _record(self, signum: int, frame: object) -> None:
+        if self.signum is None:
+            self.signum = signum
 
 
 def _duration_from_env() -> float:
@@ -162,8 +197,9 @@ async def _main(
     duration: float,
     say: _Printer,
     user_config: UserConfig,
+    caught: _Caught,
 ) -> None:
-    stop = _StopSignal()
+    stop = _StopSignal(caught)
     stop.install()
     cli = Cli(workdir / "cli-config.json", say)
     try:
@@ -171,6 +207,7 @@ async def _main(
         async with Observer(mesh) as observer:
             stage = Stage(mesh, sup, cli, observer, say, duration, workdir)
             outcome = await stop.race(_story(stage))
+        stop.raise_if_fired()  # a Ctrl-C as the story ended (its summary) still counts
         if keep:
             await _keep(stop, sup, mesh, workdir, cli, outcome, user_config, say)
     finally:
@@ -228,19 +265,30 @@ class _StopSignal:
 
     _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-    def __init__(self) -> None:
+    def __init__(self, caught: _Caught) -> None:
         self._event = asyncio.Event()
         self._signum = 0
+        self._caught = caught
 
     def install(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in self._SIGNALS:
             loop.add_signal_handler(sig, self._fire, sig)
+        if self._caught.signum is not None:  # came before the loop watched
+            self._fire(self._caught.signum)
 
     def uninstall(self) -> None:
+        # The loop would leave SIGTERM and SIGHUP fatal (SIG_DFL) and SIGINT raising
+        # KeyboardInterrupt in the middle of the cleanup: give them back to _Caught.
         loop = asyncio.get_running_loop()
         for sig in self._SIGNALS:
             loop.remove_signal_handler(sig)
+            with contextlib.suppress(ValueError):
+                signal.signal(sig, self._caught._record)
+
+    def raise_if_fired(self) -> None:
+        if self._event.is_set():
+            raise Interrupted(self._signum)
 
     def _fire(self, signum: int) -> None:
         if not self._event.is_set():
@@ -255,7 +303,7 @@ class _StopSignal:
             await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             waiter.cancel()
-        if task.done():
+        if task.done() and not self._event.is_set():
             return task.result()
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -256,3 +256,14 @@ def test_ctrl_c_during_traffic_stops_everything_and_exits_130(demo_factory) -> N
     assert demo.finish(timeout=30) == 130, demo.output
     assert "demo stopped: interrupted" in demo.output
     assert_all_gone(demo.children())
+
+
+def test_ctrl_c_while_stopping_still_stops_and_verifies_everything(demo_factory) -> None:
+    # The stop runs after the event loop closed: a signal there used to escape the
+    # cleanup (KeyboardInterrupt, or death on SIGTERM) and leave the children to drain alone.
+    demo = demo_factory(duration=1)
+    demo.wait_for_line(r"^stopping \.\.\.$", 55)
+    demo.proc.send_signal(signal.SIGINT)
+    assert demo.finish(timeout=30) == 130, demo.output
+    assert "all 10 processes stopped; none left running" in demo.output
+    assert_all_gone(demo.children())
