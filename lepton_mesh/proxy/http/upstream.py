@@ -129,7 +129,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._session_cache: SessionCache | None = None  # until the session is kept
         # per response
         self.head_request = False  # set by the exchange: a HEAD response has no body
-        self.responded = False  # any response byte arrived for the bound exchange
+        # Any response byte arrived for the bound exchange. An int, always truthy
+        # once set: each read stores True (1), and each interim (1xx) head
+        # completed in that read adds 1, so a HEAD response's head can be found
+        # after them (`_ends_with_head`) at no cost to reads without one.
+        self.responded = False
         self._status = 0
         self._headers: Headers = []
         self._headers_done = False
@@ -214,7 +218,8 @@ class UpstreamConnection(asyncio.Protocol):
                 # A HEAD response ends with its head; llhttp cannot be told so,
                 # so this connection gets a fresh parser for the next response.
                 self.parser = httptools.HttpResponseParser(self)
-                self._finish(reusable=self._keep_alive and _ends_with_head(data))
+                interim = self.responded - 1  # 1xx heads completed in this read
+                self._finish(reusable=self._keep_alive and _ends_with_head(data, interim))
             elif self._complete:
                 self._finish(reusable=False)  # _Surplus: bytes after the response
             else:
@@ -281,7 +286,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         if 100 <= self._status < 200:
-            return  # an interim response; the final one follows on this connection
+            # An interim response; the final one follows on this connection.
+            self.responded += 1
+            return
         self._complete = True  # finished by _feed once the parser returns
 
     # -- used by the exchange and the pool ---------------------------------
@@ -364,11 +371,21 @@ def _head_size(headers: Headers) -> int:
     return sum(len(name) + len(value) + 4 for name, value in headers)
 
 
-def _ends_with_head(data: bytes) -> bool:
-    """`data`, the read in which a HEAD response's head ended, holds nothing after it.
+def _ends_with_head(data: bytes, interim: int) -> bool:
+    """`data`, the read in which a HEAD response's head ended after `interim`
+    1xx heads that also ended in it, holds nothing after that head.
 
-    The head ends at the first CRLFCRLF; a read that starts with CR or LF may
-    be finishing a CRLFCRLF begun in the previous read, so it is not trusted
-    (the connection is then closed: rare, and always safe).
+    The head ends at the (interim + 1)-th CRLFCRLF: each head ends at its
+    first, so the one found is never past the real end, and a CRLFCRLF in
+    bytes after the head can only make it fall short (the connection is then
+    closed). A read that starts with CR or LF may be finishing a CRLFCRLF
+    begun in the previous read, so it is not trusted (closed too: rare, and
+    always safe); so are CR/LF that llhttp skipped between heads.
     """
-    return data.find(b"\r\n\r\n") == len(data) - 4 and data[:1] not in (b"\r", b"\n")
+    if data[:1] in (b"\r", b"\n"):
+        return False
+    end = data.find(b"\r\n\r\n")
+    while interim and end >= 0:
+        interim -= 1
+        end = data.find(b"\r\n\r\n", end + 4)
+    return end == len(data) - 4
