@@ -280,9 +280,13 @@ def main(argv: list[str] | None = None) -> None:
     else:
         app = intent_app()
     # run_app turns SIGTERM/SIGINT into a graceful stop; 2 s bounds in-flight requests.
-    web.run_app(
-        app, host=args.host, port=args.port, shutdown_timeout=2.0, print=None, access_log=None
-    )
+    try:
+        web.run_app(
+            app, host=args.host, port=args.port, shutdown_timeout=2.0, print=None, access_log=None
+        )
+    except OSError as e:  # a port in use: one line for the demo to show, not a traceback
+        where = f"{args.host}:{args.port}"
+        raise SystemExit(f"{args.service}: cannot listen on {where}: {e.strerror}") from None
 
 
 if __name__ == "__main__":

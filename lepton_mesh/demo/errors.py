@@ -39,6 +39,12 @@ class NotReady(DemoError):
     reason = "not_ready"
 
 
+class PortTaken(DemoError):
+    """A port the demo picked free was taken by another process before its child bound it."""
+
+    reason = "port_taken"
+
+
 class CommandFailed(DemoError):
     """A `lepton-mesh` command the demo runs (token, login, apply, rollback...) failed."""
 

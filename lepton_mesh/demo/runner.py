@@ -32,7 +32,15 @@ from typing import TextIO, TypeVar
 from lepton_mesh.cli_client import save_config
 from lepton_mesh.control.etcd_local import EtcdStartError, LocalEtcd
 from lepton_mesh.demo.commands import Cli, UserConfig, command_name
-from lepton_mesh.demo.errors import DemoError, Interrupted, MissingDependency, ProcessesLeft
+from lepton_mesh.demo.errors import (
+    ChildExited,
+    DemoError,
+    Interrupted,
+    MissingDependency,
+    NotReady,
+    PortTaken,
+    ProcessesLeft,
+)
 from lepton_mesh.demo.observe import Observer, healthy_endpoints
 from lepton_mesh.demo.procs import ProcessSpec, StopResult, Supervisor
 from lepton_mesh.demo.report import print_closing, print_try_it
@@ -341,7 +349,17 @@ async def _start_tier(sup: Supervisor, specs: list[ProcessSpec], say: _Printer) 
     children = [sup.start(spec) for spec in specs]
     for c in children:
         say(f"  started {c.name:<17} pid {c.pid}")
-    await sup.wait_ready(children, READY_TIMEOUT_S)
+    try:
+        await sup.wait_ready(children, READY_TIMEOUT_S)
+    except (ChildExited, NotReady) as e:
+        # The ports were free when picked; another process can take one before our
+        # child binds it. Say so plainly: a new run picks new ports.
+        if "address already in use" in e.detail:
+            raise PortTaken(
+                "another process took a port the demo had picked before its child could "
+                "listen on it; run the demo again (it picks new free ports). " + e.detail
+            ) from e
+        raise
 
 
 def _etcd_argv(mesh: Mesh, workdir: Path) -> tuple[str, ...]:

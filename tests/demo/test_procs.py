@@ -3,6 +3,7 @@
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -183,3 +184,28 @@ async def test_a_cancelled_run_once_leaves_no_child(tmp_path: Path) -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert not pid_alive(int(pidfile.read_text()))
+
+
+async def test_a_taken_port_is_reported_as_such_without_a_traceback(tmp_path: Path) -> None:
+    from lepton_mesh.demo.errors import PortTaken
+    from lepton_mesh.demo.runner import _start_tier
+
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        spec = ProcessSpec(
+            "intent-app",
+            (PY, "-m", "lepton_mesh.demo.apps", "intent", "--port", str(port)),
+            probes=(HttpProbe("127.0.0.1", port, "/healthz"),),
+        )
+        sup = Supervisor(tmp_path)
+        try:
+            with pytest.raises(PortTaken) as caught:
+                await asyncio.wait_for(_start_tier(sup, [spec], lambda _: None), 20)
+        finally:
+            sup.stop_all()
+    message = str(caught.value)
+    assert message.startswith("port_taken: another process took a port"), message
+    assert f"intent: cannot listen on 127.0.0.1:{port}: " in message, message
+    assert "Traceback" not in message
