@@ -104,6 +104,7 @@ class DownstreamProtocol(asyncio.Protocol):
         "parser",
         # per connection
         "_body_timed",
+        "_body_waits",
         "_deferred_error",
         "_ex_until",
         "_head_bytes",
@@ -162,6 +163,11 @@ class DownstreamProtocol(asyncio.Protocol):
         self._deferred_error: tuple[ProxyError, tuple[bytes, bytes, bytes]] | None = None
         self._ex_until = inf  # loop time of the running exchange's overall timeout
         self._body_timed = False  # the deadline times the gaps in a request body
+        # An `Expect: 100-continue` body whose timing waits for the client to be
+        # asked for it (a 100 relayed) or to send it anyway (its first byte).
+        # Only ever consulted for the exchange that set it, so it is cleared
+        # where it is used, not per request.
+        self._body_waits = False
         # An inbound listener in STRICT or PERMISSIVE mode passes `tls`: the
         # caller is then who the handshake proved (`peer`, its workload; b""
         # for plaintext or no mesh identity), never what x-lepton-peer says,
@@ -279,6 +285,11 @@ class DownstreamProtocol(asyncio.Protocol):
                 )
         elif self._body_timed:
             self._arm_body()  # a body byte arrived: the stall timer starts again
+        elif self._body_waits:
+            ex = req.exchange
+            if ex is not None and ex.req_bytes and ex is self.current:
+                self._body_waits = False
+                self._arm_body()  # sent without waiting for a 100: timed from now
 
     def _flush_upstream(self) -> None:
         ex = self.current
@@ -453,7 +464,13 @@ class DownstreamProtocol(asyncio.Protocol):
             req.tunnel = b""
         ex.begin()
         if not req.complete and (facts.chunked or facts.content_length > 0) and not ex.done:
-            self._arm_body()
+            if facts.expect_continue and req.version == "1.1" and not req.body:
+                # The client waits for a 100 before its body: until the upstream
+                # sends one, a silence is the upstream's (the route's timeout
+                # still runs), not a stalled upload.
+                self._body_waits = True
+            else:
+                self._arm_body()
         return None
 
     def exchange_done(self, ex: Exchange, abort: bool) -> None:
@@ -557,6 +574,9 @@ class DownstreamProtocol(asyncio.Protocol):
                 req.body.append(body)
             if req.body_left:
                 if self._body_timed:
+                    self._arm_body()
+                elif self._body_waits and ex is not None:
+                    self._body_waits = False
                     self._arm_body()
                 return
             self._upgrade_body_done(req)
@@ -671,6 +691,12 @@ class DownstreamProtocol(asyncio.Protocol):
         deadline.arm(seconds)
         self._ex_until = deadline.when  # type: ignore[assignment]
         if self._body_timed:
+            self._arm_body()
+
+    def continue_relayed(self, ex: Exchange) -> None:
+        """A `100 Continue` reached the client: from now on its body is awaited."""
+        if self._body_waits and ex is self.current and not ex.req_done:
+            self._body_waits = False
             self._arm_body()
 
     def _arm_body(self) -> None:

@@ -442,6 +442,8 @@ class Exchange:
                     status, headers, client_version="1.1", head_request=False, keep_alive=True
                 )
                 down.send(head)
+                if status == 100:
+                    down.continue_relayed(self)  # type: ignore[attr-defined]
             return
         if (
             status >= 500 or status in self.rt.retry.retriable_status_codes  # type: ignore[union-attr]
