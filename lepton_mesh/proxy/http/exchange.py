@@ -443,7 +443,7 @@ class Exchange:
                 )
                 down.send(head)
                 if status == 100:
-                    down.continue_relayed(self)  # type: ignore[attr-defined]
+                    down.continue_relayed(self)
             return
         if (
             status >= 500 or status in self.rt.retry.retriable_status_codes  # type: ignore[union-attr]
