@@ -36,14 +36,15 @@ Say = Callable[[str], None]
 
 
 def command_name() -> str:
-    """How the user runs `lepton-mesh` from here: plain when it is on PATH, else its path."""
+    """How the user runs `lepton-mesh`: plain when it is on PATH, else its absolute path
+    (the --keep instructions are for another terminal, whose directory may differ)."""
     script = Path(sys.executable).with_name("lepton-mesh")
     if not script.exists():
         return f"{sys.executable} -m lepton_mesh"
     found = shutil.which("lepton-mesh")
     if found and Path(found).resolve() == script.resolve():
         return "lepton-mesh"
-    return shown_path(script)
+    return str(script)
 
 
 def shown_path(path: Path) -> str:

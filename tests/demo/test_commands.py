@@ -3,12 +3,13 @@ nothing, removed only if it is still the demo's; and the demo's own CLI runs."""
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 from lepton_mesh.cli_client import save_config
-from lepton_mesh.demo.commands import Cli, UserConfig, shown_path
+from lepton_mesh.demo.commands import Cli, UserConfig, command_name, shown_path
 from lepton_mesh.demo.errors import CommandFailed
 
 SERVER = "http://127.0.0.1:40001"
@@ -109,3 +110,14 @@ async def test_cli_runs_with_the_demos_config_only(
     with pytest.raises(CommandFailed, match=r"exited with 3:\n.*127\.0\.0\.1:9"):
         await cli.run("get", "services", show=False)
     assert "LEPTON_TOKEN" in os.environ  # ours is untouched
+
+
+def test_the_command_to_try_works_from_any_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script = Path(sys.executable).with_name("lepton-mesh")
+    if not script.exists():
+        pytest.skip("no lepton-mesh script next to this interpreter")
+    monkeypatch.chdir(script.parent.parent.parent)  # where `make demo` runs: the repo
+    monkeypatch.setenv("PATH", str(tmp_path))  # not on PATH
+    assert command_name() == str(script)
