@@ -12,7 +12,7 @@ Draining (docs/lifecycle.md) has two phases, bounded by `timeouts.drain`:
 2. Outbound and the tcp services stop accepting too; in-flight requests
    finish until the deadline (at least `LAST_CALL_GRACE` after the grace),
    then `drain()` returns and what is left is closed by `stop()`.
-`start_drain()` (`/drain`, `/quit`, SIGINT) has no grace; `terminate()`
+`start_drain()` (`/drain`, `/quit`, SIGINT, SIGHUP) has no grace; `terminate()`
 (SIGTERM) grants the whole drain period; `lepton-mesh run` grants it until
 its app exits (`end_outbound_grace()`), whatever started the drain (SIGTERM,
 `/quit`, `/drain`), then gives phase 2 the full period.
@@ -384,16 +384,18 @@ def _pool_json(pool: Any) -> dict[str, int] | None:
 
 
 async def serve(cfg: SidecarConfig) -> int:
-    """Run a sidecar until SIGTERM/SIGINT or `POST /quit`; drain first, exit 0.
+    """Run a sidecar until SIGTERM/SIGINT/SIGHUP or `POST /quit`; drain first, exit 0.
 
     SIGTERM (Kubernetes, Docker) keeps outbound up for the app for the drain
-    period; SIGINT (a terminal's Ctrl-C) and `/quit` drain everything at once.
+    period; SIGINT (a terminal's Ctrl-C), SIGHUP (its terminal went away) and
+    `/quit` drain everything at once.
     """
     sidecar = Sidecar(cfg)
     await sidecar.start()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, sidecar.terminate)
     loop.add_signal_handler(signal.SIGINT, sidecar.quit)
+    loop.add_signal_handler(signal.SIGHUP, sidecar.quit)
     addrs = " ".join(f"{k}={v}" for k, v in sidecar.addresses.items())
     print(f"lepton-mesh sidecar {cfg.service}: ready ({addrs})", file=sys.stderr, flush=True)
     await sidecar.wait_stopped()
