@@ -82,34 +82,27 @@ async def test_sigterm_keeps_outbound_for_the_drain_period(tmp_path) -> None:
         await up.stop()
 
 
-async def test_quit_drains_and_exits_at_once(tmp_path) -> None:
+def _post_quit(admin: int) -> None:
+    conn = http.client.HTTPConnection(LOCAL, admin, timeout=5)
+    conn.request("POST", "/quit")
+    assert conn.getresponse().status == 202
+    conn.close()
+
+
+@pytest.mark.parametrize("how", ["/quit", "SIGINT", "SIGHUP"])
+async def test_quit_drains_and_exits_at_once(tmp_path, how: str) -> None:
+    """`/quit`, Ctrl-C, or the terminal going away (SIGHUP) drain with no
+    outbound grace: exit 0 at once, never a kill by a signal's default action."""
     admin = free_port()
     cfg = sidecar_config(tmp_path, app_port=free_port(), admin_port=admin, drain="20s")
     sidecar = await start("sidecar", "--config", str(cfg))
     try:
         await eventually(lambda: _ready(admin), "the sidecar to be ready")
         sent = time.monotonic()
-        conn = http.client.HTTPConnection(LOCAL, admin, timeout=5)
-        conn.request("POST", "/quit")
-        assert conn.getresponse().status == 202
-        conn.close()
-        assert await sidecar.wait() == 0
-        assert time.monotonic() - sent < 2.0
-    finally:
-        await sidecar.close()
-
-
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP], ids=["SIGINT", "SIGHUP"])
-async def test_a_terminal_signal_drains_and_exits_at_once(tmp_path, sig: signal.Signals) -> None:
-    """Ctrl-C, or the terminal going away (SIGHUP), drains as `/quit` does: exit 0
-    at once, not a kill by the signal's default action."""
-    admin = free_port()
-    cfg = sidecar_config(tmp_path, app_port=free_port(), admin_port=admin, drain="20s")
-    sidecar = await start("sidecar", "--config", str(cfg))
-    try:
-        await eventually(lambda: _ready(admin), "the sidecar to be ready")
-        sent = time.monotonic()
-        sidecar.send(sig)
+        if how == "/quit":
+            _post_quit(admin)
+        else:
+            sidecar.send(getattr(signal, how))
         assert await sidecar.wait() == 0
         assert time.monotonic() - sent < 2.0
     finally:
