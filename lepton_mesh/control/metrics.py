@@ -1,9 +1,10 @@
 """The control daemon's Prometheus metrics, served at GET /metrics on the admin port.
 
 Everything is read from the replica's state at scrape time: no code path of
-the daemon counts anything for metrics, and a scrape costs one pass over this
-replica's streams. The families (deploy/observability/alerts.yml alerts on them;
-docs/monitoring.md explains each):
+the daemon does metrics work (the counters are the push server's own plain
+integers), and a scrape costs one pass over this replica's streams. The
+families (deploy/observability/alerts.yml alerts on them; docs/monitoring.md
+explains each):
 
 - lepton_control_connected_sidecars: sidecars registered on this replica's streams.
 - lepton_control_etcd_up: 1 while this replica's watch on etcd is healthy, else 0
@@ -18,6 +19,11 @@ docs/monitoring.md explains each):
   of those only, how long it has been behind without a break. A series exists
   only while its sidecar is behind, so the family stays small in a healthy
   mesh whatever its size.
+- lepton_control_pushes_total: snapshots sent to sidecars (one per sidecar per push).
+- lepton_control_push_builds_total: snapshot builds (one per group build), so
+  coalescing shows: builds rise by groups per flush, not by applies, and pushes
+  by the sidecars of the groups whose snapshot changed.
+- lepton_control_nacks_total: snapshots sidecars rejected (NACKs received).
 - lepton_control_info{replica}: 1, naming the replica.
 
 Ack lag is measured from the first scrape that saw the sidecar behind, so it
@@ -37,7 +43,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 __all__ = ["AckRow", "ControlMetrics", "ack_rows"]
 
@@ -110,7 +116,9 @@ class ControlMetrics:
             "1 on the replica that leads (runs history and etcd compaction), else 0.",
             [((), int(bool(election.is_leader)))] if election is not None else [],
         )
-        yield from self._ack_families(getattr(ctx, "push", None))
+        push = getattr(ctx, "push", None)
+        yield from self._ack_families(push)
+        yield from _push_counters(push)
 
     def _ack_families(self, push: Any) -> Iterator[Metric]:
         behind = [r for r in ack_rows(push) if r.applied < r.wanted] if push is not None else []
@@ -130,6 +138,23 @@ class ControlMetrics:
             [((r.node_id, r.service, r.namespace), now - since[r.node_id]) for r in behind],
             LAG_LABELS,
         )
+
+
+# (family, PushServer attribute, help): the push server's counters since it started.
+_PUSH_COUNTERS = (
+    ("pushes", "pushes", "Snapshots sent to sidecars (one per sidecar per push)."),
+    ("push_builds", "builds", "Snapshot builds (one per sidecar group per build)."),
+    ("nacks", "nacks", "Snapshots sidecars rejected (NACKs received)."),
+)
+
+
+def _push_counters(push: Any) -> Iterator[Metric]:
+    for name, attr, help_text in _PUSH_COUNTERS:
+        family = CounterMetricFamily(f"lepton_control_{name}", help_text)
+        count = getattr(push, attr, None)  # a fake push server may not count
+        if count is not None:
+            family.add_metric((), count)
+        yield family
 
 
 def _gauge(

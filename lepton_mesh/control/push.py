@@ -147,9 +147,10 @@ class PushServer:
         self._server: asyncio.Server | None = None
         self._closing = False
         self._all_gone: asyncio.Event | None = None  # set when closing and the last stream is lost
-        # counters, for the admin API and tests
-        self.pushes = 0
-        self.builds = 0
+        # counters, for /metrics (control/metrics.py) and tests
+        self.pushes = 0  # snapshots written to streams
+        self.builds = 0  # group snapshots built
+        self.nacks = 0  # snapshots sidecars rejected
 
     # --- the listening side ---
 
@@ -566,6 +567,7 @@ class _Stream(asyncio.Protocol):
             registry.record_ack(reg, msg.version)
         elif isinstance(msg, mp.Nack):
             log.warning("%s rejected snapshot %d: %s", reg.node_id, msg.version, msg.error)
+            self._server.nacks += 1
             registry.record_nack(reg, msg.version, msg.error)
         elif isinstance(msg, mp.Health):
             registry.set_health(reg, msg.healthy)
