@@ -3,7 +3,6 @@ real upstreams, sidecars with shrunk control clocks, control peers; all stopped 
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -12,8 +11,8 @@ import uvloop
 from control_support import FAST, ControlPeer
 from proxy_harness import DEADLINE, Handler, Upstream
 
-from lepton_mesh.policy.sidecar_config import SidecarConfig
 from lepton_mesh.proxy.mesh.control_client import ControlTiming
+from tests.support.sidecars import sidecar_starter
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
@@ -51,23 +50,15 @@ async def peers() -> AsyncIterator[Callable[..., Awaitable[ControlPeer]]]:
         await peer.stop()
 
 
+def _timed(sc: Any, *, timing: ControlTiming = FAST, **kw: Any) -> None:
+    if sc.control is not None:
+        sc.control.timing = timing
+        for key, value in kw.items():
+            setattr(sc.control, key, value)
+
+
 @pytest.fixture
 async def sidecars() -> AsyncIterator[Callable[..., Awaitable[Any]]]:
     """`await sidecars(cfg, timing=...)`: a started Sidecar whose control client uses `timing`."""
-    from lepton_mesh.proxy.sidecar import Sidecar
-
-    started: list[Any] = []
-
-    async def start(cfg: SidecarConfig, *, timing: ControlTiming = FAST, **kw: Any) -> Any:
-        sc = Sidecar(cfg)
-        if sc.control is not None:
-            sc.control.timing = timing
-            for key, value in kw.items():
-                setattr(sc.control, key, value)
-        started.append(sc)
-        await sc.start()
-        return sc
-
-    yield start
-    for sc in reversed(started):
-        await asyncio.wait_for(sc.stop(), DEADLINE)
+    async with sidecar_starter(DEADLINE, _timed) as start:
+        yield start

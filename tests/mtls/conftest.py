@@ -5,7 +5,6 @@ The sidecar runs on uvloop, so these tests do too.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -14,6 +13,7 @@ import uvloop
 from mtls_support import DEADLINE, App, Pki
 
 from lepton_mesh.policy.sidecar_config import SidecarConfig
+from tests.support.sidecars import sidecar_starter
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
@@ -53,16 +53,5 @@ async def app(apps: Callable[[], Awaitable[App]]) -> App:
 @pytest.fixture
 async def sidecars() -> AsyncIterator[Callable[[SidecarConfig], Awaitable[Any]]]:
     """`await sidecars(cfg)` starts a Sidecar on this loop; all stop at teardown."""
-    from lepton_mesh.proxy.sidecar import Sidecar
-
-    started: list[Any] = []
-
-    async def start(cfg: SidecarConfig) -> Any:
-        sc = Sidecar(cfg)
-        started.append(sc)
-        await sc.start()
-        return sc
-
-    yield start
-    for sc in reversed(started):
-        await asyncio.wait_for(sc.stop(), DEADLINE)
+    async with sidecar_starter(DEADLINE) as start:
+        yield start

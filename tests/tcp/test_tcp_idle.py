@@ -23,6 +23,7 @@ from lepton_mesh.policy.sidecar_config import Address, SidecarConfig
 from lepton_mesh.policy.sidecar_loader import ConfigError, sidecar_config_from_mapping
 from lepton_mesh.proxy.sidecar import Sidecar
 from tests.mtls.mtls_support import Pki, sidecar_config, write_tls
+from tests.support.sidecars import sidecar_starter
 
 IDLE = 0.3
 LOGGER = "lepton_mesh.proxy.l4.tcp_proxy"
@@ -35,17 +36,8 @@ StartSidecar = Callable[[SidecarConfig], Awaitable[Sidecar]]
 @pytest.fixture
 async def sidecars() -> AsyncIterator[StartSidecar]:
     """`await sidecars(cfg)` starts a Sidecar on this loop; all stop at teardown."""
-    started: list[Sidecar] = []
-
-    async def start(cfg: SidecarConfig) -> Sidecar:
-        sc = Sidecar(cfg)
-        started.append(sc)
-        await sc.start()
-        return sc
-
-    yield start
-    for sc in reversed(started):
-        await asyncio.wait_for(sc.stop(), DEADLINE)
+    async with sidecar_starter(DEADLINE) as start:
+        yield start
 
 
 @pytest.fixture(scope="module")
