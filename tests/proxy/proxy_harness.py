@@ -504,6 +504,16 @@ def http(app: App) -> Handler:
     return handler
 
 
+def replies(choose: Callable[[Message], bytes]) -> Handler:
+    """A keep-alive upstream that answers each request with the raw bytes
+    `choose(req)` gives (framing, surplus and all, as the test wrote them)."""
+
+    async def app(req: Message, conn: Conn) -> None:
+        await conn.send(choose(req))
+
+    return http(app)
+
+
 def response_bytes(
     status: int = 200,
     body: bytes = b"",

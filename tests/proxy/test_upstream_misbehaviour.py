@@ -12,6 +12,7 @@ from proxy_harness import (
     get,
     http,
     outbound,
+    replies,
     request_bytes,
     response_bytes,
 )
@@ -23,14 +24,12 @@ async def test_extra_bytes_after_a_response_are_never_a_response(sidecars, upstr
     """An upstream writes more than it declared: the surplus must not be served
     as the answer to the next request (response splitting through the pool)."""
 
-    async def app(req, conn) -> bool | None:
+    def answer(req) -> bytes:
         if req.target == "/first":
-            await conn.send(response_bytes(200, b"ok") + response_bytes(200, b"spoofed"))
-            return None
-        await conn.send(response_bytes(200, b"genuine"))
-        return None
+            return response_bytes(200, b"ok") + response_bytes(200, b"spoofed")
+        return response_bytes(200, b"genuine")
 
-    up = await upstreams(http(app))
+    up = await upstreams(replies(answer))
     sc = await sidecars(services={"svc": up.address})
     async with client(outbound(sc)) as c:
         first = await c.request(get("/first"))

@@ -16,8 +16,8 @@ from proxy_harness import (
     assert_lepton_error,
     client,
     get,
-    http,
     outbound,
+    replies,
     request_bytes,
     response_bytes,
     wait_for,
@@ -26,6 +26,8 @@ from proxy_harness import (
 from lepton_mesh.proxy.errors import Reason
 
 pytestmark = pytest.mark.timeout(30)
+
+GENUINE = response_bytes(200, b"genuine")
 
 
 def _via_sidecar(resp) -> bool:
@@ -40,17 +42,13 @@ async def test_partial_second_response_never_reaches_another_client(sidecars, up
     """A started second response in the same segment: the connection is closed,
     so the next request (from another client) gets a fresh connection."""
 
-    async def app(req, conn) -> bool | None:
-        if req.target == "/first":
-            await conn.send(
-                b"HTTP/1.1 200 X\r\ncontent-length: 5\r\n\r\nfirst"
-                b"HTTP/1.1 200 OK\r\ncontent-length: 60\r\n\r\nEVIL"
-            )
-            return None
-        await conn.send(response_bytes(200, b"genuine"))
-        return None
-
-    up = await upstreams(http(app))
+    first_then_evil = (
+        b"HTTP/1.1 200 X\r\ncontent-length: 5\r\n\r\nfirst"
+        b"HTTP/1.1 200 OK\r\ncontent-length: 60\r\n\r\nEVIL"
+    )
+    up = await upstreams(
+        replies(lambda req: first_then_evil if req.target == "/first" else GENUINE)
+    )
     sc = await sidecars(services={"svc": up.address})
     async with client(outbound(sc)) as a:
         first = await a.request(get("/first"))
@@ -66,14 +64,12 @@ async def test_pipelined_request_is_not_answered_by_surplus_response(sidecars, u
     """A complete extra response in the same segment as the first one must not
     answer the pipelined request that goes out on that connection next."""
 
-    async def app(req, conn) -> bool | None:
+    def answer(req) -> bytes:
         if req.target == "/1":
-            await conn.send(response_bytes(200, b"one") + response_bytes(200, b"spoofed"))
-            return None
-        await conn.send(response_bytes(200, req.target.encode()))
-        return None
+            return response_bytes(200, b"one") + response_bytes(200, b"spoofed")
+        return response_bytes(200, req.target.encode())
 
-    up = await upstreams(http(app))
+    up = await upstreams(replies(answer))
     sc = await sidecars(services={"svc": up.address})
     async with client(outbound(sc)) as c:
         await c.send(get("/1") + get("/2"))
@@ -87,14 +83,8 @@ async def test_pipelined_request_is_not_answered_by_surplus_response(sidecars, u
 async def test_head_response_with_body_bytes_closes_the_connection(sidecars, upstreams) -> None:
     """A HEAD response followed by bytes (its body, wrongly sent): not reused."""
 
-    async def app(req, conn) -> bool | None:
-        if req.method == "HEAD":
-            await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
-            return None
-        await conn.send(response_bytes(200, b"genuine"))
-        return None
-
-    up = await upstreams(http(app))
+    head_with_body = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+    up = await upstreams(replies(lambda req: head_with_body if req.method == "HEAD" else GENUINE))
     sc = await sidecars(services={"svc": up.address})
     async with client(outbound(sc)) as c:
         head = await c.request(request_bytes("HEAD", "/h"), method="HEAD")
@@ -163,11 +153,9 @@ async def test_response_head_over_limit_in_one_segment_is_502(sidecars, upstream
         lines = [(f"x-filler-{i}", "f" * 990) for i in range(size // 1000)]
         return response_bytes(200, b"body", lines)
 
-    async def app(req, conn) -> bool | None:
-        await conn.send(head_of(60_000 if req.target == "/small" else 100_000))
-        return None
-
-    up = await upstreams(http(app))
+    up = await upstreams(
+        replies(lambda req: head_of(60_000 if req.target == "/small" else 100_000))
+    )
     sc = await sidecars(services={"svc": up.address})
     async with client(outbound(sc)) as c:
         small = await c.request(get("/small"))
@@ -181,21 +169,13 @@ async def test_response_head_over_limit_in_one_segment_is_502(sidecars, upstream
 
 
 async def test_content_length_dropped_on_204_and_1xx_kept_on_304(sidecars, upstreams) -> None:
-    async def app(req, conn) -> bool | None:
-        if req.target == "/204":
-            await conn.send(b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\nfirst")
-        elif req.target == "/103":
-            await conn.send(
-                b"HTTP/1.1 103 Early Hints\r\nContent-Length: 5\r\nLink: </a>\r\n\r\n"
-                + response_bytes(200, b"final")
-            )
-        elif req.target == "/304":
-            await conn.send(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n")
-        else:
-            await conn.send(response_bytes(200, b"genuine"))
-        return None
-
-    up = await upstreams(http(app))
+    raw = {
+        "/204": b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\nfirst",
+        "/103": b"HTTP/1.1 103 Early Hints\r\nContent-Length: 5\r\nLink: </a>\r\n\r\n"
+        + response_bytes(200, b"final"),
+        "/304": b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",
+    }
+    up = await upstreams(replies(lambda req: raw.get(req.target, GENUINE)))
     sc = await sidecars(services={"svc": up.address})
     async with client(outbound(sc)) as c:
         no_content = await c.request(get("/204"))
