@@ -324,9 +324,7 @@ class Admission:
         target: bytes | None,
         verified: Verified | None,
         outcome: SecurityOutcome,
-        decision: AuthzDecision | None,
         rate_plan: RatePlan | None,
-        extra: bytes,
         remove: frozenset[bytes],
     ) -> None:
         self.target = target  # None: forwarded as sent
@@ -334,9 +332,10 @@ class Admission:
         self.outcome = outcome
         # The counter series each replay adds one to.
         self.jwt_key = (verified.provider.name, "ok") if verified is not None else None
+        decision = outcome.authz
         self.authz_keys = _authz_count_keys(decision) if decision is not None else ()
         self.rate_plan = rate_plan  # the rate limit still takes a token per request
-        self.extra = extra
+        self.extra = verified.header_lines if verified is not None else b""
         self.remove = remove
 
     def fresh(self, wall: Callable[[], float]) -> bool:
@@ -524,11 +523,10 @@ class InboundGuard:
                 plan = self.rate.plan(req)
                 if not self._rate_ok(ex, out, plan):
                     return
-        extra = verified.header_lines if verified is not None else b""
         if not rewrote_headers:
             target = facts.target if facts.target != sent_target else None
-            self._remember(key, Admission(target, verified, out, out.authz, plan, extra, remove))
-        ex.admitted(extra, remove)
+            self._remember(key, Admission(target, verified, out, plan, remove))
+        ex.admitted(verified.header_lines if verified is not None else b"", remove)
 
     def _remember(self, key: AdmissionKey, admission: Admission) -> None:
         cache = self._admissions
