@@ -116,15 +116,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_control(args: argparse.Namespace) -> int:
     import asyncio
 
-    from lepton_mesh.cli_client import check_url
     from lepton_mesh.control.auth import KeyFileError
     from lepton_mesh.control.daemon import OptionError, run_control
     from lepton_mesh.control.store import StoreError
 
-    # The store splits the endpoints only when it connects, where a bad one was a traceback.
-    for endpoint in (args.etcd or "").split(","):
-        if endpoint.strip():
-            check_url(endpoint.strip(), "--etcd", expected="host:port or http[s]://host:port")
     try:
         return asyncio.run(run_control(args))
     except (OptionError, KeyFileError) as exc:

@@ -362,6 +362,8 @@ def options_from_args(args: argparse.Namespace) -> ControlOptions:
     if not args.etcd:
         raise OptionError("--etcd (or LEPTON_ETCD) is required: etcd endpoints, comma-separated")
     endpoints = tuple(e.strip() for e in args.etcd.split(",") if e.strip())
+    for endpoint in endpoints:
+        _check_etcd_endpoint(endpoint)
     kwargs: dict[str, Any] = {
         "etcd": endpoints,
         "etcd_ca": args.etcd_ca,
@@ -395,6 +397,16 @@ def parse_address(text: str, flag: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise OptionError(f"{flag} {text!r}: expected host:port")
     return host.strip("[]"), int(port)
+
+
+def _check_etcd_endpoint(endpoint: str) -> None:
+    """Refuse what the store would fail on only when it connects (as a traceback)."""
+    from lepton_mesh.cli_client import ClientError, check_url
+
+    try:
+        check_url(endpoint, "--etcd", expected="host:port or http[s]://host:port")
+    except ClientError as e:
+        raise OptionError(str(e)) from None
 
 
 def _duration(text: str, flag: str) -> float:
