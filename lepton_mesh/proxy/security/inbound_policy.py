@@ -667,7 +667,7 @@ def verified_identity(down: Any) -> str | None:
     set only on a verified TLS connection. Without mTLS the caller is unknown,
     whatever x-lepton-peer says.
     """
-    xfcc = getattr(down, "xfcc", b"")
+    xfcc = down.xfcc
     if not xfcc:
         return None
     i = xfcc.rfind(b";URI=")
