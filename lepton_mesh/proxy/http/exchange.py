@@ -43,7 +43,6 @@ import asyncio
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from random import random
 from typing import TYPE_CHECKING
 
@@ -84,7 +83,6 @@ if TYPE_CHECKING:
     from lepton_mesh.proxy.outbound.endpoints import EndpointState
     from lepton_mesh.proxy.outbound.pool import EndpointPool
     from lepton_mesh.proxy.outbound.routing import RuleRuntime, ServiceTarget
-    from lepton_mesh.proxy.resilience.circuit import CircuitBreaker
     from lepton_mesh.proxy.security.inbound_policy import SecurityOutcome
     from lepton_mesh.proxy.snapshot import Snapshot
 
@@ -337,7 +335,7 @@ class Exchange:
         # however it ends (a done callback runs even for a task cancelled
         # before its first step, which no `finally` in `_open` would see).
         task = self._connecting = self.down.loop.create_task(self._open(pool))
-        task.add_done_callback(_pending_releaser(breaker))
+        task.add_done_callback(lambda _task: breaker.release_pending())
 
     async def _open(self, pool: EndpointPool) -> None:
         breaker = self.cluster.state.breaker  # type: ignore[union-attr]
@@ -826,7 +824,7 @@ class Exchange:
                 self._holds_retry = False
                 breaker.release_retry()
             # A pending slot is released when its connect task ends (see
-            # _pending_releaser), never here: the slot is the task's.
+            # _connect), never here: the slot is the task's.
         self.down.listener.record(self)
         if notify and not tunneled:
             self.down.exchange_done(self, abort=abort)
@@ -971,15 +969,6 @@ def _response_remove(rt: RuleRuntime | None, outbound: bool) -> frozenset[bytes]
     if rt is None:
         return OUTBOUND_RESPONSE_HEADERS if outbound else frozenset()
     return rt.resp_remove_outbound if outbound else rt.resp_remove
-
-
-def _pending_releaser(breaker: CircuitBreaker) -> Callable[[asyncio.Task[None]], None]:
-    """A done callback giving back the pending slot a connect task holds."""
-
-    def release(_task: asyncio.Task[None]) -> None:
-        breaker.release_pending()
-
-    return release
 
 
 def _fault(status: int, rule: str) -> ProxyError:
