@@ -95,6 +95,15 @@ def _other_holder(held: Any, status: Mapping[str, Any]) -> str | None:
     return f"node_id {status['node_id']!r} is registered by {who}: choose another node_id"
 
 
+def _stored_holder(value: bytes, status: Mapping[str, Any]) -> str | None:
+    """`_other_holder` of a status key's value in etcd (None if it is not JSON)."""
+    try:
+        held = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    return _other_holder(held, status)
+
+
 class Registration:
     """One connected sidecar's keys and what is pending to be written for it.
 
@@ -251,10 +260,8 @@ class Registry:
         (on any replica: the status key in etcd says who). Raises `NodeIdTaken`."""
         for _ in range(_CLAIM_TRIES):
             kv = await self._store.get(reg.status_key)
-            if kv is not None:
-                with contextlib.suppress(orjson.JSONDecodeError):
-                    if taken := _other_holder(orjson.loads(kv.value), reg.status):
-                        raise NodeIdTaken(taken)
+            if kv is not None and (taken := _stored_holder(kv.value, reg.status)):
+                raise NodeIdTaken(taken)
             reg.instance_dirty = reg.status_dirty = True
             compare = Compare.mod(reg.status_key, kv.mod_revision if kv is not None else 0)
             result = await self._store.txn([compare], reg.puts())
@@ -455,7 +462,7 @@ class Registry:
                 reg.revisions[key] = 0  # lost with an expired lease: re-create it
             elif kv.lease == reg.lease.id:
                 reg.revisions[key] = kv.mod_revision  # our own write, its answer lost
-            elif key == reg.status_key and self._claimed_by_other(kv.value, reg):
+            elif key == reg.status_key and _stored_holder(kv.value, reg.status) is not None:
                 # Another service took this node_id (a replica without the
                 # node_id check wrote it): not this sidecar registering again,
                 # so this one keeps it. Its next write takes the key back.
@@ -467,13 +474,6 @@ class Registry:
         reg.instance_dirty = reg.status_dirty = True
         reg.due = 0.0
         self._wake.set()
-
-    @staticmethod
-    def _claimed_by_other(value: bytes, reg: Registration) -> bool:
-        try:
-            return _other_holder(orjson.loads(value), reg.status) is not None
-        except orjson.JSONDecodeError:
-            return False
 
     def abandon(self) -> None:
         """The replica is going away: forget every registration without revoking.
