@@ -572,9 +572,7 @@ class Exchange:
         reuse of a stale pooled connection): not a try, so no attempt is counted,
         no retry slot or budget token is taken, and the endpoint, which did nothing
         wrong, keeps its try running (latency, in-flight count, per-try timer)."""
-        # No body, but a chunked request's last chunk is in the replay copy.
-        self.pending = list(self.replay or ())
-        self.pending_bytes = self.replay_bytes
+        self._hold_replay()  # no body, but a chunked request's last chunk is in it
         try:
             self._connect(self.pool)  # type: ignore[arg-type]
         except ProxyError as err:
@@ -617,14 +615,19 @@ class Exchange:
         self._wait_timer = None
         if self.done:
             return
-        self.pending = list(self.replay or ())
-        # What is held now is the whole replay: if holding it paused the client
-        # (BUFFERED), the flush after connecting must resume it.
-        self.pending_bytes = self.replay_bytes
+        self._hold_replay()
         try:
             self._try()
         except ProxyError as err:
             self.respond_error(err)
+
+    def _hold_replay(self) -> None:
+        """Hold the replay copy for the next connection (the head goes before it).
+
+        What is held is then the whole replay: if holding it paused the client
+        (BUFFERED), the flush after connecting must resume it."""
+        self.pending = list(self.replay or ())
+        self.pending_bytes = self.replay_bytes
 
     def _end_try(self, ok: bool, outlier_outcome: str | None) -> None:
         self._cancel_try_timer()
