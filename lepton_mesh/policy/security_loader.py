@@ -100,11 +100,10 @@ _RESERVED_HEADERS = PROXY_OWNED_HEADERS | {"host", "proxy-authenticate", "proxy-
 # headers, X-Forwarded-For which it re-renders). A condition on one would never
 # match, so a DENY naming it would silently deny nothing: refused, with what to
 # use instead.
+_ONE_HOP = "it belongs to one hop and the proxy consumes it"
 _UNSEEN_HEADERS = {
-    **{h: "it belongs to one hop and the proxy consumes it" for h in PROXY_OWNED_HEADERS},
+    **dict.fromkeys(PROXY_OWNED_HEADERS | {"proxy-authenticate", "proxy-authorization"}, _ONE_HOP),
     "content-length": None,  # seen as sent (framing is checked, the value kept)
-    "proxy-authorization": "it belongs to one hop and the proxy consumes it",
-    "proxy-authenticate": "it belongs to one hop and the proxy consumes it",
     "host": "the proxy owns it (the request already reached this service)",
     "x-forwarded-for": "the proxy re-renders it; compare the caller's address with source.ip"
     " or ip_blocks",
