@@ -271,7 +271,7 @@ async def _keep(
 class _StopSignal:
     """SIGINT/SIGTERM/SIGHUP become `Interrupted` in whatever phase is running."""
 
-    _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    _SIGNALS = _Caught.SIGNALS  # handed back to it by `uninstall`
 
     def __init__(self, caught: _Caught) -> None:
         self._event = asyncio.Event()
