@@ -62,6 +62,7 @@ from lepton_mesh.identity.errors import (
     IdentityError,
     InvalidSpiffeId,
 )
+from lepton_mesh.identity.file_stamp import files_stamp
 from lepton_mesh.identity.spiffe import SpiffeId, spiffe_id_of_peercert
 from lepton_mesh.identity.store import CaFiles
 from lepton_mesh.identity.tls_contexts import server_context, server_context_without_credentials
@@ -257,13 +258,9 @@ class IdentityService:
         self._last_reload_error = message
 
     def _file_stamp(self) -> tuple[Any, ...]:
-        # (inode, size, mtime) follows a secret mount's symlink swap as well as
-        # an in-place rewrite; `write_atomic` renames, so the inode changes.
-        out: list[Any] = []
-        for path in (self.files.ca_cert, self.files.ca_key, self.files.bundle):
-            st = os.stat(path)
-            out.append((st.st_ino, st.st_size, st.st_mtime_ns))
-        return tuple(out)
+        return files_stamp(
+            [str(p) for p in (self.files.ca_cert, self.files.ca_key, self.files.bundle)]
+        )
 
     def _install(self, authority: CertificateAuthority, stamp: tuple[Any, ...]) -> None:
         bundle = authority.bundle

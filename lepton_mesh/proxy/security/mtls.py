@@ -54,7 +54,6 @@ import ctypes
 import datetime as dt
 import hashlib
 import logging
-import os
 import re
 import socket
 import ssl
@@ -65,6 +64,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from lepton_mesh.identity.errors import IdentityError, InvalidSpiffeId
+from lepton_mesh.identity.file_stamp import files_stamp
 from lepton_mesh.identity.spiffe import SpiffeId, spiffe_id_of_peercert
 from lepton_mesh.policy.endpoints import PLAINTEXT_LABEL, PLAINTEXT_VALUE
 from lepton_mesh.policy.errors import ConfigError, Problem
@@ -331,7 +331,7 @@ class MeshIdentity:
         paths = (tls.cert, tls.key, tls.bundle)
         stamp: tuple[tuple[int, int, int], ...] = ()
         with contextlib.suppress(OSError):  # then reading fails below, naming the field
-            stamp = _stamp_of(paths)
+            stamp = files_stamp(paths)
         pems = [_read_pem(cfg.source, field, path) for field, path in _files(tls)]
         try:
             me = cls.create(
@@ -383,7 +383,7 @@ class MeshIdentity:
         if paths is None:
             return False
         try:
-            stamp = _stamp_of(paths)
+            stamp = files_stamp(paths)
         except OSError as exc:
             self._file_problem(f"cannot stat the tls files: {exc.filename}: {exc.strerror}")
             return False
@@ -536,14 +536,6 @@ def _files(tls: TlsConfig) -> Iterator[tuple[str, str]]:
     yield "cert", tls.cert
     yield "key", tls.key
     yield "bundle", tls.bundle
-
-
-def _stamp_of(paths: tuple[str, ...]) -> tuple[tuple[int, int, int], ...]:
-    out = []
-    for path in paths:
-        st = os.stat(path)
-        out.append((st.st_ino, st.st_size, st.st_mtime_ns))
-    return tuple(out)
 
 
 def _digest(pems: list[bytes]) -> bytes:
