@@ -23,7 +23,10 @@ class Deadline:
         self.when: float | None = None  # absolute loop time; None = disarmed
 
     def arm(self, delay: float) -> None:
-        when = self._loop.time() + delay
+        self.arm_at(self._loop.time() + delay)
+
+    def arm_at(self, when: float) -> None:
+        """Arm for absolute loop time `when` (as `arm`, without a delay to add)."""
         self.when = when
         handle = self._handle
         if handle is None:

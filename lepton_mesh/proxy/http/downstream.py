@@ -703,11 +703,8 @@ class DownstreamProtocol(asyncio.Protocol):
         """A request body is being received: the deadline is the next `timeouts.idle`
         without a byte of it, unless the exchange's overall timeout comes first."""
         self._body_timed = True
-        wait = self.listener.snapshot.cfg.timeouts.idle
-        until = self._ex_until
-        if until != inf:
-            wait = min(wait, until - self.loop.time())
-        self.deadline.arm(wait)
+        idle_until = self.loop.time() + self.listener.snapshot.cfg.timeouts.idle
+        self.deadline.arm_at(min(idle_until, self._ex_until))
 
     def _end_body_timer(self) -> None:
         """The body is complete: the deadline is the exchange's overall timeout again."""
@@ -716,7 +713,7 @@ class DownstreamProtocol(asyncio.Protocol):
         if until == inf:
             self.deadline.disarm()
         else:
-            self.deadline.arm(until - self.loop.time())
+            self.deadline.arm_at(until)
 
     def _on_deadline(self) -> None:
         if self.transport is None:
