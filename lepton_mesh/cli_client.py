@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lepton_mesh.policy.endpoint_fields import base_url
+
 __all__ = [
     "DEFAULT_SERVER",
     "EXIT_AUTH",
@@ -149,34 +151,12 @@ def resolve(
 def check_url(url: str, source: str, *, expected: str = "http://HOST:PORT") -> str:
     """`url` as a base URL (http:// added when it has no scheme), or a `ClientError`
     (exit 2) naming `source`: a flag, a variable, a file's field."""
-    text = url if "://" in url else "http://" + url
-    why = ""
-    try:
-        parts = urllib.parse.urlsplit(text)
-        port = parts.port  # ValueError: not a number, or past 65535
-    except ValueError as e:
-        if str(e).startswith("Port"):
-            why = "the port must be a number from 1 to 65535"
-        elif "IPv6" in str(e):
-            why = "an IPv6 address goes in [brackets], both of them"
-        else:
-            why = f"the host is not valid ({e})"
-    else:
-        if any(c.isspace() or not c.isprintable() for c in url):
-            why = "it holds spaces or control characters"
-        elif parts.scheme not in ("http", "https"):
-            why = f"the scheme must be http or https, not {parts.scheme!r}"
-        elif not parts.hostname:
-            why = "it names no host"
-        elif port == 0:
-            why = "the port must be a number from 1 to 65535"
-        elif parts.username is not None or parts.query or parts.fragment:
-            why = "a base URL has no user, query or fragment"
+    text, why = base_url(url)
     if why:
         raise ClientError(
             f"{source}: invalid URL {url!r}: {why}; expected {expected}", EXIT_INVALID
         )
-    return text.rstrip("/")
+    return text
 
 
 def save_config(path: Path, server: str, token: str) -> None:

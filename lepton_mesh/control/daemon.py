@@ -401,12 +401,13 @@ def parse_address(text: str, flag: str) -> tuple[str, int]:
 
 def _check_etcd_endpoint(endpoint: str) -> None:
     """Refuse what the store would fail on only when it connects (as a traceback)."""
-    from lepton_mesh.cli_client import ClientError, check_url
+    from lepton_mesh.policy.endpoint_fields import base_url
 
-    try:
-        check_url(endpoint, "--etcd", expected="host:port or http[s]://host:port")
-    except ClientError as e:
-        raise OptionError(str(e)) from None
+    _, why = base_url(endpoint)
+    if why:
+        raise OptionError(
+            f"--etcd: invalid URL {endpoint!r}: {why}; expected host:port or http[s]://host:port"
+        )
 
 
 def _duration(text: str, flag: str) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import urllib.parse
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -135,3 +136,32 @@ def parse_endpoint(c: Checker, value: Any, path: Path) -> Endpoint | None:
     if address is None or weight is None or labels is None or healthy is None:
         return None
     return Endpoint(address, weight, MappingProxyType(labels), healthy)
+
+
+def base_url(url: str) -> tuple[str, str]:
+    """(`url` as a base URL, with http:// added when it has no scheme, and
+    without a trailing /; why it is not one, or "")."""
+    text = url if "://" in url else "http://" + url
+    why = ""
+    try:
+        parts = urllib.parse.urlsplit(text)
+        port = parts.port  # ValueError: not a number, or past 65535
+    except ValueError as e:
+        if str(e).startswith("Port"):
+            why = "the port must be a number from 1 to 65535"
+        elif "IPv6" in str(e):
+            why = "an IPv6 address goes in [brackets], both of them"
+        else:
+            why = f"the host is not valid ({e})"
+    else:
+        if any(c.isspace() or not c.isprintable() for c in url):
+            why = "it holds spaces or control characters"
+        elif parts.scheme not in ("http", "https"):
+            why = f"the scheme must be http or https, not {parts.scheme!r}"
+        elif not parts.hostname:
+            why = "it names no host"
+        elif port == 0:
+            why = "the port must be a number from 1 to 65535"
+        elif parts.username is not None or parts.query or parts.fragment:
+            why = "a base URL has no user, query or fragment"
+    return text.rstrip("/"), why
