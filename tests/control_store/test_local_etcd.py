@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lepton_mesh.control.etcd_local import EtcdStartError, LocalEtcd
+from lepton_mesh.control.etcd_local import EtcdStartError, LocalEtcd, cluster
 
 
 def _alive(pid: int) -> bool:
@@ -48,6 +48,32 @@ def test_restart_and_kill_keep_data_and_endpoints(etcd_private: LocalEtcd) -> No
     assert pid is not None and _wait_dead(pid) and not etcd_private.running
     etcd_private.start()
     assert etcd_private.etcdctl("get", "/k", "--print-value-only").strip() == "v"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "syncs"),
+    [
+        ({}, True),
+        ({"fast": True}, False),  # throwaway data: the shared test etcd, the demo
+        ({"fast": True, "fsync": True}, True),  # members that tests kill
+        ({"fsync": False}, False),
+    ],
+)
+def test_fsync_is_off_only_when_asked(tmp_path: Path, kwargs: dict[str, bool], syncs: bool) -> None:
+    """Without fsync a SIGKILLed etcd 3.5 can lose acknowledged writes (docs/etcd.md)."""
+    command = LocalEtcd(tmp_path / "data", **kwargs).command()
+    assert ("--unsafe-no-fsync=true" not in command) is syncs
+    assert ("--election-timeout=500" in command) is kwargs.get("fast", False)
+
+
+def test_cluster_members_fsync_unless_told_not_to() -> None:
+    for fsync in (True, False):
+        group = cluster(3, fsync=fsync, start=False)
+        try:
+            for member in group.members:
+                assert ("--unsafe-no-fsync=true" not in member.command()) is fsync
+        finally:
+            group.close()
 
 
 def test_close_removes_the_temp_dir(tmp_path: Path) -> None:

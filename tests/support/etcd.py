@@ -27,8 +27,11 @@ Fixtures:
 
 `make_tls(directory)` writes a throwaway CA, server and client certificates.
 
-All members run with `fast=True` (short raft timers, no fsync: see
-lepton_mesh/control/etcd_local.py for why that is safe here).
+All members run with `fast=True` (short raft timers). The shared etcd and
+`etcd_tls` also skip fsync; `etcd_private` and `etcd_cluster`, whose tests kill
+members and then expect what was acknowledged before, keep it (without fsync a
+killed etcd 3.5 can lose its last acknowledged writes: see
+lepton_mesh/control/etcd_local.py).
 `eventually(cond, timeout)` waits for a condition with a deadline.
 """
 
@@ -104,7 +107,7 @@ def etcd(etcd_server: LocalEtcd) -> EtcdTarget:
 
 @pytest.fixture
 def etcd_private() -> Iterator[LocalEtcd]:
-    server = LocalEtcd(fast=True).start()
+    server = LocalEtcd(fast=True, fsync=True).start()
     try:
         yield server
     finally:
@@ -113,7 +116,7 @@ def etcd_private() -> Iterator[LocalEtcd]:
 
 @pytest.fixture
 def etcd_cluster() -> Iterator[LocalEtcdCluster]:
-    group = cluster(3, fast=True)
+    group = cluster(3, fast=True, fsync=True)
     try:
         yield group
     finally:
