@@ -182,6 +182,10 @@ class TxnResult:
 # ---- gRPC error classification -----------------------------------------------
 
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# gRPC's own core, not etcd, says this (as INTERNAL) when it could not carry a
+# message on a connection that broke under it (seen while etcd restarts: "Failed
+# execute_batch ... SendMessageOperation"): a transport failure like UNAVAILABLE.
+_CORE_TRANSPORT_MARKER = "internal error from core"
 # gRPC says these when no connection was ready to carry the call: it never left.
 # (The wording differs between gRPC versions and load-balancing states.)
 _NOT_SENT_MARKERS = (
@@ -229,6 +233,14 @@ def _is_token_error(exc: grpc.aio.AioRpcError) -> bool:
 Verdict = Literal["token", "denied", "compacted", "error", "unknown", "retry"]
 
 
+def transport_failure(code: grpc.StatusCode, details: str) -> bool:
+    """The call failed on the way (no member, a broken connection, no answer in
+    time), not because etcd refused it: worth another try."""
+    if code in _RETRYABLE:
+        return True
+    return code == grpc.StatusCode.INTERNAL and _CORE_TRANSPORT_MARKER in details.lower()
+
+
 def classify(code: grpc.StatusCode, details: str, *, idempotent: bool) -> Verdict:
     """What a failed unary call means (pure; the table in test_errors.py drives it).
 
@@ -243,7 +255,7 @@ def classify(code: grpc.StatusCode, details: str, *, idempotent: bool) -> Verdic
         return "denied"
     if _COMPACTED_MARKER in details:
         return "compacted"
-    if code not in _RETRYABLE:
+    if not transport_failure(code, details):
         return "error"
     never_left = code == grpc.StatusCode.UNAVAILABLE and any(
         m in details.lower() for m in _NOT_SENT_MARKERS
@@ -438,7 +450,7 @@ class Store:
             try:
                 resp = await self._auth.Authenticate(req, timeout=self.timeout)
             except grpc.aio.AioRpcError as exc:
-                if exc.code() in _RETRYABLE:
+                if transport_failure(exc.code(), _details(exc)):
                     raise StoreUnavailable(f"etcd authenticate: {_details(exc)}") from exc
                 raise StoreAuthFailed(f"etcd authenticate failed: {_details(exc)}") from exc
             self._token = resp.token
@@ -665,8 +677,9 @@ class Store:
                     reauthed = True
                     await self._authenticate(token)
                     continue
-                if exc.code() not in _RETRYABLE and exc.code() != grpc.StatusCode.CANCELLED:
-                    raise StoreError(f"etcd watch: {exc.code().name}: {_details(exc)}") from exc
+                code = exc.code()
+                if code != grpc.StatusCode.CANCELLED and not transport_failure(code, _details(exc)):
+                    raise StoreError(f"etcd watch: {code.name}: {_details(exc)}") from exc
                 _log.info("watch %s: %s, resuming at %d", prefix, exc.code().name, cursor.next_rev)
             except _WatchLost as exc:
                 _log.info("watch %s: %s, resuming at %d", prefix, exc, cursor.next_rev)

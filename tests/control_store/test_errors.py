@@ -28,6 +28,10 @@ CASES = [
     (C.DEADLINE_EXCEEDED, "Deadline Exceeded", False, "unknown"),
     (C.DEADLINE_EXCEEDED, "Deadline Exceeded", True, "retry"),  # a read or a put
     (C.UNAVAILABLE, "Socket closed", True, "retry"),
+    # gRPC core could not send on a connection that broke (etcd restarting).
+    (C.INTERNAL, "Internal error from Core", True, "retry"),
+    (C.INTERNAL, "Internal error from Core", False, "unknown"),
+    (C.INTERNAL, "etcdserver: something etcd itself refused", True, "error"),
     (C.UNAUTHENTICATED, "etcdserver: invalid auth token", True, "token"),
     (C.INVALID_ARGUMENT, "etcdserver: user name is empty", True, "token"),
     (C.PERMISSION_DENIED, "etcdserver: permission denied", False, "denied"),
