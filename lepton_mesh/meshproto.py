@@ -110,6 +110,7 @@ class Reason:
     INVALID_TOKEN = "invalid_token"
     UNEXPECTED_MESSAGE = "unexpected_message"  # a valid message at the wrong time
     NODE_ID_TAKEN = "node_id_taken"  # another service/namespace/identity holds this node_id
+    SUPERSEDED = "superseded"  # a newer stream registered this node_id: this one is closed
     # Identity (docs/security.md). A refused CSR's `Error` carries the CA's own
     # reason instead (`identity.errors.CsrReason`: malformed_csr, ...).
     MISSING_TOKEN = "missing_token"  # no certificate and no join token

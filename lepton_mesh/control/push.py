@@ -654,7 +654,7 @@ class _Stream(asyncio.Protocol):
 
     def _superseded(self) -> None:
         self._reg = None  # the registry already let its keys go
-        self._fail("superseded", "this sidecar registered again on another stream")
+        self._fail(mp.Reason.SUPERSEDED, "this sidecar registered again on another stream")
 
     def close(self) -> None:
         if self._closed or self._transport is None:

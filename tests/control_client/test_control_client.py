@@ -204,6 +204,29 @@ async def test_reconnects_to_the_next_address_when_the_first_dies(
     assert "control at" in sc.control.last_error
 
 
+async def test_a_superseded_stream_waits_the_longest_delay_and_names_the_node_id(
+    sidecars, peers
+) -> None:
+    """Two sidecars with one instance.id take each other's place on every reconnect."""
+    peer = await peers()
+    cfg = control_config([peer.address], app=Address(LOCAL, free_port()), instance={"id": "chat-1"})
+    sc = await sidecars(cfg, _rng=lambda: 1.0)  # the longest delay full jitter allows
+    first = await peer.wait_connected()
+    await wait_for(lambda: sc.control.connected, what="welcomed")
+    first.send(mp.Error(mp.Reason.SUPERSEDED, "this sidecar registered again on another stream"))
+    await peer.wait_connected(2)  # it comes back, after the longest delay
+    assert sc.control.next_delay == pytest.approx(FAST.backoff_max)
+    assert "superseded" in sc.control.last_error
+    assert "node_id 'chat-1'" in sc.control.last_error and "instance.id" in sc.control.last_error
+    gap = peer.conns[1].opened_at - first.opened_at
+    assert gap >= FAST.backoff_max * 0.9, gap
+    # A failure of another kind after a good stream starts from the shortest delay again.
+    await wait_for(lambda: sc.control.connected, what="welcomed again")
+    peer.conn.transport.close()
+    await peer.wait_connected(3)
+    assert sc.control.next_delay == pytest.approx(FAST.backoff_base * 2)
+
+
 async def test_backoff_grows_and_alternates_addresses_while_none_answers(sidecars, peers) -> None:
     first = await peers("control-a", hang_up=True)
     second = await peers("control-b", hang_up=True)

@@ -120,9 +120,13 @@ class ControlTiming:
             raise ValueError("need 0 < ping_interval < silence_timeout")
 
 
+# backoff_delay's exponent stops growing here: this many failures is backoff_max.
+_LONGEST_BACKOFF = 32
+
+
 def backoff_delay(failures: int, timing: ControlTiming, rng: Callable[[], float]) -> float:
     """Full jitter: `rng()` (uniform in [0, 1)) times min(max, base * 2**failures)."""
-    cap = min(timing.backoff_max, timing.backoff_base * 2 ** min(failures, 32))
+    cap = min(timing.backoff_max, timing.backoff_base * 2 ** min(failures, _LONGEST_BACKOFF))
     return cap * rng()
 
 
@@ -664,6 +668,16 @@ class ControlClient:
 
     def _on_error(self, stream: _Stream, msg: mp.Error) -> None:
         detail = f": {msg.detail}" if msg.detail else ""
+        if msg.reason == mp.Reason.SUPERSEDED:
+            # A stream we still read was replaced by a newer one with our node_id:
+            # not our own earlier stream (we drop those before reconnecting), so
+            # another sidecar uses the same id. Each reconnect would take its place
+            # and it ours: wait the longest delay, so that the fight costs the
+            # control a takeover every few seconds rather than several a second.
+            self._failures = max(self._failures, _LONGEST_BACKOFF)
+            detail += (
+                f" (node_id {self.node_id!r}: does another sidecar have the same instance.id?)"
+            )
         stream.abort(f"control at {stream.address} ended the stream: {msg.reason}{detail}")
 
     # -- health ------------------------------------------------------------------------------
