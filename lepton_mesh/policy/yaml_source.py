@@ -15,7 +15,9 @@ Stricter than `yaml.safe_load` on purpose:
   integer, a 13th month) become a `ConfigError` with file and line;
 - only regular files are read: a FIFO or a device would block or never end;
 - alias expansion is bounded (`MAX_NODES`), so a "billion laughs" document
-  fails fast instead of eating memory.
+  fails fast instead of eating memory;
+- nesting is bounded (`MAX_DEPTH`) by a count, not by Python's recursion
+  limit: since 3.12 a level costs fewer frames, and 500 levels no longer hit it.
 
 Files may hold several documents (`---`), as policy manifests do; empty
 documents (a trailing `---`) are skipped, as kubectl does.
@@ -41,6 +43,9 @@ _Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 # Upper bound on values built per document, counting every alias expansion.
 # A sidecar config or policy file has a few thousand at most.
 MAX_NODES = 100_000
+# Upper bound on nesting; the configs and policies go about ten levels deep.
+MAX_DEPTH = 100
+_TOO_DEEP = f"invalid YAML: nesting too deep (more than {MAX_DEPTH} levels)"
 
 _MAP_TAG = "tag:yaml.org,2002:map"
 _SEQ_TAG = "tag:yaml.org,2002:seq"
@@ -76,6 +81,12 @@ class _TooLarge(Exception):
     pass
 
 
+class _TooDeep(Exception):
+    def __init__(self, line: int) -> None:
+        super().__init__(line)
+        self.line = line
+
+
 def load_documents(text: str, source: str) -> list[Document]:
     """Parse every document in `text`; `source` names it in errors."""
     problems: list[Problem] = []
@@ -100,8 +111,10 @@ def load_documents(text: str, source: str) -> list[Document]:
         problems.append(
             Problem(source, None, "", f"document too large: more than {MAX_NODES} values")
         )
-    except RecursionError:
-        problems.append(Problem(source, None, "", "invalid YAML: nesting too deep"))
+    except _TooDeep as e:
+        problems.append(Problem(source, e.line, "", _TOO_DEEP))
+    except RecursionError:  # in PyYAML's pure-Python composer, before we see a node
+        problems.append(Problem(source, None, "", _TOO_DEEP))
     finally:
         if loader is not None:
             loader.dispose()
@@ -179,6 +192,8 @@ class _Builder:
         self.budget -= 1
         if self.budget < 0:
             raise _TooLarge
+        if len(path) >= MAX_DEPTH:  # the root is level 1, at path ()
+            raise _TooDeep(line)
         if id(node) in self.open:
             self.problem(line, path, "recursive alias: a value may not contain itself")
             return None

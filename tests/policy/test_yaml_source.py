@@ -130,10 +130,38 @@ def test_alias_expansion_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     assert str(info.value) == "f: document too large: more than 1000 values"
 
 
-def test_deep_nesting_is_an_error_not_a_crash() -> None:
+@pytest.mark.parametrize("depth", [101, 500])
+def test_deep_nesting_is_an_error_not_a_crash(depth: int) -> None:
     with pytest.raises(ConfigError) as info:
-        load_documents("[" * 500 + "]" * 500, "f")
-    assert "invalid YAML" in str(info.value)
+        load_documents("[" * depth + "]" * depth, "f")
+    # PyYAML's pure-Python composer may run out of frames first: then no line.
+    assert str(info.value) in (
+        "f:1: invalid YAML: nesting too deep (more than 100 levels)",
+        "f: invalid YAML: nesting too deep (more than 100 levels)",
+    )
+
+
+def test_nesting_past_the_parsers_own_limit_is_an_error_too() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_documents("[" * 5000 + "]" * 5000, "f")
+    assert "invalid YAML" in str(info.value) and "nesting" in str(info.value)
+
+
+def test_nesting_up_to_the_limit_loads() -> None:
+    (doc,) = load_documents("a: " + "[" * 99 + "]" * 99 + "\n", "f")  # 100 levels
+    value = doc.data["a"]
+    for _ in range(98):
+        (value,) = value
+    assert value == []
+
+
+def test_too_deep_names_the_line() -> None:
+    text = "a: 1\nb:\n" + "".join(f"{' ' * (2 * i + 2)}k{i}:\n" for i in range(120))
+    text += " " * 242 + "leaf: 1\n"
+    with pytest.raises(ConfigError) as info:
+        load_documents(text, "f")
+    assert str(info.value).startswith("f:101:")  # k98, whose value is the 101st level
+    assert "nesting too deep" in str(info.value)
 
 
 def test_empty_text_has_no_documents() -> None:
