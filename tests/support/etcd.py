@@ -162,17 +162,25 @@ def make_tls(directory: Path, *, client_cn: str = "lepton-control") -> EtcdTLS:
     directory.mkdir(parents=True, exist_ok=True)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "lepton test etcd CA")])
+    # What OpenSSL's X509_STRICT asks for (Python 3.13's default contexts set it):
+    # key usage and a subject key id on the CA, an authority key id on leaves.
     ca = (
         _builder(ca_name, ca_name, ca_key)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(_key_usage(cert_sign=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
         .sign(ca_key, hashes.SHA256())
     )
+    ca_key_id = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
 
     def leaf(cn: str, usage: x509.ObjectIdentifier, sans: list[x509.GeneralName]):  # type: ignore[no-untyped-def]
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-        builder = _builder(name, ca_name, key).add_extension(
-            x509.ExtendedKeyUsage([usage]), critical=False
+        builder = (
+            _builder(name, ca_name, key)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(_key_usage(cert_sign=False), critical=True)
+            .add_extension(ca_key_id, critical=False)
         )
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
@@ -207,6 +215,20 @@ def make_tls(directory: Path, *, client_cn: str = "lepton-control") -> EtcdTLS:
         key_file=paths["server_key"],
         client_cert_file=paths["client"],
         client_key_file=paths["client_key"],
+    )
+
+
+def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=not cert_sign,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
     )
 
 
