@@ -188,8 +188,12 @@ class PushServer:
                     await self._all_gone.wait()
         for stream in list(self._streams):
             stream.abort()
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        # Not `while self._tasks: await gather(...)`: a finished task leaves the
+        # set only when its done callback runs, and since Python 3.12 gather of
+        # finished tasks returns without yielding to the loop, so that loop spun
+        # forever. Wait for the unfinished ones, including any spawned meanwhile.
+        while pending := [t for t in self._tasks if not t.done()]:
+            await asyncio.gather(*pending, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
 

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import orjson
+import pytest
 
 from lepton_mesh import meshproto as mp
 from lepton_mesh.control.auth import TokenIssuer, init_key
@@ -55,6 +56,26 @@ async def test_hello_registers_with_a_lease_and_close_removes_it_at_once(
     await eventually(gone, timeout=2.0, what="instance removed on close")
     assert time.monotonic() - started < 2.0  # revoked, not left to the 10 s TTL
     assert await store.get("/lepton/v1/sidecars/chat-1") is None
+
+
+@pytest.mark.timeout(20)
+async def test_close_waits_for_its_tasks_without_spinning_on_finished_ones(
+    replicas: Replicas,
+) -> None:
+    """Python 3.12+: gather() of finished tasks does not yield to the loop, so a
+    loop waiting for the task set to empty spun forever (a SIGTERM never ended)."""
+    replica = await replicas()
+    assert replica.ctx is not None
+    push = replica.ctx.push
+    ran = asyncio.Event()
+
+    async def quick() -> None:
+        ran.set()
+
+    push.spawn(quick())
+    await asyncio.sleep(0)  # quick() has finished; its done callback has not run yet
+    assert ran.is_set()
+    await push.close()  # a spin never yields: only the timeout marker can end it
 
 
 async def test_a_dependency_registering_appears_in_the_callers_next_snapshot(

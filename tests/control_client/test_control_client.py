@@ -3,6 +3,7 @@ with real upstreams and real requests through the sidecar."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import stat
@@ -243,6 +244,28 @@ async def test_backoff_grows_and_alternates_addresses_while_none_answers(sidecar
         assert delay * 0.9 <= gap < delay + 0.15, (gaps, delay)
     assert "before Welcome" in sc.control.last_error
     assert not sc.ready
+
+
+@pytest.mark.timeout(20)
+async def test_close_waits_out_a_finished_write_whose_callback_has_not_run(
+    sidecars, peers, upstreams, tmp_path
+) -> None:
+    """Awaiting a finished future does not yield: close() spun forever on one."""
+    a = await upstreams(named("a"))
+    peer = await peers(snapshot=snapshot(5, {"intent": [a.address]}))
+    cfg = control_config([peer.address], app=Address(LOCAL, free_port()), state_dir=str(tmp_path))
+    sc = await sidecars(cfg)
+    client = sc.control
+    await wait_for(lambda: client.persisted_version == 5, what="snapshot 5 on disk")
+    # A write that has just finished: its done callback is scheduled, not run yet.
+    finished = asyncio.get_running_loop().create_future()
+    client._writing = finished
+    finished.add_done_callback(lambda f: client._written(f, 6))
+    finished.set_result(None)
+    # Awaited directly: a task around it would start after that callback. A spin
+    # never yields, so only the timeout marker can end it.
+    await client.aclose()
+    assert client._writing is None and client.persisted_version == 6
 
 
 async def test_last_known_good_is_written_atomically(sidecars, peers, upstreams, tmp_path) -> None:

@@ -383,9 +383,15 @@ class ControlClient:
             self._stream.abort()
         if self.identity is not None:
             self.identity.close()
-        while self._writing is not None:
+        while (writing := self._writing) is not None:
+            if writing.done():
+                # Finished, but `_written` (which clears it, or starts the next
+                # write) has not run yet. Awaiting a finished future does not
+                # yield, so without this the loop would spin here forever.
+                await asyncio.sleep(0)
+                continue
             with contextlib.suppress(Exception):
-                await asyncio.shield(self._writing)
+                await asyncio.shield(writing)
 
     # -- what the sidecar calls ----------------------------------------------------------
 
