@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,8 @@ async def start_cli(
     return await asyncio.create_subprocess_exec(
         *die_with_parent_prefix(),
         sys.executable,
+        "-X",
+        "faulthandler",  # SIGABRT prints every thread's stack (see `finish`)
         "-m",
         "lepton_mesh",
         *args,
@@ -65,7 +68,15 @@ async def start_cli(
 
 
 async def finish(proc: asyncio.subprocess.Process) -> CliResult:
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    except TimeoutError:
+        # Say where it hangs: faulthandler writes every thread's stack on SIGABRT.
+        proc.send_signal(signal.SIGABRT)
+        _, err = await asyncio.wait_for(proc.communicate(), 10)
+        raise AssertionError(
+            f"the CLI did not exit within 30 s; where it was:\n{err.decode(errors='replace')}"
+        ) from None
     assert proc.returncode is not None
     return CliResult(proc.returncode, (out or b"").decode(), err.decode())
 
