@@ -71,14 +71,27 @@ async def finish(proc: asyncio.subprocess.Process) -> CliResult:
     try:
         out, err = await asyncio.wait_for(proc.communicate(), 30)
     except TimeoutError:
-        # Say where it hangs: faulthandler writes every thread's stack on SIGABRT.
+        # Say where it hangs: faulthandler writes every thread's stack on SIGABRT,
+        # and /proc which signals it blocks, ignores and catches.
+        masks = _signal_masks(proc.pid)
         proc.send_signal(signal.SIGABRT)
         _, err = await asyncio.wait_for(proc.communicate(), 10)
         raise AssertionError(
-            f"the CLI did not exit within 30 s; where it was:\n{err.decode(errors='replace')}"
+            f"the CLI did not exit within 30 s; its signals: {masks}; where it was:\n"
+            f"{err.decode(errors='replace')}"
         ) from None
     assert proc.returncode is not None
     return CliResult(proc.returncode, (out or b"").decode(), err.decode())
+
+
+def _signal_masks(pid: int) -> str:
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError as e:
+        return f"unknown ({e})"
+    return ", ".join(
+        ln for ln in lines if ln.startswith(("SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt"))
+    )
 
 
 async def run_cli(env: dict[str, str], *args: str, cwd: Path = ROOT) -> CliResult:
