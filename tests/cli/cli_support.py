@@ -8,6 +8,7 @@ import errno
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ __all__ = [
     "finish",
     "run_cli",
     "run_main",
+    "sigint_not_ignored",
     "start_cli",
 ]
 
@@ -34,6 +36,23 @@ class CliResult:
     code: int
     out: str
     err: str
+
+
+@pytest.fixture
+def sigint_not_ignored() -> Iterator[None]:
+    """Children whose Ctrl-C the test simulates must not start with SIGINT ignored.
+
+    A background job of a non-interactive shell (`make test &`, some CI runners)
+    starts with SIGINT and SIGQUIT ignored, exec keeps that, and Python then
+    installs no KeyboardInterrupt handler: the CLI would rightly never react.
+    A handler of ours in this process becomes the default again across exec."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture

@@ -409,7 +409,9 @@ async def test_output_closed_early_is_no_traceback(cli_env, tmp_path: Path) -> N
     assert (result.code, result.err) == (141, "")
 
 
-async def test_ctrl_c_during_an_apply_says_it_may_have_landed(cli_env, tmp_path: Path) -> None:
+async def test_ctrl_c_during_an_apply_says_it_may_have_landed(
+    cli_env, sigint_not_ignored, tmp_path: Path
+) -> None:
     path = write(tmp_path, "d.yaml", dest())
     received, done = asyncio.Event(), asyncio.Event()
 
