@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import signal
 import sys
 from collections.abc import Callable
@@ -405,4 +406,15 @@ async def serve(cfg: SidecarConfig) -> int:
 def run(cfg: SidecarConfig) -> int:
     import uvloop
 
+    dump_stacks_on_sigquit()
     return uvloop.run(serve(cfg))
+
+
+def dump_stacks_on_sigquit() -> None:
+    """`kill -QUIT`: every thread's stack on stderr, and the sidecar goes on (a
+    JVM's thread dump; Python's default would kill it with a core dump).
+    faulthandler writes from the signal itself, so this also works while the
+    event loop is stuck, which is when one wants it. A SIGQUIT ignored from the
+    start (a background job) stays ignored."""
+    if signal.getsignal(signal.SIGQUIT) != signal.SIG_IGN:
+        faulthandler.register(signal.SIGQUIT, file=sys.stderr, all_threads=True, chain=False)

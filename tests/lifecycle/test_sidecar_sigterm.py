@@ -89,6 +89,24 @@ def _post_quit(admin: int) -> None:
     conn.close()
 
 
+async def test_sigquit_dumps_every_threads_stack_and_keeps_serving(tmp_path) -> None:
+    admin = free_port()
+    cfg = sidecar_config(tmp_path, app_port=free_port(), admin_port=admin)
+    sidecar = await start("sidecar", "--config", str(cfg))
+    try:
+        await eventually(lambda: _ready(admin), "the sidecar to be ready")
+        for _ in range(2):  # a handler that ran once still runs
+            sidecar.send(signal.SIGQUIT)
+            await eventually(lambda: _ready(admin), "the sidecar to answer after SIGQUIT")
+        _post_quit(admin)
+        assert await sidecar.wait() == 0  # not killed by the signal's default action
+        err = sidecar.stderr.decode(errors="replace")
+        assert err.count("(most recent call first)") >= 2, err  # one dump per signal
+        assert "lepton_mesh/proxy/sidecar.py" in err, err
+    finally:
+        await sidecar.close()
+
+
 @pytest.mark.parametrize("how", ["/quit", "SIGINT", "SIGHUP"])
 async def test_quit_drains_and_exits_at_once(tmp_path, how: str) -> None:
     """`/quit`, Ctrl-C, or the terminal going away (SIGHUP) drain with no
