@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from lepton_mesh.control.etcd_local import die_with_parent_prefix
+from tests.support.signals import not_ignored
 
 __all__ = [
     "CliResult",
@@ -40,19 +41,10 @@ class CliResult:
 
 @pytest.fixture
 def sigint_not_ignored() -> Iterator[None]:
-    """Children whose Ctrl-C the test simulates must not start with SIGINT ignored.
-
-    A background job of a non-interactive shell (`make test &`, some CI runners)
-    starts with SIGINT and SIGQUIT ignored, exec keeps that, and Python then
-    installs no KeyboardInterrupt handler: the CLI would rightly never react.
-    A handler of ours in this process becomes the default again across exec."""
-    previous = signal.getsignal(signal.SIGINT)
-    if previous == signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
+    """The CLI under test reacts to the test's Ctrl-C even when the suite runs as
+    a background job (see tests/support/signals.py)."""
+    with not_ignored(signal.SIGINT):
         yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture

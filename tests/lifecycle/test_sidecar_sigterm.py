@@ -21,6 +21,7 @@ from lifecycle_support import (
 )
 
 from tests.support.ports import free_port
+from tests.support.signals import not_ignored
 
 DRAIN = 2.0  # seconds: long enough for the checks below to run inside it
 
@@ -92,7 +93,8 @@ def _post_quit(admin: int) -> None:
 async def test_sigquit_dumps_every_threads_stack_and_keeps_serving(tmp_path) -> None:
     admin = free_port()
     cfg = sidecar_config(tmp_path, app_port=free_port(), admin_port=admin)
-    sidecar = await start("sidecar", "--config", str(cfg))
+    with not_ignored(signal.SIGQUIT):  # as in a terminal, not as in a background job
+        sidecar = await start("sidecar", "--config", str(cfg))
     try:
         await eventually(lambda: _ready(admin), "the sidecar to be ready")
         for _ in range(2):  # a handler that ran once still runs
