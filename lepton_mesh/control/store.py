@@ -50,6 +50,7 @@ __all__ = [
     "Event",
     "Lease",
     "Put",
+    "Rewound",
     "Store",
     "StoreAuthFailed",
     "StoreError",
@@ -94,6 +95,22 @@ class Compacted(StoreError):
     def __init__(self, detail: str, compact_revision: int = 0) -> None:
         super().__init__(detail)
         self.compact_revision = compact_revision
+
+
+class Rewound(StoreError):
+    """etcd's revision is behind one it already showed us: it was restored from a
+    backup, or lost acknowledged writes. Later writes reuse revisions we have seen,
+    so a mirror must read everything again (and let its revision go down).
+
+    `revision` is etcd's current revision.
+    """
+
+    status = 503
+    reason = "store_rewound"
+
+    def __init__(self, detail: str, revision: int) -> None:
+        super().__init__(detail)
+        self.revision = revision
 
 
 class StoreAuthFailed(StoreError):
@@ -646,7 +663,9 @@ class Store:
 
         Survives reconnects (a restarted or killed member) by resuming from the last
         event's revision + 1. Raises Compacted if the start (or resume) revision was
-        compacted, and StoreUnavailable once no member accepted the watch for
+        compacted, Rewound if etcd is behind the revision before it (restored
+        from a backup; a start more than one past etcd's current revision says
+        that too), and StoreUnavailable once no member accepted the watch for
         `retry_for` seconds (default: the store timeout); call again from the last
         revision + 1 to resume. `on_created` is called each time etcd confirms the
         watch (at start and after every reconnect): the caller is caught up to then.
@@ -726,6 +745,19 @@ class Store:
         async for batch in self._batches(first, responses, cursor, on_created):
             yield batch
 
+    async def _check_not_rewound(self, seen: int) -> None:
+        """Raise Rewound if etcd is really behind `seen`, a revision it showed us.
+
+        A watch's header comes from the member it runs on, which may lag the
+        leader for a moment; only a linearizable read says where etcd is."""
+        now = await self.revision()
+        if now < seen:
+            raise Rewound(
+                f"etcd is at revision {now}, behind revision {seen} it already showed: "
+                "restored from a backup, or it lost acknowledged writes",
+                now,
+            )
+
     async def _batches(
         self,
         first: Any,
@@ -749,6 +781,8 @@ class Store:
                 if cursor.next_rev <= 0:
                     # "From now": pin it, so a reconnect resumes here, not at a later now.
                     cursor.next_rev = resp.header.revision + 1
+                elif resp.header.revision < cursor.next_rev - 1:
+                    await self._check_not_rewound(cursor.next_rev - 1)
                 if on_created is not None:
                     on_created()
             for batch in _by_revision(resp.events):

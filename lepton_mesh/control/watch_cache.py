@@ -5,13 +5,17 @@ itself across reconnects (Store.watch_prefix); when it cannot (its resume point
 was compacted) the cache re-reads everything and watches from the new read's
 revision. While etcd is unreachable the cache keeps what it has (`healthy` is
 False) and resumes from `revision + 1` when etcd is back, so a change made
-meanwhile is never missed.
+meanwhile is never missed. When etcd comes back *behind* `revision` (restored
+from a backup, or it lost acknowledged writes), new writes would reuse
+revisions the cache has seen and be ignored: it re-reads everything and takes
+etcd's revision, even though that is lower.
 
 Invariants:
 - `items` is always the whole prefix as of `revision`: a revision's events (one
   transaction) are applied together before anyone is told, and a full read is
   swapped in with one assignment. Subscribers never see a partial transaction.
-- `revision` only grows (a re-read can only return a later revision).
+- `revision` only grows (a re-read can only return a later revision), except
+  after etcd itself went back (`Rewound`): then it is etcd's, at once.
 - Subscribers are called synchronously after each applied revision, with that
   revision and its events, or with `None` after a full resync (recompute from
   `items`). A subscriber that raises is logged and does not stop the cache.
@@ -23,7 +27,14 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from lepton_mesh.control.store import Compacted, Event, Store, StoreError, StoreUnavailable
+from lepton_mesh.control.store import (
+    Compacted,
+    Event,
+    Rewound,
+    Store,
+    StoreError,
+    StoreUnavailable,
+)
 
 __all__ = ["WatchCache"]
 
@@ -48,6 +59,7 @@ class WatchCache:
         self.ready = asyncio.Event()
         self.healthy = False
         self.resyncs = 0  # full reads done (1 after the first); for tests and metrics
+        self.rewinds = 0  # times etcd came back behind our revision
         self._subscribers: list[Subscriber] = []
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
 
@@ -85,11 +97,12 @@ class WatchCache:
         StoreError: retries with backoff."""
         backoff = _BACKOFF_MIN
         need_read = True
+        rewound = False
         while not self.store.closed:
             try:
                 if need_read:
-                    await self._full_read()
-                    need_read = False
+                    await self._full_read(rewound=rewound)
+                    need_read = rewound = False
                 async for batch in self.store.watch_prefix(
                     self.prefix, self.revision + 1, on_created=self._on_watch_created
                 ):
@@ -99,6 +112,13 @@ class WatchCache:
                 # Our resume point is gone: only a full read can tell what changed.
                 _log.info("cache %s: %s; full re-read", self.prefix, exc)
                 need_read = True
+                continue
+            except Rewound as exc:
+                # We may hold writes etcd no longer has, and its next writes reuse
+                # revisions we have applied: start over from its state.
+                _log.warning("cache %s: %s; full re-read", self.prefix, exc)
+                self.rewinds += 1
+                need_read = rewound = True
                 continue
             except StoreUnavailable as exc:
                 self._set_healthy(False)
@@ -113,10 +133,10 @@ class WatchCache:
 
     # ---- internals -----------------------------------------------------------
 
-    async def _full_read(self) -> None:
+    async def _full_read(self, *, rewound: bool = False) -> None:
         kvs, revision = await self.store.get_prefix(self.prefix)
         self.items = {kv.key: kv.value for kv in kvs}  # one swap: never half-read
-        self.revision = max(revision, self.revision)
+        self.revision = revision if rewound else max(revision, self.revision)
         self.resyncs += 1
         self._set_healthy(True)
         self.ready.set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -100,6 +101,37 @@ async def test_serves_from_cache_while_etcd_is_down_and_catches_up(
             assert cache.items == {f"/c/{k}": b"2" for k in "abc"}
             # Resumed from its revision: no full re-read was needed.
             assert recorder.resyncs == 1 and not recorder.torn
+    finally:
+        await store.close()
+        await writer.close()
+
+
+async def test_etcd_restored_from_an_older_backup_is_read_again_not_ignored(
+    etcd_private: LocalEtcd, tmp_path: Path
+) -> None:
+    """After a restore, etcd's next writes reuse revisions the cache has applied."""
+    store = await Store.connect(etcd_private.endpoints, timeout=1.0)
+    writer = await Store.connect(etcd_private.endpoints, timeout=5.0)
+    try:
+        await writer.put("/r/a", b"1")
+        backup = tmp_path / "backup.db"
+        etcd_private.etcdctl("snapshot", "save", str(backup))
+        cache = WatchCache(store, "/r/")
+        async with running(cache):
+            for key in "bcd":
+                last = await writer.put(f"/r/{key}", b"1")
+            await cache.wait_for_revision(last, timeout=10)
+            seen = cache.revision
+            await asyncio.to_thread(etcd_private.restore, backup)
+            again = await writer.put("/r/e", b"2")
+            assert again <= seen  # a revision the cache already applied
+            want = {"/r/a": b"1", "/r/e": b"2"}
+            await eventually(lambda: cache.items == want, timeout=10, what="etcd's state")
+            assert cache.revision == again and cache.rewinds == 1
+            # It goes on from there: the next write is not ignored either.
+            later = await writer.put("/r/f", b"3")
+            await cache.wait_for_revision(later, timeout=10)
+            assert cache.items == want | {"/r/f": b"3"}
     finally:
         await store.close()
         await writer.close()
