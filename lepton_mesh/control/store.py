@@ -699,7 +699,7 @@ class Store:
                 code = exc.code()
                 if code != grpc.StatusCode.CANCELLED and not transport_failure(code, _details(exc)):
                     raise StoreError(f"etcd watch: {code.name}: {_details(exc)}") from exc
-                _log.info("watch %s: %s, resuming at %d", prefix, exc.code().name, cursor.next_rev)
+                _log.info("watch %s: %s, resuming at %d", prefix, code.name, cursor.next_rev)
             except _WatchLost as exc:
                 _log.info("watch %s: %s, resuming at %d", prefix, exc, cursor.next_rev)
             except asyncio.CancelledError:
